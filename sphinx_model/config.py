@@ -60,6 +60,7 @@ class SphinxConfig:
     experts: list[ExpertConfig]
     canvas_size: int = 1024           # side (pixels) of the padded square canvas fed to the experts
     grid: int = 2                     # sub-images per side; 1 = the canvas is the only view
+    tokens_per_view: int = 257        # tokens each expert gives per view (1 global + g*g grid); checked at build
     anchor: Anchor = "top-left"       # "top-left" (SPHINX-X) or "center" (released checkpoints)
     skip_tokens: bool = True          # padded sub-images -> one learnable skip token
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)

@@ -1,0 +1,181 @@
+"""SPHINX-X: frozen visual experts + projector + start/end/skip embeddings + any causal LM.
+
+Tensors in, tensors out (the processor prepares them). Forward path:
+
+    canvas (N, 3, C, C) --views--> per expert (N*V_kept, 3, s, s) --expert--> (N*V_kept, T, c_e)
+    --concat channels--> (N*V_kept, T, sum c_e) --projector--> (N*V_kept, T, d)
+    --layout per image--> [start, T tokens, end] per encoded view, one skip token per skipped view
+    --scatter into the placeholder positions of input_ids--> inputs_embeds (B, L, d) --> LLM
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .config import LLMConfig, SphinxConfig
+from .experts import build_expert
+from .processor import IMAGE_TOKEN_ID
+from .tiling import visual_token_count
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_llm(cfg: LLMConfig, load_weights: bool) -> PreTrainedModel:
+    """The backbone through transformers' Auto classes; weights only when asked."""
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if load_weights:
+        if not cfg.name_or_path:
+            raise ValueError("load_weights=True needs llm.name_or_path (a hub id or a local folder)")
+        overrides = {k: v for k, v in (cfg.config or {}).items() if k != "model_type"}
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, dtype=resolve_dtype(cfg.dtype), device_map=cfg.device_map, **overrides, **kwargs)
+    if cfg.config is not None:
+        d = dict(cfg.config)
+        hf_config = AutoConfig.for_model(d.pop("model_type"), **d)
+    elif cfg.name_or_path:
+        hf_config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+    else:
+        raise ValueError("llm needs either `config` or `name_or_path`")
+    return AutoModelForCausalLM.from_config(hf_config, dtype=resolve_dtype(cfg.dtype), **kwargs)
+
+
+def extract_views(canvas: torch.Tensor, size: int, grid: int) -> torch.Tensor:
+    """(N, 3, C, C) canvas -> (N, V, 3, size, size) views in tiling.view_boxes order.
+
+    As the released 1k models do: the global view is the canvas resized to `size`; the
+    cells are crops of the canvas resized to `size * grid` (bicubic, no antialias).
+    """
+    def resize(x: torch.Tensor, side: int) -> torch.Tensor:
+        if x.shape[-1] == side:
+            return x
+        return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False, antialias=False)
+
+    n = canvas.shape[0]
+    whole = resize(canvas, size).unsqueeze(1)                        # (N, 1, 3, s, s)
+    if grid == 1:
+        return whole
+    big = resize(canvas, size * grid)                                # (N, 3, s*g, s*g)
+    cells = big.unflatten(2, (grid, size)).unflatten(4, (grid, size))  # (N, 3, g, s, g, s)
+    cells = cells.permute(0, 2, 4, 1, 3, 5).reshape(n, grid * grid, 3, size, size)
+    return torch.cat([whole, cells], dim=1)                          # (N, 1 + g*g, 3, s, s)
+
+
+class SphinxForCausalLM(nn.Module):
+    def __init__(self, config: SphinxConfig, load_weights: bool = False, llm: PreTrainedModel | None = None):
+        super().__init__()
+        self.config = config
+        self.llm = llm if llm is not None else build_llm(config.llm, load_weights)
+        if config.llm.router_aux_loss_coef:
+            self.llm.config.router_aux_loss_coef = config.llm.router_aux_loss_coef
+        d = self.llm.config.hidden_size
+        dtype = resolve_dtype(config.llm.dtype)
+        # Experts live under their released attribute names (e.g. `openclip_convnext_xxl`).
+        self.expert_keys: list[str] = []
+        for ecfg in config.experts:
+            expert = build_expert(ecfg, load_weights=load_weights)
+            if expert.num_tokens != config.tokens_per_view:
+                raise ValueError(f"expert {ecfg.kind}/{ecfg.model_name} at {ecfg.image_size}px gives "
+                                 f"{expert.num_tokens} tokens per view; config says {config.tokens_per_view}")
+            self.add_module(ecfg.key, expert.to(dtype))
+            self.expert_keys.append(ecfg.key)
+        in_dim = sum(e.out_dim for e in self.experts)
+        if config.projector.type != "linear_ln":
+            raise ValueError(f"unknown projector {config.projector.type!r}")
+        self.visual_proj = nn.Sequential(nn.Linear(in_dim, d), nn.LayerNorm(d, eps=config.projector.norm_eps))
+        self.start_img = nn.Parameter(torch.zeros(1, 1, d))
+        self.end_img = nn.Parameter(torch.zeros(1, 1, d))
+        self.skip_img = nn.Parameter(torch.zeros(1, 1, d)) if config.skip_tokens else None
+        for p in (self.start_img, self.end_img, self.skip_img):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
+        self.to(dtype=dtype)
+
+    # --- parts --------------------------------------------------------------------------
+    @property
+    def experts(self) -> list[nn.Module]:
+        return [getattr(self, k) for k in self.expert_keys]
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual_proj[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual_proj[0].weight.dtype
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    # --- vision -------------------------------------------------------------------------
+    def encode_views(self, pixel_values: torch.Tensor, view_skip: torch.Tensor) -> torch.Tensor:
+        """Encode only the views that are not skipped -> (N_kept_views, T, d)."""
+        keep = ~view_skip.reshape(-1)                                  # (N * V,)
+        feats = []
+        for expert in self.experts:
+            views = extract_views(pixel_values, expert.image_size, self.config.grid)  # (N, V, 3, s, s)
+            views = views.flatten(0, 1)[keep.to(views.device)]          # (K, 3, s, s)
+            with torch.no_grad():
+                feats.append(expert(views.to(self.dtype)))              # (K, T, c_e)
+        fused = torch.cat(feats, dim=-1)                                # (K, T, sum c_e)
+        return self.visual_proj(fused.to(self.dtype))                   # (K, T, d)
+
+    def image_embeddings(self, pixel_values: torch.Tensor, view_skip: torch.Tensor) -> list[torch.Tensor]:
+        """Per image: the full visual token sequence (start/view/end and skip tokens) -> (K_i, d)."""
+        tokens = self.encode_views(pixel_values, view_skip)
+        start, end = self.start_img[0], self.end_img[0]                  # (1, d)
+        out, k = [], 0
+        for skips in view_skip.tolist():
+            parts = []
+            for skipped in skips:
+                if skipped:
+                    parts.append(self.skip_img[0])
+                else:
+                    parts += [start, tokens[k], end]
+                    k += 1
+            seq = torch.cat(parts, dim=0)
+            assert seq.shape[0] == visual_token_count(self.config.tokens_per_view, skips)
+            out.append(seq)
+        return out
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     view_skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the image placeholders filled -> (B, L, d)."""
+        is_image = input_ids == IMAGE_TOKEN_ID
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        if pixel_values is None:
+            if is_image.any():
+                raise ValueError("input_ids hold image placeholders but no pixel_values were given")
+            return embeds
+        if view_skip is None:
+            view_skip = torch.zeros(pixel_values.shape[0], self.config.num_views, dtype=torch.bool)
+        visual = self.image_embeddings(pixel_values.to(self.device), view_skip)
+        expected = [v.shape[0] for v in visual]
+        found = [n for n in is_image.sum(dim=1).tolist() if n > 0]
+        if found != expected:
+            raise ValueError(f"image tokens and image features do not match: placeholders per row {found}, "
+                             f"visual tokens per image {expected}")
+        embeds = embeds.clone()
+        embeds[is_image] = torch.cat(visual).to(embeds.dtype)
+        return embeds
+
+    # --- forward ------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, view_skip: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, **kwargs):
+        embeds = self.embed_inputs(input_ids, pixel_values, view_skip)   # (B, L, d)
+        if labels is not None and self.config.llm.router_aux_loss_coef:
+            kwargs.setdefault("output_router_logits", True)  # MoE load balancing joins the loss
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

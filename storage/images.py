@@ -1,0 +1,150 @@
+"""Content-addressed image store: a folder beside the database plus one `image` row per file.
+
+Every upload is decoded, size-checked and re-encoded before it is kept: orientation from
+EXIF is applied to the pixels, then all metadata (EXIF, GPS, XMP, ICC, text chunks) is
+dropped because only the pixels are copied into a fresh image. The file name is the SHA-256
+of the re-encoded bytes, so the same picture is stored once, and no user-supplied string
+ever becomes part of a path.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .models import IMAGE_FORMATS, ImageRow
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_EXTENSIONS = {"jpeg": "jpg", "png": "png"}
+_ACCEPTED_INPUTS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+
+
+class ImageRejected(ValueError):
+    """An upload that is not an image we accept, or is too large."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024  # encoded upload size
+    max_pixels: int = 40_000_000  # decoded width * height; refuses decompression bombs
+    max_side: int = 4096  # longer side after re-encoding; larger images are downscaled
+    jpeg_quality: int = 92
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    sha256: str
+    width: int
+    height: int
+    format: str  # one of IMAGE_FORMATS
+
+
+def sanitize_image(data: bytes, limits: ImageLimits = ImageLimits()) -> EncodedImage:
+    """Decode, orient, cap and re-encode an upload; the result carries no metadata.
+
+    JPEG stays JPEG (re-encoding photos as PNG would multiply their size); everything else,
+    and anything with transparency, becomes PNG.
+    """
+    if len(data) > limits.max_bytes:
+        raise ImageRejected(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    try:
+        with Image.open(io.BytesIO(data)) as src:
+            if src.format not in _ACCEPTED_INPUTS:
+                raise ImageRejected(f"unsupported image format {src.format!r}")
+            if src.width * src.height > limits.max_pixels:
+                raise ImageRejected(
+                    f"image is {src.width}x{src.height} pixels; the limit is {limits.max_pixels}")
+            is_jpeg = src.format in ("JPEG", "MPO")
+            oriented = ImageOps.exif_transpose(src)  # loads pixels, applies Orientation
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
+        raise ImageRejected(f"not a readable image: {e}") from None
+
+    has_alpha = oriented.mode in ("RGBA", "LA", "PA") or "transparency" in oriented.info
+    mode = "RGBA" if has_alpha else "RGB"
+    pixels = oriented.convert(mode)
+    if max(pixels.size) > limits.max_side:
+        pixels.thumbnail((limits.max_side, limits.max_side), Image.Resampling.LANCZOS)
+    clean = Image.frombytes(mode, pixels.size, pixels.tobytes())  # pixels only, no metadata
+
+    out = io.BytesIO()
+    fmt = "jpeg" if is_jpeg and not has_alpha else "png"
+    if fmt == "jpeg":
+        clean.save(out, format="JPEG", quality=limits.jpeg_quality)
+    else:
+        clean.save(out, format="PNG", optimize=False)
+    encoded = out.getvalue()
+    return EncodedImage(encoded, hashlib.sha256(encoded).hexdigest(), clean.width,
+                        clean.height, fmt)
+
+
+def image_filename(sha256: str, fmt: str) -> str:
+    """`<sha256>.<ext>`; refuses anything that is not a hex digest and a known format."""
+    if not _SHA256.fullmatch(sha256) or fmt not in IMAGE_FORMATS:
+        raise ValueError("invalid image reference")
+    return f"{sha256}.{_EXTENSIONS[fmt]}"
+
+
+@dataclass(frozen=True)
+class ImageStore:
+    """Image files under `root/<first two hex digits>/<sha256>.<ext>`."""
+
+    root: Path
+    limits: ImageLimits = ImageLimits()
+
+    def path_for(self, sha256: str, fmt: str) -> Path:
+        return self.root / sha256[:2] / image_filename(sha256, fmt)
+
+    def path(self, row: ImageRow) -> Path:
+        return self.path_for(row.sha256, row.format)
+
+    def read(self, row: ImageRow) -> bytes:
+        return self.path(row).read_bytes()
+
+    def put(self, session: Session, data: bytes) -> ImageRow:
+        """Sanitize and keep an upload; returns its row (existing or new) in `session`.
+
+        The file is written (atomically) before the row; a rolled-back transaction can leave
+        an unreferenced file behind, which is harmless: the next upload of the same picture
+        reuses it.
+        """
+        img = sanitize_image(data, self.limits)
+        self._write_file(img)
+        row = session.get(ImageRow, img.sha256)
+        if row is not None:
+            return row
+        row = ImageRow(sha256=img.sha256, size_bytes=len(img.data), width=img.width,
+                       height=img.height, format=img.format)
+        try:
+            with session.begin_nested():  # a concurrent writer may insert the same hash
+                session.add(row)
+        except IntegrityError:
+            existing = session.get(ImageRow, img.sha256)
+            if existing is None:
+                raise
+            return existing
+        return row
+
+    def _write_file(self, img: EncodedImage) -> None:
+        path = self.path_for(img.sha256, img.format)
+        if path.is_file() and path.stat().st_size == len(img.data):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(img.data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
