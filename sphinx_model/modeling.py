@@ -75,8 +75,9 @@ class SphinxForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.llm = llm if llm is not None else build_llm(config.llm, load_weights)
-        if config.llm.router_aux_loss_coef:
+        if config.llm.router_aux_loss_coef:  # MoE load balancing: the LLM reads it from its attribute
             self.llm.config.router_aux_loss_coef = config.llm.router_aux_loss_coef
+            self.llm.router_aux_loss_coef = config.llm.router_aux_loss_coef
         d = self.llm.config.hidden_size
         dtype = resolve_dtype(config.llm.dtype)
         # Experts live under their released attribute names (e.g. `openclip_convnext_xxl`).

@@ -189,7 +189,8 @@ def open_store(settings: StorageSettings, *, migrate: bool = True,
     url = settings.database_url
     path = sqlite_path(url)
     if must_exist and path is not None and not path.is_file():
-        raise StorageError(f"no database at {path}")
+        raise StorageError(f"no database at {path} (start the app or run "
+                           "`python -m storage migrate` to create one)")
     engine = create_engine_for(url, busy_timeout_s=settings.busy_timeout_s,
                                sqlite_synchronous=settings.sqlite_synchronous)
     if migrate:

@@ -11,7 +11,7 @@ these models with the migrated database.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, time, timezone
 from typing import Any
 
 from sqlalchemy import (
@@ -49,6 +49,10 @@ MAX_OWNER_ID = 128
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def start_of_day_utc(day: date) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=timezone.utc)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

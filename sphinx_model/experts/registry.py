@@ -21,6 +21,13 @@ class ExpertWeightsUnavailable(FileNotFoundError):
     """Pretrained expert weights were asked for but cannot be found (offline and not cached)."""
 
 
+def offline_note() -> str:
+    """' (HF_HUB_OFFLINE is set)' when downloads are disabled, for error messages."""
+    from huggingface_hub import constants
+
+    return " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+
+
 class VisualExpert(nn.Module):
     """A frozen image encoder that turns one square view into a global token plus a token grid.
 

@@ -22,8 +22,8 @@ from typing import Any
 
 from sphinx_model.conversation import Conversation
 
-from .base import CommonOptions, ConvertError, Stats, dialogues, is_jsonl, iter_records, load_json,
-                   register
+from .base import (CommonOptions, ConvertError, Stats, dialogues, is_jsonl, iter_records, load_json,
+                   register)
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 

@@ -1,0 +1,490 @@
+"""Released LLaMA2-Accessory SPHINX folders <-> our checkpoint format.
+
+A released folder holds `consolidated.NN-of-MM.model.pth` (Megatron-style tensor-parallel
+shards, each `{"model": state_dict}` with keys under `llma.`), `config.json` (the LLM's
+ModelArgs), `meta.json` (`{"llama_type": ...}`) and a SentencePiece `tokenizer.model`.
+
+    convert_accessory(src, dst)            released folder -> checkpoint.save_pretrained folder
+    export_accessory(model, spm, dst, n)   our model -> released layout (tests, going back)
+
+What conversion does, in order: merge the shards (split dims below), map LLaMA names to
+transformers names with the rotary row permutation of wq/wk (Meta's interleaved pairs ->
+HF's rotate-half halves), map Mixtral's packed expert tensors, hand each visual expert its
+keys (`VisualExpert.map_released_state_dict`), pass the projector and start/end embeddings
+through, and refuse when a released key has no place or one of our keys gets no tensor.
+
+Released Mixtral experts (LLaMA2-Accessory `mixtral_sparse*`): `feed_forward.w1`, `w2`, `w3`
+are each (num_experts * ffn, dim) with expert e in rows [e*ffn, (e+1)*ffn); w1/w3 act as
+`x @ w.T` (gate / up), w2 as `h @ w2` (so it is down_proj transposed). Shards split each
+expert's ffn rows. transformers 5 keeps `mlp.experts.gate_up_proj` (E, 2*ffn, dim) = [w1; w3]
+per expert and `mlp.experts.down_proj` (E, dim, ffn).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError, save_pretrained
+from .config import SphinxConfig, get_preset
+from .experts import get_expert_class
+from .modeling import DTYPES, SphinxForCausalLM
+from .processor import SphinxProcessor
+from .tokenizer import load_tokenizer
+
+PREFIX = "llma."
+SHARD_RE = re.compile(r"^consolidated\.(\d+)-of-(\d+)\.model\.pth$")
+GLUE_KEYS = re.compile(r"^(visual_proj\.\d+\.(weight|bias)|start_img|end_img)$")
+
+
+@dataclass(frozen=True)
+class ReleasedType:
+    """How one released `llama_type` maps onto our configs."""
+
+    base_preset: str                     # supplies experts, canvas, grid, anchor, template
+    unsupported: str = ""                # why some of its keys cannot be mapped ("" = all can)
+
+
+RELEASED_TYPES: dict[str, ReleasedType] = {
+    "llama_ens_light": ReleasedType("sphinx-tiny"),
+    "llama_ens5_light": ReleasedType("sphinx-tiny-1k"),
+    "mixtral_sparse_ens": ReleasedType("sphinx-tiny", "SPHINX-MoE's Q-Former and CLIP-L experts are not "
+                                       "implemented in this project"),
+    "mixtral_sparse_ens5": ReleasedType("sphinx-tiny-1k", "SPHINX-MoE's Q-Former and CLIP-L experts are not "
+                                        "implemented in this project"),
+}
+
+# Tensor-parallel split dim of the sharded LLM tensors (keys without `llma.`); the rest is replicated.
+_SPLITS = ((re.compile(r"^layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])\.weight$|^output\.weight$"), 0),
+           (re.compile(r"^layers\.\d+\.(attention\.wo|feed_forward\.w2)\.weight$|^tok_embeddings\.weight$"), 1))
+_MOE_EXPERTS = re.compile(r"^layers\.(\d+)\.feed_forward\.(w[123])$")
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_LAYER_NAMES = {  # released layer suffix -> transformers layer suffix (Llama and Mixtral)
+    "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight", "feed_forward.gate.weight": "mlp.gate.weight",
+    "attention_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+
+
+@dataclass
+class ConversionReport:
+    mapped: int                                      # tensors written
+    unmapped: list[str] = field(default_factory=list)  # released keys with no place in our model
+    missing: list[str] = field(default_factory=list)   # our keys that got no (fitting) tensor
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"mapped {self.mapped} tensors, {len(self.unmapped)} unmapped, {len(self.missing)} missing"]
+        out += [f"unmapped: {k}" for k in self.unmapped] + [f"missing: {k}" for k in self.missing]
+        return out + [f"note: {n}" for n in self.notes]
+
+
+# --- rotary layout -------------------------------------------------------------------------
+def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved rotary rows (pairs 2i, 2i+1) -> HF's halves (i, i + head_dim/2), per head."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `permute_rotary`."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+# --- reading and merging shards ---------------------------------------------------------------
+def find_shards(src: Path) -> list[Path]:
+    """The shard files in rank order; every rank 0..MM-1 present, all agreeing on MM."""
+    if not src.is_dir():
+        raise CheckpointError(f"{src} is not a folder")
+    found = {p: SHARD_RE.match(p.name) for p in src.iterdir()}
+    shards = {int(m[1]): (int(m[2]), p) for p, m in found.items() if m}
+    if not shards:
+        raise CheckpointError(f"no consolidated.NN-of-MM.model.pth shards in {src}")
+    counts = sorted({n for n, _ in shards.values()})
+    if len(counts) != 1:
+        raise CheckpointError(f"inconsistent shard count in {src}: files say -of-{counts}")
+    if sorted(shards) != list(range(counts[0])):
+        raise CheckpointError(f"inconsistent shard count in {src}: expected ranks 0..{counts[0] - 1} "
+                              f"of {counts[0]}, found {sorted(shards)}")
+    return [shards[r][1] for r in range(counts[0])]
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    sd = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path.name} holds no state dict")
+    return {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in sd.items()}
+
+
+def split_dim(key: str) -> int | None:
+    for pattern, dim in _SPLITS:
+        if pattern.match(key):
+            return dim
+    return None
+
+
+def merge_shards(shards: list[dict[str, torch.Tensor]], notes: list[str]) -> dict[str, torch.Tensor]:
+    """Megatron-style merge; MoE expert tensors concatenate each expert's ffn rows."""
+    keys = list(shards[0])
+    if any(set(s) != set(keys) for s in shards[1:]):
+        raise CheckpointError("the shards hold different keys")
+    merged: dict[str, torch.Tensor] = {}
+    for key in keys:
+        parts = [s[key] for s in shards]
+        moe = _MOE_EXPERTS.match(key)
+        if len(parts) == 1:
+            merged[key] = parts[0]
+        elif moe:
+            experts = shards[0][f"layers.{moe[1]}.feed_forward.gate.weight"].shape[0]
+            merged[key] = torch.cat([p.reshape(experts, -1, p.shape[-1]) for p in parts], 1).flatten(0, 1)
+        elif (dim := split_dim(key)) is not None:
+            merged[key] = torch.cat(parts, dim=dim)
+        else:
+            if not all(torch.equal(parts[0], p) for p in parts[1:]):
+                notes.append(f"replicated tensor {PREFIX}{key} differs between shards; rank 0's copy is used")
+            merged[key] = parts[0]
+    return merged
+
+
+# --- the LLM --------------------------------------------------------------------------------
+def llm_config(args: dict[str, Any], sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """transformers Llama/Mixtral config dict from Accessory ModelArgs + tensor shapes."""
+    vocab, dim = sd["tok_embeddings.weight"].shape
+    layers = 1 + max(int(m[1]) for k in sd if (m := _LAYER.match(k)))
+    if "n_heads" not in args:
+        raise CheckpointError("config.json gives no n_heads (the head count cannot be read off the tensors)")
+    n_heads = int(args["n_heads"])
+    head_dim = dim // n_heads
+    wq, wk = sd["layers.0.attention.wq.weight"], sd["layers.0.attention.wk.weight"]
+    n_kv = int(args.get("n_kv_heads") or n_heads)
+    if tuple(wq.shape) != (n_heads * head_dim, dim) or tuple(wk.shape) != (n_kv * head_dim, dim):
+        raise CheckpointError(f"attention shapes wq {tuple(wq.shape)} / wk {tuple(wk.shape)} do not fit "
+                              f"dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv}")
+    for key, value in (("dim", dim), ("n_layers", layers)):
+        if key in args and int(args[key]) != value:
+            raise CheckpointError(f"config.json says {key}={args[key]} but the tensors give {value}")
+    moe = "layers.0.feed_forward.gate.weight" in sd
+    rope: dict[str, Any] = {"rope_type": "default",
+                            "rope_theta": float(args.get("rope_theta") or (1e6 if moe else 1e4))}
+    if args.get("rope_scaling"):  # Accessory: a float, linear position interpolation
+        rope.update(rope_type="linear", factor=float(args["rope_scaling"]))
+    cfg: dict[str, Any] = dict(
+        model_type="llama", hidden_size=dim, num_hidden_layers=layers, num_attention_heads=n_heads,
+        num_key_value_heads=n_kv, head_dim=head_dim, vocab_size=vocab, rms_norm_eps=float(args.get("norm_eps", 1e-5)),
+        rope_parameters=rope, max_position_embeddings=int(args.get("max_seq_len") or 4096),
+        tie_word_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False)
+    if not moe:
+        return {**cfg, "intermediate_size": sd["layers.0.feed_forward.w1.weight"].shape[0]}
+    experts = sd["layers.0.feed_forward.gate.weight"].shape[0]
+    per_tok = int((args.get("moe") or {}).get("num_experts_per_tok", 2))
+    return {**cfg, "model_type": "mixtral", "num_local_experts": experts, "num_experts_per_tok": per_tok,
+            "intermediate_size": sd["layers.0.feed_forward.w1"].shape[0] // experts,
+            "sliding_window": None, "output_router_logits": False, "router_jitter_noise": 0.0}
+
+
+def map_llm(sd: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Released LLM tensors -> `llm.*` keys; returns (mapped, released keys consumed)."""
+    mapped: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    heads = {"attention.wq.weight": cfg["num_attention_heads"], "attention.wk.weight": cfg["num_key_value_heads"]}
+    for key, value in sd.items():
+        layer = _LAYER.match(key)
+        if key in _TOP_NAMES:
+            mapped[f"llm.{_TOP_NAMES[key]}"] = value
+        elif layer and layer[2] in _LAYER_NAMES:
+            n = heads.get(layer[2])
+            mapped[f"llm.model.layers.{layer[1]}.{_LAYER_NAMES[layer[2]]}"] = \
+                permute_rotary(value, n) if n else value
+        else:
+            continue  # Mixtral experts below; anything else is not the LLM's
+        used.add(key)
+    for i in range(cfg["num_hidden_layers"] if cfg["model_type"] == "mixtral" else 0):
+        names = [f"layers.{i}.feed_forward.{w}" for w in ("w1", "w2", "w3")]
+        if all(n in sd for n in names):
+            gate_up, down = _moe_to_hf(*(sd[n] for n in names), cfg, i)
+            mapped[f"llm.model.layers.{i}.mlp.experts.gate_up_proj"] = gate_up
+            mapped[f"llm.model.layers.{i}.mlp.experts.down_proj"] = down
+            used.update(names)
+    return mapped, used
+
+
+def _moe_to_hf(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, cfg: dict[str, Any], layer: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    e, f, d = cfg["num_local_experts"], cfg["intermediate_size"], cfg["hidden_size"]
+    for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+        if tuple(w.shape) != (e * f, d):
+            raise CheckpointError(
+                f"layers.{layer}.feed_forward.{name} has shape {tuple(w.shape)}; the converter assumes the "
+                f"LLaMA2-Accessory mixtral_sparse layout (num_experts * ffn, dim) = ({e * f}, {d})")
+    gate_up = torch.cat([w1.reshape(e, f, d), w3.reshape(e, f, d)], dim=1)  # (E, 2F, d)
+    return gate_up, w2.reshape(e, f, d).transpose(1, 2).contiguous()        # (E, d, F)
+
+
+def map_experts(sd: dict[str, torch.Tensor], config: SphinxConfig
+                ) -> tuple[dict[str, torch.Tensor], set[str], list[str]]:
+    """Each expert maps its own prefix; returns (mapped, consumed, known-unused released keys)."""
+    mapped: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    ignored: list[str] = []
+    for ecfg in config.experts:
+        cls = get_expert_class(ecfg.kind)
+        pre = f"{ecfg.key}."
+        own = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+        got, rest = cls.map_released_state_dict(own)
+        mapped.update({pre + k: v for k, v in got.items()})
+        used.update(pre + k for k in own if k not in rest)
+        ignored += [pre + k for k in rest if k in cls.unused_released_keys]
+    return mapped, used | set(ignored), ignored
+
+
+# --- conversion -----------------------------------------------------------------------------
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def _resolve_base(llama_type: str | None, base_preset: str | None) -> tuple[SphinxConfig, ReleasedType | None]:
+    released = RELEASED_TYPES.get(llama_type or "")
+    name = base_preset or (released.base_preset if released else None)
+    if name is None:
+        raise CheckpointError(f"unknown llama_type {llama_type!r} in meta.json (known: {sorted(RELEASED_TYPES)}); "
+                              "pass base_preset (--base-preset NAME)")
+    try:
+        return get_preset(name), released
+    except KeyError as e:
+        raise CheckpointError(str(e.args[0])) from e
+
+
+def _tokenizer(src: Path, base: SphinxConfig, notes: list[str]):
+    model_file = src / "tokenizer.model"
+    if not model_file.is_file():
+        if not base.tokenizer:
+            raise CheckpointError(f"no tokenizer.model in {src}")
+        notes.append(f"no tokenizer.model in the source; using the base preset's tokenizer {base.tokenizer!r}")
+        return load_tokenizer(base.tokenizer)
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:  # the SentencePiece file alone, nothing else to misread
+        shutil.copy(model_file, Path(tmp) / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token
+    _check_tokenizer(model_file, tok, notes)
+    return tok
+
+
+def _check_tokenizer(model_file: Path, tok: Any, notes: list[str]) -> None:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    probe = "### Human: What is in  the image?\n### Assistant: A cat [0.12,0.30,0.55,0.91]. "
+    if sp.encode(probe) != tok.encode(probe, add_special_tokens=False):
+        notes.append("the transformers tokenizer splits a probe text differently from SentencePiece")
+    if (sp.bos_id(), sp.eos_id()) != (tok.bos_token_id, tok.eos_token_id):
+        notes.append(f"BOS/EOS ids differ: SentencePiece {sp.bos_id()}/{sp.eos_id()}, "
+                     f"transformers {tok.bos_token_id}/{tok.eos_token_id}")
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return next((n for n, d in DTYPES.items() if d == t.dtype), "float32")
+
+
+def convert_accessory(src: str | Path, dst: str | Path, base_preset: str | None = None,
+                      dtype: str | None = None, allow_unmapped: bool = False) -> ConversionReport:
+    """Convert a released LLaMA2-Accessory SPHINX folder into a `from_pretrained` folder."""
+    src, dst = Path(src), Path(dst)
+    notes: list[str] = []
+    paths = find_shards(src)
+    meta, args = _read_json(src / "meta.json"), _read_json(src / "config.json")
+    base, released = _resolve_base(meta.get("llama_type"), base_preset)
+    sd = merge_shards([load_shard(p) for p in paths], notes)
+    if "tok_embeddings.weight" not in sd:
+        raise CheckpointError(f"{paths[0].name} holds no {PREFIX}tok_embeddings.weight: not a LLaMA-family checkpoint")
+    hf = llm_config(args, sd)
+    dtype = dtype or _dtype_name(sd["tok_embeddings.weight"])
+    tokenizer = _tokenizer(src, base, notes)
+    hf.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id)
+    llm = {**base.llm.__dict__, "name_or_path": None, "config": hf, "dtype": dtype, "trust_remote_code": False}
+    if hf["model_type"] == "mixtral" and args.get("load_balancing_weight") is not None:
+        llm["router_aux_loss_coef"] = float(args["load_balancing_weight"])
+    config = base.replace(name=src.resolve().name, llm=llm, tokenizer=None)
+
+    state, used = map_llm(sd, hf)
+    expert_state, expert_used, ignored = map_experts(sd, config)
+    state.update(expert_state)
+    glue = {k: v for k, v in sd.items() if GLUE_KEYS.match(k)}
+    state.update(glue)
+    used |= expert_used | set(glue)
+    if ignored:
+        notes.append(f"ignored released keys the experts do not use: {', '.join(PREFIX + k for k in ignored)}")
+    unmapped = sorted(PREFIX + k for k in sd if k not in used)
+
+    model = _empty_model(config)
+    own = model.state_dict()
+    bad = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
+    unmapped += [f"{k} (shape {tuple(state[k].shape)}, ours {tuple(own[k].shape)})" for k in bad]
+    state = {k: v for k, v in state.items() if k in own and k not in bad}
+    missing = sorted(set(own) - set(state))
+    report = ConversionReport(len(state), unmapped, missing, notes)
+    if (unmapped or missing) and not allow_unmapped:
+        raise CheckpointError(_refusal(report, released))
+    if missing:
+        notes.append(f"{len(missing)} tensors of our model keep their random init")
+        model = SphinxForCausalLM(config)
+    _assign(model, state)
+    save_pretrained(model, SphinxProcessor(config, tokenizer), dst)
+    return report
+
+
+def _refusal(report: ConversionReport, released: ReleasedType | None) -> str:
+    why = f"{released.unsupported}; " if released and released.unsupported else ""
+    shown = lambda ks: ", ".join(ks[:6]) + (f" (+{len(ks) - 6} more)" if len(ks) > 6 else "")  # noqa: E731
+    parts = [f"{len(report.unmapped)} released keys have no place in this model: {shown(report.unmapped)}"
+             if report.unmapped else "", f"{len(report.missing)} of our keys get no tensor: "
+             f"{shown(report.missing)}" if report.missing else ""]
+    return (f"refusing to convert: {why}" + "; ".join(p for p in parts if p) +
+            "; pass allow_unmapped=True (--allow-unmapped) to convert anyway")
+
+
+def _empty_model(config: SphinxConfig) -> SphinxForCausalLM:
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return SphinxForCausalLM(config, load_weights=False)
+
+
+def _assign(model: SphinxForCausalLM, state: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False, assign=True)
+    for key in model.expert_keys:
+        getattr(model, key).requires_grad_(False)
+
+
+# --- export (the inverse) -------------------------------------------------------------------
+def export_accessory(model: SphinxForCausalLM, tokenizer_model: str | Path | None, dst: str | Path,
+                     num_shards: int = 1, llama_type: str = "llama_ens_light") -> Path:
+    """Write `model` in the released layout: `num_shards` tensor-parallel shards + config/meta json."""
+    if model.skip_img is not None:
+        raise ValueError("the released layout has no skip token; export a model with skip_tokens=False")
+    hf = model.llm.config
+    released, args, state = _released_llm(model), _released_args(hf), model.state_dict()
+    for ecfg in model.config.experts:
+        own = {k[len(ecfg.key) + 1:]: v for k, v in state.items() if k.startswith(ecfg.key + ".")}
+        cls = get_expert_class(ecfg.kind)
+        back = getattr(cls, "to_released_state_dict", None)
+        out = back(own) if back else own  # renaming experts must provide the inverse
+        if set(cls.map_released_state_dict(out)[0]) != set(own):
+            raise ValueError(f"cannot export expert {ecfg.key!r}: {cls.__name__} has no to_released_state_dict")
+        released.update({f"{ecfg.key}.{k}": v for k, v in out.items()})
+    for name in ("visual_proj.0.weight", "visual_proj.0.bias", "visual_proj.1.weight", "visual_proj.1.bias",
+                 "start_img", "end_img"):
+        released[name] = state[name]
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    experts = args.get("moe", {}).get("num_experts", 0)
+    for rank in range(num_shards):
+        shard = {PREFIX + k: _shard_of(k, v, rank, num_shards, experts).clone() for k, v in released.items()}
+        torch.save({"model": shard}, dst / f"consolidated.{rank:02d}-of-{num_shards:02d}.model.pth")
+    (dst / "config.json").write_text(json.dumps(args, indent=2) + "\n", encoding="utf-8")
+    (dst / "meta.json").write_text(json.dumps({"llama_type": llama_type}) + "\n", encoding="utf-8")
+    if tokenizer_model is not None:
+        shutil.copy(tokenizer_model, dst / "tokenizer.model")
+    return dst
+
+
+def _released_llm(model: SphinxForCausalLM) -> dict[str, torch.Tensor]:
+    hf = model.llm.config
+    to_released = {f"llm.{v}": k for k, v in _TOP_NAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    heads = {"q_proj": hf.num_attention_heads, "k_proj": hf.num_key_value_heads}
+    back = {v: k for k, v in _LAYER_NAMES.items()}
+    for key, value in model.state_dict().items():
+        if key in to_released:
+            out[to_released[key]] = value
+            continue
+        m = re.match(r"^llm\.model\.layers\.(\d+)\.(.+)$", key)
+        if not m:
+            continue
+        proj = m[2].split(".")[1] if m[2].startswith("self_attn.") else ""
+        if m[2] in back:
+            out[f"layers.{m[1]}.{back[m[2]]}"] = unpermute_rotary(value, heads[proj]) if proj in heads else value
+        elif m[2] == "mlp.experts.gate_up_proj":  # (E, 2F, d) -> w1, w3 (E*F, d)
+            w1, w3 = value.chunk(2, dim=1)
+            out[f"layers.{m[1]}.feed_forward.w1"] = w1.flatten(0, 1)
+            out[f"layers.{m[1]}.feed_forward.w3"] = w3.flatten(0, 1)
+        elif m[2] == "mlp.experts.down_proj":     # (E, d, F) -> w2 (E*F, d)
+            out[f"layers.{m[1]}.feed_forward.w2"] = value.transpose(1, 2).flatten(0, 1)
+        else:
+            raise ValueError(f"no released name for {key}")
+    return out
+
+
+def _released_args(hf: Any) -> dict[str, Any]:
+    rope = getattr(hf, "rope_parameters", None) or {}
+    args: dict[str, Any] = {"dim": hf.hidden_size, "n_layers": hf.num_hidden_layers, "n_heads": hf.num_attention_heads,
+                            "n_kv_heads": hf.num_key_value_heads, "vocab_size": hf.vocab_size,
+                            "norm_eps": hf.rms_norm_eps, "rope_theta": rope.get("rope_theta", 10000.0)}
+    if hf.model_type == "mixtral":
+        args.update(hidden_dim=hf.intermediate_size, head_dim=hf.head_dim,
+                    moe={"num_experts": hf.num_local_experts, "num_experts_per_tok": hf.num_experts_per_tok})
+    return args
+
+
+def _shard_of(key: str, value: torch.Tensor, rank: int, n: int, experts: int) -> torch.Tensor:
+    if n == 1:
+        return value
+    if _MOE_EXPERTS.match(key):
+        return value.reshape(experts, -1, value.shape[-1]).chunk(n, dim=1)[rank].flatten(0, 1)
+    dim = split_dim(key)
+    if dim is None:
+        return value
+    if value.shape[dim] % n:
+        raise ValueError(f"{key} {tuple(value.shape)} does not split into {n} shards on dim {dim}")
+    return value.chunk(n, dim=dim)[rank]
+
+
+# --- CLI ------------------------------------------------------------------------------------
+def main_convert(argv: list[str]) -> int:
+    """`python -m sphinx_model convert-accessory SRC DST [...]`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m sphinx_model convert-accessory",
+                                     description="Convert a released LLaMA2-Accessory SPHINX folder.")
+    parser.add_argument("src", help="released folder (consolidated.*.model.pth, config.json, meta.json, tokenizer.model)")
+    parser.add_argument("dst", help="output checkpoint folder")
+    parser.add_argument("--base-preset", help="preset giving experts/canvas/template (default: from meta.json)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--allow-unmapped", action="store_true", help="convert even if keys do not map")
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors and --help
+        return int(e.code or 0)
+    try:
+        report = convert_accessory(ns.src, ns.dst, base_preset=ns.base_preset, dtype=ns.dtype,
+                                   allow_unmapped=ns.allow_unmapped)
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(report.lines()))
+    print(f"wrote {ns.dst}")
+    return 0

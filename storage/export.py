@@ -1,0 +1,224 @@
+"""Stored conversations + feedback -> the training-data schema of `train/` (JSONL + images).
+
+Output: `OUT/data.jsonl`, one `Conversation.to_dict()` per line with `task="feedback"`,
+image parts referencing `images/<sha256>.<ext>` relative to OUT, and those images copied
+into `OUT/images/`.
+
+Rules, per user/assistant turn:
+- a corrected answer replaces the model's answer (whatever the rating);
+- a disliked answer without a correction is dropped, and with it the rest of that
+  dialogue, since later turns were conditioned on the bad answer;
+- one image per sample (the model's rule): a user message bringing a new image starts a
+  new sample; a message with several images cannot be represented and is skipped;
+- `only="liked"` / `"corrected"` keeps each sample up to its last liked / corrected turn
+  (earlier turns stay as context), and drops samples that have none;
+- identical samples (same messages after these rules) are written once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from sphinx_model.conversation import Conversation, Message, Part, SchemaError, write_jsonl
+
+from .images import ImageStore
+from .models import ConversationRow, ImageRow, MessageRow, start_of_day_utc
+from .repository import message_to_schema
+
+Only = Literal["liked", "corrected", "all"]
+ONLY_CHOICES: tuple[str, ...] = ("liked", "corrected", "all")
+TASK = "feedback"
+DATA_FILE = "data.jsonl"
+IMAGES_DIR = "images"
+
+
+@dataclass
+class ExportReport:
+    conversations: int = 0  # stored conversations read
+    samples: int = 0  # lines written
+    corrected_turns: int = 0
+    dropped_turns: int = 0  # disliked without correction, and the turns after them
+    duplicates: int = 0
+    skipped: int = 0  # samples not representable (several images in a message, invalid)
+    images: int = 0  # distinct images referenced by the written samples
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.samples} samples from {self.conversations} conversations, "
+                f"{self.images} images; {self.corrected_turns} corrected turns, "
+                f"{self.dropped_turns} dropped turns, {self.duplicates} duplicates, "
+                f"{self.skipped} skipped")
+
+
+@dataclass
+class _Turn:
+    user: MessageRow
+    answer: str
+    rating: str | None
+    corrected: bool
+
+
+def _image_ref(img: ImageRow) -> str:
+    return f"{IMAGES_DIR}/{img.filename}"
+
+
+def _turns(conv: ConversationRow) -> tuple[MessageRow | None, list[_Turn | None]]:
+    """The leading system message and the answered (user, assistant) pairs, in order.
+
+    A user message without an answer (generation failed) is skipped; `None` marks a turn
+    that must be dropped (disliked without a correction).
+    """
+    msgs = list(conv.messages)
+    system = msgs.pop(0) if msgs and msgs[0].role == "system" else None
+    turns: list[_Turn | None] = []
+    for prev, cur in zip(msgs, msgs[1:]):
+        if prev.role != "user" or cur.role != "assistant":
+            continue
+        fb = cur.feedback
+        corrected = fb.corrected if fb is not None and fb.corrected else None
+        rating = fb.rating if fb is not None else None
+        if rating == "dislike" and corrected is None:
+            turns.append(None)
+        else:
+            turns.append(_Turn(prev, corrected or cur.text, rating, corrected is not None))
+    return system, turns
+
+
+def _segments(turns: list[_Turn | None]) -> Iterator[tuple[list[_Turn], int]]:
+    """Split at new images; cut each piece at its first dropped turn.
+    Yields (kept turns, number of dropped turns) per piece."""
+    piece: list[_Turn | None] = []
+    pieces: list[list[_Turn | None]] = []
+    has_image = False
+    for t in turns:
+        new_image = t is not None and bool(t.user.images)
+        if piece and new_image and has_image:
+            pieces.append(piece)
+            piece, has_image = [], False
+        has_image = has_image or new_image
+        piece.append(t)
+    if piece:
+        pieces.append(piece)
+    for p in pieces:
+        cut = p.index(None) if None in p else len(p)
+        yield [t for t in p[:cut] if t is not None], len(p) - cut
+
+
+def build_samples(conv: ConversationRow, only: Only, report: ExportReport) -> list[Conversation]:
+    """Training samples from one stored conversation (see the module docstring)."""
+    system, turns = _turns(conv)
+    samples: list[Conversation] = []
+    for kept, dropped in _segments(turns):
+        report.dropped_turns += dropped
+        if only != "all":
+            wanted = [i for i, t in enumerate(kept)
+                      if (t.corrected if only == "corrected" else t.rating == "like")]
+            kept = kept[: wanted[-1] + 1] if wanted else []
+        if not kept:
+            continue
+        if any(len(t.user.images) > 1 for t in kept):
+            report.skipped += 1
+            continue
+        messages: list[Message] = [message_to_schema(system)] if system is not None else []
+        for t in kept:
+            messages.append(message_to_schema(t.user, _image_ref))
+            messages.append(Message("assistant", (Part.of_text(t.answer),)))
+        sample = Conversation(
+            messages=messages, id=f"{TASK}-{conv.id}-{len(samples)}", task=TASK,
+            meta={"conversation_id": conv.id, "model_id": conv.model_id,
+                  "model_version": conv.model_version,
+                  "turns": [{"rating": t.rating, "corrected": t.corrected} for t in kept]})
+        try:
+            sample.validate(for_training=True)
+        except SchemaError:
+            report.skipped += 1
+            continue
+        samples.append(sample)
+    return samples
+
+
+def _dedup_key(sample: Conversation) -> bytes:
+    body = json.dumps([m.to_dict() for m in sample.messages], sort_keys=True,
+                      ensure_ascii=False)
+    return hashlib.sha256(body.encode("utf-8")).digest()
+
+
+def export_training_data(session: Session, images: ImageStore, out_dir: str | Path, *,
+                         since: date | None = None, only: Only = "all",
+                         batch_size: int = 200) -> ExportReport:
+    """Write OUT/data.jsonl and OUT/images/ from conversations updated since `since` (UTC).
+
+    Use a read-only session (`Session(read_only(engine))`) so a long export does not
+    hold SQLite's write lock. The JSONL is written to a temporary file and renamed, so a
+    reader never sees half an export.
+    """
+    if only not in ONLY_CHOICES:
+        raise ValueError(f"only must be one of {ONLY_CHOICES}")
+    out = Path(out_dir)
+    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    report = ExportReport()
+    seen: set[bytes] = set()
+    copied: set[str] = set()
+
+    stmt = (select(ConversationRow)
+            .order_by(ConversationRow.created_at, ConversationRow.id)
+            .options(selectinload(ConversationRow.messages).selectinload(MessageRow.images),
+                     selectinload(ConversationRow.messages).selectinload(MessageRow.feedback))
+            .execution_options(yield_per=batch_size))
+    if since is not None:
+        stmt = stmt.where(ConversationRow.updated_at >= start_of_day_utc(since))
+
+    def samples() -> Iterator[Conversation]:
+        for conv in session.scalars(stmt):
+            report.conversations += 1
+            for sample in build_samples(conv, only, report):
+                key = _dedup_key(sample)
+                if key in seen:
+                    report.duplicates += 1
+                    continue
+                if not _copy_images(conv, sample, images, out, copied, report):
+                    report.skipped += 1
+                    continue
+                seen.add(key)
+                report.corrected_turns += sum(t["corrected"] for t in sample.meta["turns"])
+                yield sample
+
+    tmp = out / f".{DATA_FILE}.tmp-{os.getpid()}"
+    try:
+        report.samples = write_jsonl(tmp, samples())
+        os.replace(tmp, out / DATA_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    report.images = len(copied)
+    return report
+
+
+def _copy_images(conv: ConversationRow, sample: Conversation, images: ImageStore, out: Path,
+                 copied: set[str], report: ExportReport) -> bool:
+    """Copy the sample's images into OUT/images; False if a stored file is missing."""
+    wanted = {ref for ref in sample.image_refs if ref}
+    if not wanted:
+        return True
+    rows = {_image_ref(mi.image): mi.image for m in conv.messages for mi in m.images}
+    for ref in wanted - copied:
+        row = rows[ref]
+        src = images.path(row)
+        if not src.is_file():
+            if len(report.notes) < 20:
+                report.notes.append(f"missing image file {row.filename}")
+            return False
+        dst = out / ref
+        if not (dst.is_file() and dst.stat().st_size == row.size_bytes):
+            shutil.copyfile(src, dst)
+        copied.add(ref)
+    return True

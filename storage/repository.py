@@ -1,0 +1,268 @@
+"""Functions that take a session: save turns, add feedback, list and read for an owner.
+
+The caller owns the session and the transaction (one per request)::
+
+    with Session(store.engine) as s, s.begin():
+        conv = create_conversation(s, owner, model_id="sphinx-tiny", model_version="1")
+        save_turn(s, owner, conv.id, prompt="What is this?", answer="A cat.", images=[img])
+
+Every read and write is scoped to an `Owner`: another owner's conversation is reported as
+missing (`NotFound`), never as forbidden, so ids cannot be probed. All values travel as
+bound parameters; nothing a user typed is formatted into SQL.
+"""
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from sphinx_model.conversation import Conversation, Message, Part, SchemaError
+
+from .models import (
+    MAX_OWNER_ID,
+    MESSAGE_ROLES,
+    OWNER_KINDS,
+    RATINGS,
+    ConversationRow,
+    FeedbackEventRow,
+    FeedbackRow,
+    ImageRow,
+    MessageImageRow,
+    MessageRow,
+    utcnow,
+)
+
+OwnerKind = Literal["session", "user"]
+Rating = Literal["like", "dislike"]
+MAX_TAGS = 32
+MAX_TAG_LEN = 64
+
+
+class NotFound(LookupError):
+    """No such conversation or message for this owner."""
+
+
+class _Unset(enum.Enum):
+    UNSET = 0
+
+
+UNSET = _Unset.UNSET  # "leave this feedback field as it is"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who may see a conversation: a browser session id or a logged-in user id."""
+
+    kind: OwnerKind
+    id: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in OWNER_KINDS:
+            raise ValueError(f"owner kind must be one of {OWNER_KINDS}")
+        if not isinstance(self.id, str) or not 0 < len(self.id) <= MAX_OWNER_ID:
+            raise ValueError(f"owner id must be 1..{MAX_OWNER_ID} characters")
+
+
+def _owned_conversation(session: Session, owner: Owner, conversation_id: str,
+                        *, for_update: bool = False) -> ConversationRow:
+    stmt = select(ConversationRow).where(
+        ConversationRow.id == conversation_id,
+        ConversationRow.owner_kind == owner.kind,
+        ConversationRow.owner_id == owner.id,
+    )
+    if for_update:  # PostgreSQL: serialise appends to one conversation; SQLite ignores it
+        stmt = stmt.with_for_update()
+    row = session.scalars(stmt).one_or_none()
+    if row is None:
+        raise NotFound("no such conversation")
+    return row
+
+
+def _owned_message(session: Session, owner: Owner, message_id: int) -> MessageRow:
+    row = session.scalars(
+        select(MessageRow).join(ConversationRow).where(
+            MessageRow.id == message_id,
+            ConversationRow.owner_kind == owner.kind,
+            ConversationRow.owner_id == owner.id,
+        )
+    ).one_or_none()
+    if row is None:
+        raise NotFound("no such message")
+    return row
+
+
+# --- conversations and messages --------------------------------------------------------
+def create_conversation(session: Session, owner: Owner, *, model_id: str,
+                        model_version: str = "") -> ConversationRow:
+    row = ConversationRow(id=uuid.uuid4().hex, owner_kind=owner.kind, owner_id=owner.id,
+                          model_id=model_id, model_version=model_version)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def add_message(session: Session, owner: Owner, conversation_id: str, role: str, text: str,
+                *, images: Sequence[ImageRow] = (), boxes: list[Any] | None = None,
+                settings: dict[str, Any] | None = None,
+                latency_ms: float | None = None) -> MessageRow:
+    """Append one message; its position is the next free one in the conversation."""
+    if role not in MESSAGE_ROLES:
+        raise ValueError(f"role must be one of {MESSAGE_ROLES}")
+    conv = _owned_conversation(session, owner, conversation_id, for_update=True)
+    position = session.scalar(
+        select(func.coalesce(func.max(MessageRow.position) + 1, 0))
+        .where(MessageRow.conversation_id == conv.id))
+    now = utcnow()
+    msg = MessageRow(conversation=conv, position=position, role=role, text=text,
+                     boxes=boxes, settings=settings, latency_ms=latency_ms, created_at=now,
+                     images=[MessageImageRow(position=i, image_sha256=img.sha256)
+                             for i, img in enumerate(images)])
+    session.add(msg)
+    conv.updated_at = now
+    session.flush()
+    return msg
+
+
+def save_turn(session: Session, owner: Owner, conversation_id: str, *, prompt: str,
+              answer: str, images: Sequence[ImageRow] = (), boxes: list[Any] | None = None,
+              settings: dict[str, Any] | None = None,
+              latency_ms: float | None = None) -> tuple[MessageRow, MessageRow]:
+    """One exchange: the user's prompt (with its images) and the assistant's answer."""
+    user = add_message(session, owner, conversation_id, "user", prompt, images=images)
+    bot = add_message(session, owner, conversation_id, "assistant", answer, boxes=boxes,
+                      settings=settings, latency_ms=latency_ms)
+    return user, bot
+
+
+def get_conversation(session: Session, owner: Owner, conversation_id: str) -> ConversationRow:
+    """The conversation with its messages, images and feedback loaded; NotFound otherwise."""
+    row = session.scalars(
+        select(ConversationRow)
+        .where(ConversationRow.id == conversation_id,
+               ConversationRow.owner_kind == owner.kind,
+               ConversationRow.owner_id == owner.id)
+        .options(selectinload(ConversationRow.messages).selectinload(MessageRow.images),
+                 selectinload(ConversationRow.messages).selectinload(MessageRow.feedback))
+    ).one_or_none()
+    if row is None:
+        raise NotFound("no such conversation")
+    return row
+
+
+def list_conversations(session: Session, owner: Owner, *, limit: int = 50,
+                       offset: int = 0) -> list[ConversationRow]:
+    """The owner's conversations, most recently updated first."""
+    return list(session.scalars(
+        select(ConversationRow)
+        .where(ConversationRow.owner_kind == owner.kind, ConversationRow.owner_id == owner.id)
+        .order_by(ConversationRow.updated_at.desc(), ConversationRow.id)
+        .limit(max(0, min(limit, 1000))).offset(max(0, offset))))
+
+
+def delete_conversation(session: Session, owner: Owner, conversation_id: str) -> None:
+    """Delete a conversation with its messages and feedback (images stay; they are shared)."""
+    session.delete(_owned_conversation(session, owner, conversation_id))
+    session.flush()
+
+
+# --- feedback --------------------------------------------------------------------------
+def _clean_tags(tags: Sequence[str]) -> list[str]:
+    if isinstance(tags, str) or len(tags) > MAX_TAGS:
+        raise ValueError(f"tags must be a list of at most {MAX_TAGS} strings")
+    out: list[str] = []
+    for t in tags:
+        if not isinstance(t, str) or not 0 < len(t.strip()) <= MAX_TAG_LEN:
+            raise ValueError(f"each tag must be 1..{MAX_TAG_LEN} characters")
+        if t.strip() not in out:
+            out.append(t.strip())
+    return out
+
+
+def set_feedback(session: Session, owner: Owner, message_id: int, *,
+                 rating: Rating | None | _Unset = UNSET, comment: str | _Unset = UNSET,
+                 corrected: str | None | _Unset = UNSET,
+                 tags: Sequence[str] | _Unset = UNSET) -> FeedbackRow:
+    """Change the feedback on an assistant message; fields left UNSET keep their value.
+
+    The latest change wins in `feedback`; every change is also appended to `feedback_event`.
+    """
+    msg = _owned_message(session, owner, message_id)
+    if msg.role != "assistant":
+        raise ValueError("feedback applies to assistant messages")
+    if rating is not UNSET and rating is not None and rating not in RATINGS:
+        raise ValueError(f"rating must be one of {RATINGS} or None")
+    fb = session.get(FeedbackRow, msg.id)
+    now = utcnow()
+    if fb is None:
+        fb = FeedbackRow(message_id=msg.id, rating=None, comment="", corrected=None, tags=[],
+                         created_at=now)
+        session.add(fb)
+    if rating is not UNSET:
+        fb.rating = rating
+    if comment is not UNSET:
+        fb.comment = comment
+    if corrected is not UNSET:
+        fb.corrected = corrected if corrected and corrected.strip() else None
+    if tags is not UNSET:
+        fb.tags = _clean_tags(tags)
+    fb.updated_at = now
+    session.add(FeedbackEventRow(message_id=msg.id, rating=fb.rating, comment=fb.comment,
+                                 corrected=fb.corrected, tags=list(fb.tags), created_at=now))
+    session.flush()
+    return fb
+
+
+def feedback_history(session: Session, owner: Owner, message_id: int) -> list[FeedbackEventRow]:
+    """Every feedback change on a message, oldest first."""
+    msg = _owned_message(session, owner, message_id)
+    return list(session.scalars(
+        select(FeedbackEventRow).where(FeedbackEventRow.message_id == msg.id)
+        .order_by(FeedbackEventRow.id)))
+
+
+# --- the conversation schema -------------------------------------------------------------
+def message_to_schema(row: MessageRow,
+                      image_ref: Callable[[ImageRow], str] | None = None) -> Message:
+    """Images first (as SPHINX places them), then the text. `image_ref(ImageRow) -> str`
+    chooses how images are referenced; the default is the content hash."""
+    parts = [Part.of_image(image_ref(mi.image) if image_ref else mi.image_sha256)
+             for mi in row.images]
+    if row.text or not parts:
+        parts.append(Part.of_text(row.text))
+    return Message(row.role, tuple(parts))  # type: ignore[arg-type]
+
+
+def to_conversation(row: ConversationRow) -> Conversation:
+    """A stored conversation in the shared schema; image parts hold content hashes."""
+    return Conversation(
+        messages=[message_to_schema(m) for m in row.messages],
+        id=row.id,
+        meta={"model_id": row.model_id, "model_version": row.model_version},
+    )
+
+
+def save_conversation(session: Session, owner: Owner, conversation: Conversation, *,
+                      model_id: str, model_version: str = "") -> ConversationRow:
+    """Store a schema conversation; image parts must reference stored images by hash.
+
+    Parts are stored as text plus ordered images, so within a message the images come
+    first when read back (the order SPHINX uses).
+    """
+    refs = {r for r in conversation.image_refs}
+    if None in refs:
+        raise SchemaError("image parts must reference a stored image by its hash")
+    images = {r.sha256: r for r in session.scalars(
+        select(ImageRow).where(ImageRow.sha256.in_(refs)))} if refs else {}
+    missing = refs - images.keys()
+    if missing:
+        raise NotFound(f"{len(missing)} referenced image(s) are not stored")
+    conv = create_conversation(session, owner, model_id=model_id, model_version=model_version)
+    for m in conversation.messages:
+        add_message(session, owner, conv.id, m.role, m.text,
+                    images=[images[r] for r in m.image_refs])  # type: ignore[index]
+    return conv

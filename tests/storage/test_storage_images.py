@@ -1,0 +1,104 @@
+"""Images are capped, re-encoded without metadata, oriented, and stored once by content."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from storage.db import Store
+from storage.images import (
+    ImageLimits,
+    ImageRejected,
+    ImageStore,
+    image_filename,
+    sanitize_image,
+)
+from storage.models import ImageRow
+from storagetest_support import make_image
+
+GPS_IFD = 0x8825
+ORIENTATION = 0x0112
+
+
+def _jpeg_with_exif(orientation: int) -> bytes:
+    """A 40x20 photo with the green marker at the top-left, GPS and camera data, rotated
+    by EXIF only (the pixels are stored sideways, as phones do)."""
+    img = Image.new("RGB", (40, 20), (200, 30, 30))
+    for x in range(4):
+        for y in range(4):
+            img.putpixel((x, y), (0, 255, 0))
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    exif[0x010F] = "PhoneMaker"  # Make
+    exif[GPS_IFD] = {1: "N", 2: (48.0, 51.0, 29.0), 3: "E", 4: (2.0, 17.0, 40.0)}
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    return buf.getvalue()
+
+
+def test_exif_and_gps_are_dropped_and_orientation_applied() -> None:
+    raw = _jpeg_with_exif(orientation=6)  # "rotate 90 CW to display"
+    assert Image.open(io.BytesIO(raw)).getexif().get_ifd(GPS_IFD)  # the input has GPS
+    out = sanitize_image(raw)
+    assert out.format == "jpeg"
+    img = Image.open(io.BytesIO(out.data))
+    assert not img.getexif() and "exif" not in img.info and "xmp" not in img.info
+    assert b"PhoneMaker" not in out.data and b"Exif" not in out.data
+    assert (img.width, img.height) == (out.width, out.height) == (20, 40)  # rotated
+    r, g, b = img.convert("RGB").getpixel((out.width - 2, 1))  # marker moved top-right
+    assert g > 200 and r < 60
+
+
+def test_png_with_text_chunks_is_cleaned_and_transparency_kept() -> None:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Author", "Secret Person")
+    img = Image.new("RGBA", (10, 10), (0, 0, 255, 128))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    out = sanitize_image(buf.getvalue())
+    assert out.format == "png" and b"Secret Person" not in out.data
+    assert Image.open(io.BytesIO(out.data)).mode == "RGBA"
+
+
+def test_limits_refuse_large_and_broken_uploads() -> None:
+    with pytest.raises(ImageRejected, match="bytes"):
+        sanitize_image(make_image(), ImageLimits(max_bytes=10))
+    with pytest.raises(ImageRejected, match="pixels"):
+        sanitize_image(make_image(100, 100), ImageLimits(max_pixels=99 * 99))
+    with pytest.raises(ImageRejected):
+        sanitize_image(b"<svg xmlns='http://www.w3.org/2000/svg'/>")
+    with pytest.raises(ImageRejected):
+        sanitize_image(make_image()[:40])  # truncated
+    big = sanitize_image(make_image(300, 100, fmt="WEBP"), ImageLimits(max_side=64))
+    assert (big.width, big.height, big.format) == (64, 21, "png")
+
+
+def test_file_names_come_only_from_hashes(tmp_path) -> None:
+    store = ImageStore(tmp_path)
+    for sha, fmt in [("../../etc/passwd", "png"), ("a" * 64, "../x"), ("A" * 64, "png"),
+                     ("a" * 63 + "/", "png")]:
+        with pytest.raises(ValueError):
+            store.path_for(sha, fmt)
+    assert image_filename("ab" * 32, "jpeg") == "ab" * 32 + ".jpg"
+
+
+def test_same_picture_is_stored_once(store: Store) -> None:
+    data = make_image(16, 16)
+    with Session(store.engine) as s, s.begin():
+        a = store.images.put(s, data)
+        b = store.images.put(s, data)
+        assert a is b
+        sha = a.sha256
+    with Session(store.engine) as s, s.begin():
+        c = store.images.put(s, data)  # new session, row already there
+        assert c.sha256 == sha
+        assert s.scalar(select(func.count()).select_from(ImageRow)) == 1
+        path = store.images.path(c)
+        assert path.parent.parent == store.settings.image_root
+        assert store.images.read(c) == path.read_bytes() and len(path.read_bytes()) == c.size_bytes
+        assert not list(path.parent.glob(".upload-*"))  # no temporary files left
