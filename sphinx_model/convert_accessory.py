@@ -67,6 +67,7 @@ _SPLITS = ((re.compile(r"^layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])\.
            (re.compile(r"^layers\.\d+\.(attention\.wo|feed_forward\.w2)\.weight$|^tok_embeddings\.weight$"), 1))
 _MOE_EXPERTS = re.compile(r"^layers\.(\d+)\.feed_forward\.(w[123])$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^llm\.model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {  # released layer suffix -> transformers layer suffix (Llama and Mixtral)
     "attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
@@ -123,10 +124,14 @@ def find_shards(src: Path) -> list[Path]:
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """One shard's state dict, memory-mapped where the file allows, `llma.` stripped."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # legacy (non-zip) pickles cannot be memory-mapped; try plainly
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from e
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path.name} holds no state dict")
@@ -164,7 +169,8 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], notes: list[str]) -> dic
 
 
 # --- the LLM --------------------------------------------------------------------------------
-def llm_config(args: dict[str, Any], sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+def llm_config(args: dict[str, Any], sd: dict[str, torch.Tensor], notes: list[str], min_positions: int = 4096
+               ) -> dict[str, Any]:
     """transformers Llama/Mixtral config dict from Accessory ModelArgs + tensor shapes."""
     vocab, dim = sd["tok_embeddings.weight"].shape
     layers = 1 + max(int(m[1]) for k in sd if (m := _LAYER.match(k)))
@@ -181,19 +187,27 @@ def llm_config(args: dict[str, Any], sd: dict[str, torch.Tensor]) -> dict[str, A
         if key in args and int(args[key]) != value:
             raise CheckpointError(f"config.json says {key}={args[key]} but the tensors give {value}")
     moe = "layers.0.feed_forward.gate.weight" in sd
-    rope: dict[str, Any] = {"rope_type": "default",
-                            "rope_theta": float(args.get("rope_theta") or (1e6 if moe else 1e4))}
+    theta = args.get("rope_theta")
+    if theta is None:  # the authors' ModelArgs defaults: llama 1e4, mixtral_sparse 1e6
+        theta = 1e6 if moe else 1e4
+        notes.append(f"config.json gives no rope_theta; using {theta:g}")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(theta)}
     if args.get("rope_scaling"):  # Accessory: a float, linear position interpolation
         rope.update(rope_type="linear", factor=float(args["rope_scaling"]))
     cfg: dict[str, Any] = dict(
         model_type="llama", hidden_size=dim, num_hidden_layers=layers, num_attention_heads=n_heads,
-        num_key_value_heads=n_kv, head_dim=head_dim, vocab_size=vocab, rms_norm_eps=float(args.get("norm_eps", 1e-5)),
-        rope_parameters=rope, max_position_embeddings=int(args.get("max_seq_len") or 4096),
-        tie_word_embeddings=False, hidden_act="silu", attention_bias=False, mlp_bias=False)
+        num_key_value_heads=n_kv, head_dim=head_dim, vocab_size=vocab,
+        rms_norm_eps=float(args.get("norm_eps", 1e-5)),
+        rope_parameters=rope, max_position_embeddings=max(int(args.get("max_seq_len") or 0), min_positions),
+        tie_word_embeddings=False, hidden_act="silu")
     if not moe:
-        return {**cfg, "intermediate_size": sd["layers.0.feed_forward.w1.weight"].shape[0]}
+        return {**cfg, "intermediate_size": sd["layers.0.feed_forward.w1.weight"].shape[0],
+                "attention_bias": False, "mlp_bias": False}
     experts = sd["layers.0.feed_forward.gate.weight"].shape[0]
-    per_tok = int((args.get("moe") or {}).get("num_experts_per_tok", 2))
+    moe_args = args.get("moe") or {}
+    if int(moe_args.get("num_experts", experts)) != experts:
+        raise CheckpointError(f"config.json says {moe_args['num_experts']} experts but the router has {experts}")
+    per_tok = int(moe_args.get("num_experts_per_tok", 2))
     return {**cfg, "model_type": "mixtral", "num_local_experts": experts, "num_experts_per_tok": per_tok,
             "intermediate_size": sd["layers.0.feed_forward.w1"].shape[0] // experts,
             "sliding_window": None, "output_router_logits": False, "router_jitter_noise": 0.0}
@@ -290,6 +304,8 @@ def _tokenizer(src: Path, base: SphinxConfig, notes: list[str]):
         tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token
+    for key in ("local_files_only", "is_local"):  # loading details of the temp folder, not settings
+        tok.init_kwargs.pop(key, None)
     _check_tokenizer(model_file, tok, notes)
     return tok
 
@@ -312,60 +328,84 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 def convert_accessory(src: str | Path, dst: str | Path, base_preset: str | None = None,
                       dtype: str | None = None, allow_unmapped: bool = False) -> ConversionReport:
-    """Convert a released LLaMA2-Accessory SPHINX folder into a `from_pretrained` folder."""
+    """Convert a released LLaMA2-Accessory SPHINX folder into a `from_pretrained` folder.
+
+    Refuses (CheckpointError, nothing written) when a released key has no place in our model
+    or one of our tensors gets none, unless `allow_unmapped`; then the unfilled tensors keep
+    their random init and the report lists them.
+    """
     src, dst = Path(src), Path(dst)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     notes: list[str] = []
     paths = find_shards(src)
     meta, args = _read_json(src / "meta.json"), _read_json(src / "config.json")
     base, released = _resolve_base(meta.get("llama_type"), base_preset)
     sd = merge_shards([load_shard(p) for p in paths], notes)
     if "tok_embeddings.weight" not in sd:
-        raise CheckpointError(f"{paths[0].name} holds no {PREFIX}tok_embeddings.weight: not a LLaMA-family checkpoint")
-    hf = llm_config(args, sd)
-    dtype = dtype or _dtype_name(sd["tok_embeddings.weight"])
+        raise CheckpointError(f"{paths[0].name} holds no {PREFIX}tok_embeddings.weight: "
+                              "not a LLaMA-family checkpoint")
     tokenizer = _tokenizer(src, base, notes)
-    hf.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-              pad_token_id=tokenizer.pad_token_id)
-    llm = {**base.llm.__dict__, "name_or_path": None, "config": hf, "dtype": dtype, "trust_remote_code": False}
-    if hf["model_type"] == "mixtral" and args.get("load_balancing_weight") is not None:
-        llm["router_aux_loss_coef"] = float(args["load_balancing_weight"])
-    config = base.replace(name=src.resolve().name, llm=llm, tokenizer=None)
+    config = _converted_config(src.resolve().name, base, args, sd, tokenizer, dtype, notes)
 
-    state, used = map_llm(sd, hf)
-    expert_state, expert_used, ignored = map_experts(sd, config)
-    state.update(expert_state)
-    glue = {k: v for k, v in sd.items() if GLUE_KEYS.match(k)}
-    state.update(glue)
-    used |= expert_used | set(glue)
-    if ignored:
-        notes.append(f"ignored released keys the experts do not use: {', '.join(PREFIX + k for k in ignored)}")
-    unmapped = sorted(PREFIX + k for k in sd if k not in used)
-
+    state, unmapped = _map_all(sd, config, notes)
     model = _empty_model(config)
     own = model.state_dict()
     bad = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
     unmapped += [f"{k} (shape {tuple(state[k].shape)}, ours {tuple(own[k].shape)})" for k in bad]
     state = {k: v for k, v in state.items() if k in own and k not in bad}
-    missing = sorted(set(own) - set(state))
-    report = ConversionReport(len(state), unmapped, missing, notes)
-    if (unmapped or missing) and not allow_unmapped:
+    report = ConversionReport(len(state), unmapped, sorted(set(own) - set(state)), notes)
+    if (report.unmapped or report.missing) and not allow_unmapped:
         raise CheckpointError(_refusal(report, released))
-    if missing:
-        notes.append(f"{len(missing)} tensors of our model keep their random init")
+    if report.missing:
+        notes.append(f"{len(report.missing)} tensors of our model keep their random init")
         model = SphinxForCausalLM(config)
     _assign(model, state)
     save_pretrained(model, SphinxProcessor(config, tokenizer), dst)
     return report
 
 
+def _converted_config(name: str, base: SphinxConfig, args: dict[str, Any], sd: dict[str, torch.Tensor],
+                      tokenizer: Any, dtype: str | None, notes: list[str]) -> SphinxConfig:
+    """The base preset's vision side + an explicit LLM config read off config.json and the tensors."""
+    hf = llm_config(args, sd, notes, base.max_length)
+    if len(tokenizer) > hf["vocab_size"]:
+        raise CheckpointError(f"tokenizer.model has {len(tokenizer)} tokens but the embeddings "
+                              f"only {hf['vocab_size']}")
+    hf.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id)
+    llm = {**base.llm.__dict__, "name_or_path": None, "config": hf, "trust_remote_code": False,
+           "dtype": dtype or _dtype_name(sd["tok_embeddings.weight"])}
+    if hf["model_type"] == "mixtral" and args.get("load_balancing_weight") is not None:
+        llm["router_aux_loss_coef"] = float(args["load_balancing_weight"])
+    return base.replace(name=name, llm=llm, tokenizer=None)
+
+
+def _map_all(sd: dict[str, torch.Tensor], config: SphinxConfig, notes: list[str]
+             ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """All released tensors -> our keys; returns (state, released keys that found no place)."""
+    state, used = map_llm(sd, config.llm.config or {})
+    expert_state, expert_used, ignored = map_experts(sd, config)
+    glue = {k: v for k, v in sd.items() if GLUE_KEYS.match(k)}
+    state.update(expert_state)
+    state.update(glue)
+    used |= expert_used | set(glue)
+    if ignored:
+        notes.append(f"ignored released keys the experts do not use: {', '.join(PREFIX + k for k in ignored)}")
+    return state, sorted(PREFIX + k for k in sd if k not in used)
+
+
 def _refusal(report: ConversionReport, released: ReleasedType | None) -> str:
-    why = f"{released.unsupported}; " if released and released.unsupported else ""
-    shown = lambda ks: ", ".join(ks[:6]) + (f" (+{len(ks) - 6} more)" if len(ks) > 6 else "")  # noqa: E731
-    parts = [f"{len(report.unmapped)} released keys have no place in this model: {shown(report.unmapped)}"
-             if report.unmapped else "", f"{len(report.missing)} of our keys get no tensor: "
-             f"{shown(report.missing)}" if report.missing else ""]
-    return (f"refusing to convert: {why}" + "; ".join(p for p in parts if p) +
-            "; pass allow_unmapped=True (--allow-unmapped) to convert anyway")
+    def shown(keys: list[str]) -> str:
+        return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+
+    parts = [f"{released.unsupported}"] if released and released.unsupported else []
+    if report.unmapped:
+        parts.append(f"{len(report.unmapped)} released keys have no place in this model: {shown(report.unmapped)}")
+    if report.missing:
+        parts.append(f"{len(report.missing)} of our tensors get no released tensor: {shown(report.missing)}")
+    parts.append("pass allow_unmapped=True (--allow-unmapped) to convert anyway")
+    return "refusing to convert: " + "; ".join(parts)
 
 
 def _empty_model(config: SphinxConfig) -> SphinxForCausalLM:
@@ -405,7 +445,7 @@ def export_accessory(model: SphinxForCausalLM, tokenizer_model: str | Path | Non
     dst.mkdir(parents=True, exist_ok=True)
     experts = args.get("moe", {}).get("num_experts", 0)
     for rank in range(num_shards):
-        shard = {PREFIX + k: _shard_of(k, v, rank, num_shards, experts).clone() for k, v in released.items()}
+        shard = {PREFIX + k: _shard_of(k, v, rank, num_shards, experts) for k, v in released.items()}
         torch.save({"model": shard}, dst / f"consolidated.{rank:02d}-of-{num_shards:02d}.model.pth")
     (dst / "config.json").write_text(json.dumps(args, indent=2) + "\n", encoding="utf-8")
     (dst / "meta.json").write_text(json.dumps({"llama_type": llama_type}) + "\n", encoding="utf-8")
@@ -424,7 +464,7 @@ def _released_llm(model: SphinxForCausalLM) -> dict[str, torch.Tensor]:
         if key in to_released:
             out[to_released[key]] = value
             continue
-        m = re.match(r"^llm\.model\.layers\.(\d+)\.(.+)$", key)
+        m = _HF_LAYER.match(key)
         if not m:
             continue
         proj = m[2].split(".")[1] if m[2].startswith("self_attn.") else ""
@@ -443,9 +483,12 @@ def _released_llm(model: SphinxForCausalLM) -> dict[str, torch.Tensor]:
 
 def _released_args(hf: Any) -> dict[str, Any]:
     rope = getattr(hf, "rope_parameters", None) or {}
-    args: dict[str, Any] = {"dim": hf.hidden_size, "n_layers": hf.num_hidden_layers, "n_heads": hf.num_attention_heads,
-                            "n_kv_heads": hf.num_key_value_heads, "vocab_size": hf.vocab_size,
+    args: dict[str, Any] = {"dim": hf.hidden_size, "n_layers": hf.num_hidden_layers,
+                            "n_heads": hf.num_attention_heads, "n_kv_heads": hf.num_key_value_heads, "vocab_size": hf.vocab_size,
                             "norm_eps": hf.rms_norm_eps, "rope_theta": rope.get("rope_theta", 10000.0)}
+    if hf.model_type == "llama":  # Meta's FFN-size formula then gives exactly intermediate_size
+        f = hf.intermediate_size
+        args.update(multiple_of=f, ffn_dim_multiplier=f / int(2 * 4 * hf.hidden_size / 3))
     if hf.model_type == "mixtral":
         args.update(hidden_dim=hf.intermediate_size, head_dim=hf.head_dim,
                     moe={"num_experts": hf.num_local_experts, "num_experts_per_tok": hf.num_experts_per_tok})
@@ -456,13 +499,13 @@ def _shard_of(key: str, value: torch.Tensor, rank: int, n: int, experts: int) ->
     if n == 1:
         return value
     if _MOE_EXPERTS.match(key):
-        return value.reshape(experts, -1, value.shape[-1]).chunk(n, dim=1)[rank].flatten(0, 1)
+        return value.reshape(experts, -1, value.shape[-1]).chunk(n, dim=1)[rank].flatten(0, 1).clone()
     dim = split_dim(key)
     if dim is None:
         return value
     if value.shape[dim] % n:
         raise ValueError(f"{key} {tuple(value.shape)} does not split into {n} shards on dim {dim}")
-    return value.chunk(n, dim=dim)[rank]
+    return value.chunk(n, dim=dim)[rank].clone()  # a view would save the whole storage
 
 
 # --- CLI ------------------------------------------------------------------------------------
@@ -470,7 +513,8 @@ def main_convert(argv: list[str]) -> int:
     """`python -m sphinx_model convert-accessory SRC DST [...]`; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m sphinx_model convert-accessory",
                                      description="Convert a released LLaMA2-Accessory SPHINX folder.")
-    parser.add_argument("src", help="released folder (consolidated.*.model.pth, config.json, meta.json, tokenizer.model)")
+    parser.add_argument("src", help="released folder: consolidated.*.model.pth, config.json, meta.json, "
+                                    "tokenizer.model")
     parser.add_argument("dst", help="output checkpoint folder")
     parser.add_argument("--base-preset", help="preset giving experts/canvas/template (default: from meta.json)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the checkpoint's)")

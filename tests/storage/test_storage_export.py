@@ -13,6 +13,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from sphinx_model.conversation import read_jsonl
+from storage.__main__ import main as cli_main
 from storage.db import Store, read_only
 from storage.export import export_training_data
 from storage.models import ConversationRow
@@ -154,6 +155,15 @@ def test_cli_export_and_stats(store: Store, tmp_path: Path) -> None:
     assert json.loads(r.stdout)["dislikes"] == 4
 
 
+def _main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Run the CLI in-process (a subprocess per case would cost seconds)."""
+    try:
+        code = cli_main(list(args))
+    except SystemExit as e:  # argparse errors
+        code = e.code if isinstance(e.code, int) else 1
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["export", "--out", "o", "--since", "2024-02-30"], "YYYY-MM-DD"),
     (["export", "--out", "o", "--since", "20240101"], "YYYY-MM-DD"),
@@ -163,16 +173,20 @@ def test_cli_export_and_stats(store: Store, tmp_path: Path) -> None:
     (["stats", "--top", "0"], "positive integer"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
-    r = _cli("--data-dir", str(tmp_path / "nothing-here"), *args)
-    assert r.returncode != 0
-    assert message in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                 message: str) -> None:
+    monkeypatch.delenv("SPHINX_DB_URL", raising=False)
+    code, err = _main(capsys, "--data-dir", str(tmp_path / "nothing-here"), *args)
+    assert code != 0
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "nothing-here" / "sphinx.db").exists()
 
 
-def test_cli_unreachable_server_is_one_line(tmp_path: Path) -> None:
-    r = _cli("--data-dir", str(tmp_path), "stats",
-             env_url="postgresql+psycopg2://u:hunter2@127.0.0.1:9/none")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "hunter2" not in r.stderr
+def test_cli_unreachable_server_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPHINX_DB_URL", "postgresql+psycopg2://u:hunter2@127.0.0.1:9/none")
+    code, err = _main(capsys, "--data-dir", str(tmp_path), "stats")
+    assert code == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "hunter2" not in err

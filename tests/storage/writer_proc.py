@@ -1,8 +1,12 @@
 """A writer process for the concurrency and crash tests (run as a script, not collected).
 
-    writer_proc.py stress URL WRITER START_AT STOP_AT   -> prints the WriterResult as JSON
+    writer_proc.py stress URL WRITER                    -> prints READY once connected, reads
+                                                           "START_AT STOP_AT" (time.time())
+                                                           from stdin, writes, prints the
+                                                           WriterResult as JSON
     writer_proc.py hang URL WRITER                      -> writes inside an open transaction,
-                                                           prints READY, waits to be killed
+                                                           prints READY and its PostgreSQL
+                                                           backend pid, waits to be killed
     writer_proc.py loop URL WRITER                      -> commits turns forever, prints READY
                                                            after the first one
 """
@@ -15,6 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent.parent), str(HERE)]
 
+from sqlalchemy import text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from storage.db import create_engine_for  # noqa: E402
@@ -31,7 +36,11 @@ def main(argv: list[str]) -> int:
     engine = create_engine_for(url)
     owner = writer_owner(writer)
     if mode == "stress":
-        result = write_until(engine, writer, float(argv[3]), float(argv[4]), seed=sum(map(ord, writer)))
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        print("READY", flush=True)
+        start_at, stop_at = map(float, sys.stdin.readline().split())
+        result = write_until(engine, writer, start_at, stop_at, seed=sum(map(ord, writer)))
         print(result.to_json(), flush=True)
         return 0
     if mode == "hang":
@@ -41,7 +50,9 @@ def main(argv: list[str]) -> int:
         _, bot = save_turn(s, owner, conv.id, prompt="never committed", answer="lost")
         set_feedback(s, owner, bot.id, rating="like")
         s.flush()
-        print("READY", flush=True)
+        pid = (s.scalar(text("SELECT pg_backend_pid()"))
+               if engine.dialect.name == "postgresql" else 0)
+        print(f"READY {pid}", flush=True)
         time.sleep(120)
         return 1
     if mode == "loop":

@@ -1,0 +1,246 @@
+"""The typed run config of `python -m train`, loaded from YAML.
+
+One file describes a run: which model to start from, which data mixture, what trains,
+the optimiser, and the loop. Stages and tasks differ only in these files, never in code.
+Relative paths are resolved against the folder of the YAML file, so a config and its
+mixture travel together. Torch-free: the CLI validates a config before anything heavy
+is imported, and every mistake a user can make becomes one `ConfigError` line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A mistake in a run or mixture config; reported as one line, exit status 2."""
+
+
+@dataclass
+class ModelSection:
+    init: str = "sphinx-test-tiny"         # preset name or checkpoint folder (ours) to start from
+    load_weights: bool = False             # presets only: pull the pretrained LLM and expert weights
+    dtype: str = "float32"                 # dtype of trainable (master) weights; compute dtype comes from mixed_precision
+    frozen_dtype: str | None = None        # cast the frozen experts (e.g. bfloat16) to halve their memory
+    overrides: dict[str, Any] = field(default_factory=dict)  # SphinxConfig fields to change, e.g. {max_length: 2048}
+
+
+@dataclass
+class DataSection:
+    mixture: Path = Path("mixture.yaml")   # mixture YAML (see train/mixture.py)
+    max_text_tokens: int | None = None     # text tokens per sample (release: 512); visual tokens come on top
+    truncate: bool = False                 # cut over-long samples to fit instead of skipping them
+    eval_per_dataset: int = 0              # records held out of each dataset for the eval loss
+    group_by_length: bool = True           # length-grouped batches (low padding) instead of random ones
+    megabatch_mult: int = 32               # a mega-batch is this many micro-batches, sorted by length inside
+    scan_images: bool = True               # read image headers while indexing: exact lengths, missing files found early
+    num_workers: int = 0                   # DataLoader worker processes (images decode there)
+    cache_dir: Path | None = None          # index cache; default OUTPUT_DIR/cache
+    max_fallbacks: int = 8                 # a bad record is replaced by up to this many following ones
+
+
+@dataclass
+class FreezeSection:
+    """Parameter-name prefixes; a parameter trains iff it matches `train` and not `freeze`."""
+
+    train: list[str] = field(default_factory=lambda: ["llm", "visual_proj", "start_img", "end_img", "skip_img"])
+    freeze: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False                  # LoRA adapters on the LLM (peft); the LLM's own weights freeze
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"  # peft's names, or "all-linear"
+
+
+@dataclass
+class OptimSection:
+    lr: float = 2e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03             # share of the steps spent warming up (cosine afterwards)
+    warmup_steps: int | None = None        # wins over warmup_ratio
+    max_grad_norm: float = 8.0             # 0 = no clipping
+
+
+@dataclass
+class TrainSection:
+    output_dir: Path = Path("runs/default")
+    seed: int = 0
+    batch_size: int = 4                    # micro-batch per process
+    grad_accum: int = 4                    # micro-batches per optimiser step
+    max_steps: int | None = None           # optimiser steps; None = `epochs` over the mixture
+    epochs: float = 1.0
+    mixed_precision: str = "bf16"          # "no", "bf16" (fp32 master weights, bf16 autocast) or "fp16"
+    gradient_checkpointing: bool = True    # recompute decoder-layer activations in backward
+    fsdp: bool = False                     # FSDP2 without an accelerate FSDP config (e.g. torchrun on CPU)
+    ddp_find_unused_parameters: bool = True  # text-only batches leave the projector without gradients
+    cpu: bool = False                      # force CPU even where a GPU is present
+    log_every: int = 1
+    eval_every: int = 0                    # 0 = eval only at the end (if there is an eval split)
+    save_every: int = 0                    # 0 = no intermediate checkpoints
+    keep_checkpoints: int = 2
+    stop_after_steps: int | None = None    # end the process after this step as if killed (resume tests)
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    freeze: FreezeSection = field(default_factory=FreezeSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def validate(self) -> "RunConfig":
+        t, o, d, m = self.train, self.optim, self.data, self.model
+        _check(t.mixed_precision in MIXED_PRECISION, f"train.mixed_precision must be one of {MIXED_PRECISION}")
+        _check(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
+        _check(m.frozen_dtype in (None, *DTYPES), f"model.frozen_dtype must be null or one of {DTYPES}")
+        _check(m.frozen_dtype in (None, m.dtype) or t.mixed_precision != "no",
+               "model.frozen_dtype different from model.dtype needs train.mixed_precision bf16 or fp16")
+        _check(t.batch_size >= 1 and t.grad_accum >= 1, "train.batch_size and train.grad_accum must be >= 1")
+        _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1")
+        _check(t.max_steps is not None or t.epochs > 0, "train.epochs must be > 0")
+        _check(o.lr > 0 and 0 <= o.warmup_ratio < 1, "optim.lr must be > 0 and optim.warmup_ratio in [0, 1)")
+        _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
+        _check(d.max_text_tokens is None or d.max_text_tokens >= 1, "data.max_text_tokens must be >= 1")
+        _check(d.megabatch_mult >= 1 and d.num_workers >= 0, "data.megabatch_mult >= 1, data.num_workers >= 0")
+        _check(bool(self.freeze.train) or self.lora.enabled, "nothing trains: freeze.train is empty and LoRA is off")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a run YAML; `overrides` ({"train.max_steps": 3}) win over the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"run config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"run config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"run config {path} must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})[key] = value
+    cfg = build(RunConfig, raw, where=str(path))
+    base = path.resolve().parent
+    cfg.data.mixture = _resolve(base, cfg.data.mixture)
+    cfg.train.output_dir = _resolve(base, cfg.train.output_dir)
+    if cfg.data.cache_dir is not None:
+        cfg.data.cache_dir = _resolve(base, cfg.data.cache_dir)
+    init = Path(cfg.model.init)
+    if not init.is_absolute() and (base / init).is_dir():  # a checkpoint folder next to the config
+        cfg.model.init = str(base / init)
+    return cfg.validate()
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# --- a small typed builder: YAML mapping -> dataclass, with one-line errors -----------------
+def build(cls: type, data: Any, where: str) -> Any:
+    """Dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}: {k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if hint is Any:
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(inner, v, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value)  # YAML reads "2e-5" as a string
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if hint is int:
+            if number != int(number):
+                raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            return int(number)
+        return number
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a path, got {value!r}")
+        return Path(value)
+    raise ConfigError(f"{where}: unsupported config type {hint}")
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
