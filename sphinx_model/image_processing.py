@@ -24,11 +24,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .experts.clip_convnext import CLIP_MEAN, CLIP_STD  # the canvas lives in CLIP's normalisation
 from .tiling import Anchor, Canvas, canvas_geometry
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PAD_FILL = (122, 116, 104)  # CLIP mean as RGB bytes, so padding is ~0 after normalisation
+PAD_FILL = tuple(int(255 * m) for m in CLIP_MEAN)  # (122, 116, 104) as released: padding ~0 after normalising
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | io.IOBase | Image.Image

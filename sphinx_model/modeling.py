@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .config import LLMConfig, SphinxConfig
 from .experts import build_expert
@@ -41,7 +42,14 @@ def build_llm(cfg: LLMConfig, load_weights: bool) -> PreTrainedModel:
             cfg.name_or_path, dtype=resolve_dtype(cfg.dtype), device_map=cfg.device_map, **overrides, **kwargs)
     if cfg.config is not None:
         d = dict(cfg.config)
-        hf_config = AutoConfig.for_model(d.pop("model_type"), **d)
+        model_type = d.pop("model_type")
+        if model_type in CONFIG_MAPPING:
+            hf_config = AutoConfig.for_model(model_type, **d)
+        elif cfg.trust_remote_code and cfg.name_or_path:  # e.g. InternLM2: config class lives in hub code
+            hf_config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=True, **d)
+        else:
+            raise ValueError(f"unknown LLM model_type {model_type!r}: set llm.name_or_path and "
+                             "llm.trust_remote_code to use a model whose code lives on the hub")
     elif cfg.name_or_path:
         hf_config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     else:

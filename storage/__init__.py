@@ -26,9 +26,11 @@ from .export import ExportReport, build_samples, export_training_data
 from .images import ImageLimits, ImageRejected, ImageStore, sanitize_image
 from .repository import (
     UNSET,
+    NewMessage,
     NotFound,
     Owner,
     add_message,
+    append_messages,
     create_conversation,
     delete_conversation,
     feedback_history,
@@ -42,8 +44,10 @@ from .repository import (
 from .stats import Stats, collect_stats, format_stats
 
 __all__ = [
-    "UNSET", "ExportReport", "ImageLimits", "ImageRejected", "ImageStore", "NotFound", "Owner",
-    "Stats", "StorageError", "StorageSettings", "Store", "add_message", "build_samples",
+    "UNSET", "ExportReport", "ImageLimits", "ImageRejected", "ImageStore", "NewMessage",
+    "NotFound", "Owner",
+    "Stats", "StorageError", "StorageSettings", "Store", "add_message", "append_messages",
+    "build_samples",
     "collect_stats", "create_conversation", "create_engine_for", "delete_conversation",
     "export_training_data", "feedback_history", "format_stats", "get_conversation",
     "list_conversations", "open_store", "read_only", "sanitize_image", "save_conversation",

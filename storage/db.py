@@ -14,6 +14,7 @@ Sessions are the caller's (`with Session(store.engine) as s, s.begin(): ...`).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,25 +91,70 @@ def create_engine_for(url: str | URL, *, busy_timeout_s: float = 30.0,
     connect_args = {"timeout": busy_timeout_s, "check_same_thread": False,
                     **kwargs.pop("connect_args", {})}
     engine = create_engine(url, connect_args=connect_args, **kwargs)
-    _install_sqlite_hooks(engine, int(busy_timeout_s * 1000), sqlite_synchronous.upper())
+    _install_sqlite_hooks(engine, busy_timeout_s, sqlite_synchronous.upper())
     return engine
 
 
-def _install_sqlite_hooks(engine: Engine, busy_ms: int, synchronous: str) -> None:
+class _WriteGate:
+    """Queues one engine's SQLite writers on a lock, in this process.
+
+    SQLite's own busy handler makes a waiting writer sleep and retry (1 ms, 2 ms, ... up to
+    100 ms); with several threads that starves some writers and wastes most of the time
+    asleep. Threads of one process instead wait on this lock, which is released when the
+    transaction ends (just before its COMMIT/ROLLBACK, so the next writer may spin on the
+    busy handler for a millisecond). Correctness never depends on it: SQLite's lock still
+    decides, and other processes still use the busy timeout. If the lock cannot be had
+    within the busy timeout, the writer goes ahead without it.
+    """
+
+    _KEY = "sphinx_write_gate"
+
+    def __init__(self, timeout_s: float) -> None:
+        self._lock = threading.Lock()
+        self._timeout_s = timeout_s
+
+    def enter(self, info: dict[Any, Any]) -> None:
+        if not info.get(self._KEY) and self._lock.acquire(timeout=self._timeout_s):
+            info[self._KEY] = True
+
+    def leave(self, info: dict[Any, Any] | None) -> None:
+        if info is not None and info.pop(self._KEY, False):
+            self._lock.release()
+
+
+def _install_sqlite_hooks(engine: Engine, busy_timeout_s: float, synchronous: str) -> None:
+    gate = _WriteGate(busy_timeout_s)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (see below)
         cur = dbapi_connection.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute(f"PRAGMA busy_timeout={busy_ms}")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         mode = conn.get_execution_options().get(_BEGIN_OPTION, "IMMEDIATE")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if mode == "IMMEDIATE":
+            gate.enter(conn.info)
+        try:
+            conn.exec_driver_sql(f"BEGIN {mode}")
+        except BaseException:
+            gate.leave(conn.info)
+            raise
+
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def _on_end(conn: Any) -> None:
+        gate.leave(conn.info)
+
+    @event.listens_for(engine.pool, "checkin")
+    @event.listens_for(engine.pool, "invalidate")
+    def _on_release(_dbapi_connection: Any, record: Any, *_args: Any) -> None:
+        gate.leave(record.info if record is not None else None)  # never leak the lock
 
 
 def read_only(engine: Engine) -> Engine:

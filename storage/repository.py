@@ -106,26 +106,49 @@ def create_conversation(session: Session, owner: Owner, *, model_id: str,
     return row
 
 
+@dataclass(frozen=True)
+class NewMessage:
+    """A message to append (see `append_messages`)."""
+
+    role: str
+    text: str
+    images: Sequence[ImageRow] = ()
+    boxes: list[Any] | None = None
+    settings: dict[str, Any] | None = None
+    latency_ms: float | None = None
+
+
+def append_messages(session: Session, owner: Owner, conversation_id: str,
+                    messages: Sequence[NewMessage]) -> list[MessageRow]:
+    """Append messages at the next free positions (one ownership check, one flush)."""
+    for m in messages:
+        if m.role not in MESSAGE_ROLES:
+            raise ValueError(f"role must be one of {MESSAGE_ROLES}")
+    conv = _owned_conversation(session, owner, conversation_id, for_update=True)
+    start = session.scalar(
+        select(func.coalesce(func.max(MessageRow.position) + 1, 0))
+        .where(MessageRow.conversation_id == conv.id))
+    now = utcnow()
+    rows = [MessageRow(conversation=conv, position=start + k, role=m.role, text=m.text,
+                       boxes=m.boxes, settings=m.settings, latency_ms=m.latency_ms,
+                       created_at=now,
+                       images=[MessageImageRow(position=i, image_sha256=img.sha256)
+                               for i, img in enumerate(m.images)])
+            for k, m in enumerate(messages)]
+    session.add_all(rows)
+    conv.updated_at = now
+    session.flush()
+    return rows
+
+
 def add_message(session: Session, owner: Owner, conversation_id: str, role: str, text: str,
                 *, images: Sequence[ImageRow] = (), boxes: list[Any] | None = None,
                 settings: dict[str, Any] | None = None,
                 latency_ms: float | None = None) -> MessageRow:
     """Append one message; its position is the next free one in the conversation."""
-    if role not in MESSAGE_ROLES:
-        raise ValueError(f"role must be one of {MESSAGE_ROLES}")
-    conv = _owned_conversation(session, owner, conversation_id, for_update=True)
-    position = session.scalar(
-        select(func.coalesce(func.max(MessageRow.position) + 1, 0))
-        .where(MessageRow.conversation_id == conv.id))
-    now = utcnow()
-    msg = MessageRow(conversation=conv, position=position, role=role, text=text,
-                     boxes=boxes, settings=settings, latency_ms=latency_ms, created_at=now,
-                     images=[MessageImageRow(position=i, image_sha256=img.sha256)
-                             for i, img in enumerate(images)])
-    session.add(msg)
-    conv.updated_at = now
-    session.flush()
-    return msg
+    (row,) = append_messages(session, owner, conversation_id,
+                             [NewMessage(role, text, images, boxes, settings, latency_ms)])
+    return row
 
 
 def save_turn(session: Session, owner: Owner, conversation_id: str, *, prompt: str,
@@ -133,9 +156,9 @@ def save_turn(session: Session, owner: Owner, conversation_id: str, *, prompt: s
               settings: dict[str, Any] | None = None,
               latency_ms: float | None = None) -> tuple[MessageRow, MessageRow]:
     """One exchange: the user's prompt (with its images) and the assistant's answer."""
-    user = add_message(session, owner, conversation_id, "user", prompt, images=images)
-    bot = add_message(session, owner, conversation_id, "assistant", answer, boxes=boxes,
-                      settings=settings, latency_ms=latency_ms)
+    user, bot = append_messages(session, owner, conversation_id, [
+        NewMessage("user", prompt, images),
+        NewMessage("assistant", answer, boxes=boxes, settings=settings, latency_ms=latency_ms)])
     return user, bot
 
 
@@ -262,7 +285,7 @@ def save_conversation(session: Session, owner: Owner, conversation: Conversation
     if missing:
         raise NotFound(f"{len(missing)} referenced image(s) are not stored")
     conv = create_conversation(session, owner, model_id=model_id, model_version=model_version)
-    for m in conversation.messages:
-        add_message(session, owner, conv.id, m.role, m.text,
-                    images=[images[r] for r in m.image_refs])  # type: ignore[index]
+    append_messages(session, owner, conv.id, [
+        NewMessage(m.role, m.text, [images[r] for r in m.image_refs])  # type: ignore[index]
+        for m in conversation.messages])
     return conv

@@ -3,9 +3,11 @@
 The tests write their own released-layout folders with `export_accessory` from randomly
 initialised models, so every conversion can be checked against the model it came from.
 """
+import csv
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -19,17 +21,22 @@ from sphinx_model.checkpoint import CheckpointError, build_from_config, from_pre
 from sphinx_model.config import get_preset
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.convert_accessory import (
+    _empty_model,
+    _map_all,
     convert_accessory,
     export_accessory,
     find_shards,
+    llm_config,
     load_shard,
     main_convert,
     merge_shards,
     permute_rotary,
+    split_dim,
     unpermute_rotary,
 )
 
 PRESET = "sphinx-test-released"
+RELEASED_KEYS = Path("/work/shared/reference/released_keys_sphinx_tiny.tsv")  # from the authors' code
 TEXT = ["A chat between a curious human and an artificial intelligence assistant.",
         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
         "### Human: What is in the image?", "### Assistant: A red square [0.12,0.30,0.55,0.91].",
@@ -143,6 +150,26 @@ def test_tokenizer_matches_sentencepiece(converted, spm_file):
         assert tok.decode(sp.encode(text)) == text
     assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
     assert not converted[1].notes
+
+
+@pytest.mark.skipif(not RELEASED_KEYS.is_file(), reason="reference key list not available")
+@pytest.mark.parametrize("preset", ["sphinx-tiny", "sphinx-tiny-1k"])
+def test_every_released_key_maps_with_full_size_experts(preset):
+    """The authors' SPHINX-Tiny key list (tiny LLM, full-size encoders) as meta tensors."""
+    with RELEASED_KEYS.open() as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    sd = {r["key"].removeprefix("llma."): torch.empty(eval(r["shape"]), device="meta") for r in rows}
+    assert all(split_dim(k) == (int(r["mp_split_dim"]) if r["mp_split_dim"] else None)
+               for k, r in zip(sd, rows))
+    notes = []
+    base = get_preset(preset)
+    hf = llm_config({"n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-5}, sd, notes)
+    config = base.replace(llm={**base.llm.__dict__, "name_or_path": None, "config": hf})
+    state, unmapped = _map_all(sd, config, notes)
+    own = _empty_model(config).state_dict()
+    assert unmapped == [] and set(state) == set(own)
+    assert all(tuple(state[k].shape) == tuple(own[k].shape) for k in own)
+    assert hf["intermediate_size"] == 192 and any("mask_token" in n for n in notes)
 
 
 # --- rotary: independent Meta-layout attention ----------------------------------------------

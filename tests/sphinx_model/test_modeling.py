@@ -92,3 +92,22 @@ def test_moe_backbone_adds_router_loss():
     coef = proc.config.llm.router_aux_loss_coef
     assert with_aux.aux_loss is not None
     assert torch.allclose(with_aux.loss, plain.loss + coef * with_aux.aux_loss, atol=1e-6)
+
+
+def test_bf16_is_configuration_not_code(make_image):
+    from sphinx_model.checkpoint import build_from_config
+    from sphinx_model.config import get_preset
+    cfg = get_preset("sphinx-test-tiny")
+    cfg = cfg.replace(llm={**cfg.llm.__dict__, "dtype": "bfloat16"})
+    model, proc = build_from_config(cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        out = model(**proc(ask(), make_image(64, 128)))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+def test_unknown_backbone_type_is_a_clear_error():
+    from sphinx_model.modeling import build_llm
+    from sphinx_model.config import LLMConfig
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        build_llm(LLMConfig(config={"model_type": "internlm2", "hidden_size": 8}), load_weights=False)

@@ -1,0 +1,188 @@
+"""A YAML mixture of datasets -> deterministic weighted epochs -> length-grouped batches.
+
+    # mixture.yaml (paths relative to this file)
+    samples_per_epoch: 100000        # optional; default: every usable training record once
+    datasets:
+      - name: llava
+        path: data/llava.jsonl       # our schema or LLaVA's
+        image_root: data/coco        # optional; default: the file's folder
+        task: vqa                    # optional label (logged)
+        weight: 2.0                  # share of each epoch, relative to the other weights
+      - name: feedback
+        path: exports/2026-11-20     # a storage export folder: data.jsonl + images/
+
+Everything here is a pure function of (seed, epoch): the same seed gives the same samples
+in the same batches in the same order, on any number of restarts, which is what makes
+resuming exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from .config import ConfigError
+from .data import DatasetSpec, DataError, RecordStore, resolve_source
+
+_KEYS = {"name", "path", "image_root", "task", "weight"}
+
+
+@dataclass(frozen=True)
+class Mixture:
+    datasets: tuple[DatasetSpec, ...]
+    samples_per_epoch: int | None = None
+
+    @property
+    def weights(self) -> np.ndarray:
+        return np.array([d.weight for d in self.datasets], dtype=np.float64)
+
+
+def load_mixture(path: str | Path) -> Mixture:
+    """Read and check a mixture YAML; every dataset must exist (DataError / ConfigError otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"mixture {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"mixture {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), list) or not raw["datasets"]:
+        raise ConfigError(f"mixture {path} needs a non-empty 'datasets' list")
+    unknown = set(raw) - {"datasets", "samples_per_epoch"}
+    if unknown:
+        raise ConfigError(f"mixture {path}: unknown key(s) {sorted(unknown)}")
+    base = path.resolve().parent
+    specs = [_spec(entry, i, base, path) for i, entry in enumerate(raw["datasets"])]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"mixture {path}: dataset names must be unique, got {names}")
+    spe = raw.get("samples_per_epoch")
+    if spe is not None and (not isinstance(spe, int) or spe < 1):
+        raise ConfigError(f"mixture {path}: samples_per_epoch must be a positive integer")
+    return Mixture(tuple(specs), spe)
+
+
+def _spec(entry: object, i: int, base: Path, where: Path) -> DatasetSpec:
+    if not isinstance(entry, dict) or "path" not in entry:
+        raise ConfigError(f"mixture {where}: dataset #{i} needs at least a 'path'")
+    unknown = set(entry) - _KEYS
+    if unknown:
+        raise ConfigError(f"mixture {where}: dataset #{i} has unknown key(s) {sorted(unknown)}; known: {sorted(_KEYS)}")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise ConfigError(f"mixture {where}: dataset #{i} weight must be a number >= 0")
+    p = base / Path(str(entry["path"])).expanduser()
+    root = entry.get("image_root")
+    try:
+        file, image_root = resolve_source(p, base / Path(str(root)).expanduser() if root else None)
+    except DataError as e:
+        raise DataError(f"mixture {where}: {e}") from None
+    return DatasetSpec(name=str(entry.get("name") or Path(str(entry["path"])).stem), path=file,
+                       image_root=image_root, task=entry.get("task"), weight=float(weight))
+
+
+# --- the split ------------------------------------------------------------------------------
+@dataclass
+class Split:
+    train: list[np.ndarray]  # per dataset: global ids of usable training records
+    eval: np.ndarray         # global ids held out for the eval loss
+
+    @property
+    def train_pool(self) -> np.ndarray:
+        return np.concatenate(self.train) if self.train else np.zeros(0, np.int64)
+
+
+def split(store: RecordStore, eval_per_dataset: int, seed: int) -> Split:
+    """Usable records per dataset, minus a seeded held-out set of `eval_per_dataset` each."""
+    train, held = [], []
+    for d in range(len(store.specs)):
+        ids = store.dataset_ids(d)
+        ids = ids[store.status[ids] == 0]
+        k = min(eval_per_dataset, len(ids) // 2)  # never hold out more than half a dataset
+        if k:
+            rng = np.random.default_rng([seed, d, 7])
+            chosen = np.zeros(len(ids), dtype=bool)
+            chosen[rng.choice(len(ids), size=k, replace=False)] = True
+            held.append(ids[chosen])
+            ids = ids[~chosen]
+        train.append(ids)
+    if not any(len(t) for t in train):
+        counts = ", ".join(f"{n} {r}" for r, n in sorted(store.bad_counts().items())) or "no records"
+        raise DataError(f"no usable training samples in the mixture ({counts})")
+    return Split(train, np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64))
+
+
+# --- weighted epochs -------------------------------------------------------------------------
+def quotas(weights: np.ndarray, total: int) -> np.ndarray:
+    """Integer draws per dataset proportional to `weights`, summing to `total` (largest remainder)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0:
+        raise ConfigError("mixture weights of the usable datasets sum to 0")
+    exact = w / w.sum() * total
+    out = np.floor(exact).astype(np.int64)
+    rest = total - int(out.sum())
+    if rest:
+        order = np.argsort(-(exact - out), kind="stable")
+        out[order[:rest]] += 1
+    return out
+
+
+def epoch_samples(pools: list[np.ndarray], weights: np.ndarray, samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The global ids of one epoch, in no particular order.
+
+    Dataset i contributes its quota of draws: whole shuffled passes over its pool, then a
+    seeded subset, so an up-weighted dataset repeats and a down-weighted one shows a different
+    part of itself each epoch.
+    """
+    weights = np.where([len(p) > 0 for p in pools], weights, 0.0)
+    out = []
+    for i, (pool, n) in enumerate(zip(pools, quotas(weights, samples))):
+        if n == 0:
+            continue
+        rng = np.random.default_rng([seed, epoch, i])
+        reps = -(-int(n) // len(pool))
+        draws = np.concatenate([rng.permutation(pool) for _ in range(reps)])[:n]
+        out.append(draws)
+    return np.concatenate(out)
+
+
+def plan_batches(ids: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                 group_by_length: bool, megabatch_mult: int) -> list[np.ndarray]:
+    """Micro-batches of one epoch (global over all processes).
+
+    Grouped: shuffle, cut into mega-batches of `megabatch_mult` micro-batches, sort each by
+    length, cut into micro-batches, shuffle their order; the longest batch goes first so an
+    out-of-memory shows at step 1, not hours in. Random: shuffle and cut.
+    """
+    rng = np.random.default_rng([seed, epoch, 1_000_003])
+    ids = rng.permutation(ids)
+    if not group_by_length:
+        return [ids[i:i + batch_size] for i in range(0, len(ids) - batch_size + 1, batch_size)]
+    mega = batch_size * megabatch_mult
+    batches = []
+    for m in range(0, len(ids), mega):
+        chunk = ids[m:m + mega]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    order = rng.permutation(len(batches))
+    batches = [batches[i] for i in order]
+    if batches:
+        longest = int(np.argmax([lengths[b].max() for b in batches]))
+        batches.insert(0, batches.pop(longest))
+    return batches
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """This process's micro-batches of one epoch; every process gets the same number."""
+
+    batches: list[np.ndarray]
+    steps: int  # optimiser steps in the epoch
+
+
+def rank_plan(batches: list[np.ndarray], rank: int, world: int, grad_accum: int) -> EpochPlan:
+    steps = len(batches) // (world * grad_accum)
+    usable = steps * world * grad_accum
+    return EpochPlan(batches[:usable][rank::world], steps)
