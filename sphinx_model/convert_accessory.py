@@ -139,6 +139,7 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 def split_dim(key: str) -> int | None:
+    """Tensor-parallel split dim of a released key (`llma.` stripped); None = replicated."""
     for pattern, dim in _SPLITS:
         if pattern.match(key):
             return dim
@@ -152,26 +153,36 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], notes: list[str]) -> dic
         raise CheckpointError("the shards hold different keys")
     merged: dict[str, torch.Tensor] = {}
     for key in keys:
-        parts = [s[key] for s in shards]
-        moe = _MOE_EXPERTS.match(key)
-        if len(parts) == 1:
-            merged[key] = parts[0]
-        elif moe:
-            experts = shards[0][f"layers.{moe[1]}.feed_forward.gate.weight"].shape[0]
-            merged[key] = torch.cat([p.reshape(experts, -1, p.shape[-1]) for p in parts], 1).flatten(0, 1)
-        elif (dim := split_dim(key)) is not None:
-            merged[key] = torch.cat(parts, dim=dim)
-        else:
-            if not all(torch.equal(parts[0], p) for p in parts[1:]):
-                notes.append(f"replicated tensor {PREFIX}{key} differs between shards; rank 0's copy is used")
-            merged[key] = parts[0]
+        try:
+            merged[key] = _merge_one(key, [s[key] for s in shards], shards[0], notes)
+        except (RuntimeError, KeyError) as e:
+            raise CheckpointError(f"cannot merge {PREFIX}{key} across {len(shards)} shards: {e}") from e
     return merged
+
+
+def _merge_one(key: str, parts: list[torch.Tensor], first: dict[str, torch.Tensor], notes: list[str]
+               ) -> torch.Tensor:
+    if len(parts) == 1:
+        return parts[0]
+    if moe := _MOE_EXPERTS.match(key):
+        experts = first[f"layers.{moe[1]}.feed_forward.gate.weight"].shape[0]
+        return torch.cat([p.reshape(experts, -1, p.shape[-1]) for p in parts], dim=1).flatten(0, 1)
+    if (dim := split_dim(key)) is not None:
+        return torch.cat(parts, dim=dim)
+    if not all(torch.equal(parts[0], p) for p in parts[1:]):
+        notes.append(f"replicated tensor {PREFIX}{key} differs between shards; rank 0's copy is used")
+    return parts[0]
 
 
 # --- the LLM --------------------------------------------------------------------------------
 def llm_config(args: dict[str, Any], sd: dict[str, torch.Tensor], notes: list[str], min_positions: int = 4096
                ) -> dict[str, Any]:
     """transformers Llama/Mixtral config dict from Accessory ModelArgs + tensor shapes."""
+    moe = "layers.0.feed_forward.gate.weight" in sd
+    need = ["layers.0.attention.wq.weight", "layers.0.attention.wk.weight",
+            "layers.0.feed_forward.w1" if moe else "layers.0.feed_forward.w1.weight"]
+    if absent := [PREFIX + k for k in need if k not in sd]:
+        raise CheckpointError(f"the checkpoint lacks {', '.join(absent)}; cannot read the LLM's dimensions")
     vocab, dim = sd["tok_embeddings.weight"].shape
     layers = 1 + max(int(m[1]) for k in sd if (m := _LAYER.match(k)))
     if "n_heads" not in args:
@@ -186,7 +197,6 @@ def llm_config(args: dict[str, Any], sd: dict[str, torch.Tensor], notes: list[st
     for key, value in (("dim", dim), ("n_layers", layers)):
         if key in args and int(args[key]) != value:
             raise CheckpointError(f"config.json says {key}={args[key]} but the tensors give {value}")
-    moe = "layers.0.feed_forward.gate.weight" in sd
     theta = args.get("rope_theta")
     if theta is None:  # the authors' ModelArgs defaults: llama 1e4, mixtral_sparse 1e6
         theta = 1e6 if moe else 1e4
@@ -526,7 +536,7 @@ def main_convert(argv: list[str]) -> int:
     try:
         report = convert_accessory(ns.src, ns.dst, base_preset=ns.base_preset, dtype=ns.dtype,
                                    allow_unmapped=ns.allow_unmapped)
-    except (CheckpointError, OSError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(report.lines()))

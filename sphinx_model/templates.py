@@ -114,10 +114,31 @@ def tokenize_segments(segments: list[Segment], tokenizer, num_visual_tokens: int
     """BOS + visual placeholders + segments, tokenised turn by turn -> (input_ids, labels)."""
     ids = [tokenizer.bos_token_id] + [image_token_id] * num_visual_tokens
     labels = [IGNORE_INDEX] * len(ids)
-    for seg in segments:
-        piece = tokenizer.encode(seg.text, add_special_tokens=False) if seg.text else []
+    for i, seg in enumerate(segments):
+        piece = encode_continuation(tokenizer, seg.text, at_start=i == 0) if seg.text else []
         if seg.eos:
             piece = piece + [tokenizer.eos_token_id]
         ids += piece
         labels += piece if seg.train else [IGNORE_INDEX] * len(piece)
     return ids, labels
+
+
+_ANCHOR = "\n"
+
+
+def encode_continuation(tokenizer, text: str, at_start: bool = False) -> list[int]:
+    """Token ids of `text` as they come out when it continues earlier text.
+
+    SentencePiece tokenizers (Llama's) prepend a word-boundary marker to every encode call;
+    mid-conversation that marker would be a token the released models never saw. Encoding
+    behind a fixed anchor and dropping the anchor's tokens gives the ids a whole-string
+    encode would give. Tokenizers without the marker get the plain encode.
+    """
+    plain = tokenizer.encode(text, add_special_tokens=False)
+    if at_start:
+        return plain
+    anchor = tokenizer.encode(_ANCHOR, add_special_tokens=False)
+    joined = tokenizer.encode(_ANCHOR + text, add_special_tokens=False)
+    if joined[: len(anchor)] == anchor:
+        return joined[len(anchor):]
+    return plain

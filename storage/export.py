@@ -63,55 +63,49 @@ class ExportReport:
 @dataclass
 class _Turn:
     user: MessageRow
-    answer: str
+    answer: str  # the corrected answer when there is one
     rating: str | None
     corrected: bool
+
+    @property
+    def dropped(self) -> bool:  # disliked and nobody said what was right
+        return self.rating == "dislike" and not self.corrected
 
 
 def _image_ref(img: ImageRow) -> str:
     return f"{IMAGES_DIR}/{img.filename}"
 
 
-def _turns(conv: ConversationRow) -> tuple[MessageRow | None, list[_Turn | None]]:
+def _turns(conv: ConversationRow) -> tuple[MessageRow | None, list[_Turn]]:
     """The leading system message and the answered (user, assistant) pairs, in order.
-
-    A user message without an answer (generation failed) is skipped; `None` marks a turn
-    that must be dropped (disliked without a correction).
-    """
+    A user message without an answer (generation failed) is skipped."""
     msgs = list(conv.messages)
     system = msgs.pop(0) if msgs and msgs[0].role == "system" else None
-    turns: list[_Turn | None] = []
+    turns: list[_Turn] = []
     for prev, cur in zip(msgs, msgs[1:]):
         if prev.role != "user" or cur.role != "assistant":
             continue
         fb = cur.feedback
         corrected = fb.corrected if fb is not None and fb.corrected else None
-        rating = fb.rating if fb is not None else None
-        if rating == "dislike" and corrected is None:
-            turns.append(None)
-        else:
-            turns.append(_Turn(prev, corrected or cur.text, rating, corrected is not None))
+        turns.append(_Turn(prev, corrected or cur.text, fb.rating if fb is not None else None,
+                           corrected is not None))
     return system, turns
 
 
-def _segments(turns: list[_Turn | None]) -> Iterator[tuple[list[_Turn], int]]:
-    """Split at new images; cut each piece at its first dropped turn.
+def _segments(turns: list[_Turn]) -> Iterator[tuple[list[_Turn], int]]:
+    """Split where a user brings a new image; cut each piece at its first dropped turn.
     Yields (kept turns, number of dropped turns) per piece."""
-    piece: list[_Turn | None] = []
-    pieces: list[list[_Turn | None]] = []
+    pieces: list[list[_Turn]] = []
     has_image = False
     for t in turns:
-        new_image = t is not None and bool(t.user.images)
-        if piece and new_image and has_image:
-            pieces.append(piece)
-            piece, has_image = [], False
-        has_image = has_image or new_image
-        piece.append(t)
-    if piece:
-        pieces.append(piece)
-    for p in pieces:
-        cut = p.index(None) if None in p else len(p)
-        yield [t for t in p[:cut] if t is not None], len(p) - cut
+        if not pieces or (t.user.images and has_image):
+            pieces.append([])
+            has_image = False
+        has_image = has_image or bool(t.user.images)
+        pieces[-1].append(t)
+    for piece in pieces:
+        cut = next((i for i, t in enumerate(piece) if t.dropped), len(piece))
+        yield piece[:cut], len(piece) - cut
 
 
 def build_samples(conv: ConversationRow, only: Only, report: ExportReport) -> list[Conversation]:

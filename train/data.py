@@ -33,15 +33,12 @@ from sphinx_model.processor import IMAGE_TOKEN_ID, Encoded, SphinxProcessor
 from sphinx_model.templates import IGNORE_INDEX, tokenize_segments
 from sphinx_model.tiling import visual_token_count
 
+from .mixture import DatasetSpec, DataError
+
 REASONS: tuple[str, ...] = ("schema", "empty_dialogue", "missing_image", "unreadable_image", "too_long")
 OK = 0  # status code; a bad record has status 1 + REASONS.index(reason)
-EXPORT_DATA_FILE = "data.jsonl"  # the storage export: DIR/data.jsonl + DIR/images/
 INDEX_VERSION = 1
 CALIBRATION_RECORDS = 512  # records tokenised exactly per dataset to fit chars -> tokens
-
-
-class DataError(RuntimeError):
-    """The data as a whole is unusable (missing file, nothing usable); one line, exit status 2."""
 
 
 class Skip(Exception):
@@ -50,29 +47,6 @@ class Skip(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One dataset of a mixture, paths already resolved."""
-
-    name: str
-    path: Path              # the JSONL file
-    image_root: Path        # image references are relative to this folder
-    task: str | None = None
-    weight: float = 1.0
-
-
-def resolve_source(path: Path, image_root: Path | None) -> tuple[Path, Path]:
-    """A JSONL file, or a storage export folder (DIR/data.jsonl + DIR/images/) -> (file, image root)."""
-    if path.is_dir():
-        data = path / EXPORT_DATA_FILE
-        if not data.is_file():
-            raise DataError(f"{path} is a folder without {EXPORT_DATA_FILE} (expected a JSONL file or a storage export)")
-        return data, image_root or path
-    if not path.is_file():
-        raise DataError(f"dataset {path} does not exist")
-    return path, image_root or path.parent
 
 
 # --- the index of one JSONL file --------------------------------------------------------------
@@ -401,8 +375,13 @@ class Collator:
 
 
 def make_loader(dataset: ConversationDataset, batches: Sequence[Sequence[int]], num_workers: int,
-                collate: Callable[[Sequence[Item]], Batch]) -> torch.utils.data.DataLoader:
-    """A DataLoader over a fixed list of batches of global ids (the plan decides the order)."""
+                collate: Callable[[Sequence[Item]], Batch],
+                generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """A DataLoader over a fixed list of batches of global ids (the plan decides the order).
+
+    Pass a `generator` so that starting workers does not draw from the global RNG (resuming
+    must leave that stream exactly where the uninterrupted run had it).
+    """
     return torch.utils.data.DataLoader(dataset, batch_sampler=[list(map(int, b)) for b in batches],
-                                       collate_fn=collate, num_workers=num_workers,
-                                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                                       collate_fn=collate, num_workers=num_workers, generator=generator,
+                                       prefetch_factor=4 if num_workers else None)

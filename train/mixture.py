@@ -13,20 +13,51 @@
 
 Everything here is a pure function of (seed, epoch): the same seed gives the same samples
 in the same batches in the same order, on any number of restarts, which is what makes
-resuming exact.
+resuming exact. Torch-free, so the CLI checks a mixture before loading a model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 
 from .config import ConfigError
-from .data import DatasetSpec, DataError, RecordStore, resolve_source
+
+if TYPE_CHECKING:
+    from .data import RecordStore
 
 _KEYS = {"name", "path", "image_root", "task", "weight"}
+EXPORT_DATA_FILE = "data.jsonl"  # the storage export: DIR/data.jsonl + DIR/images/
+
+
+class DataError(RuntimeError):
+    """The data as a whole is unusable (missing file, nothing usable); one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of a mixture, paths already resolved."""
+
+    name: str
+    path: Path              # the JSONL file
+    image_root: Path        # image references are relative to this folder
+    task: str | None = None
+    weight: float = 1.0
+
+
+def resolve_source(path: Path, image_root: Path | None) -> tuple[Path, Path]:
+    """A JSONL file, or a storage export folder (DIR/data.jsonl + DIR/images/) -> (file, image root)."""
+    if path.is_dir():
+        data = path / EXPORT_DATA_FILE
+        if not data.is_file():
+            raise DataError(f"{path} is a folder without {EXPORT_DATA_FILE} (expected a JSONL file or a storage export)")
+        return data, image_root or path
+    if not path.is_file():
+        raise DataError(f"dataset {path} does not exist")
+    return path, image_root or path.parent
 
 
 @dataclass(frozen=True)
@@ -94,7 +125,7 @@ class Split:
         return np.concatenate(self.train) if self.train else np.zeros(0, np.int64)
 
 
-def split(store: RecordStore, eval_per_dataset: int, seed: int) -> Split:
+def split(store: "RecordStore", eval_per_dataset: int, seed: int) -> Split:
     """Usable records per dataset, minus a seeded held-out set of `eval_per_dataset` each."""
     train, held = [], []
     for d in range(len(store.specs)):

@@ -3,6 +3,7 @@
 The tests write their own released-layout folders with `export_accessory` from randomly
 initialised models, so every conversion can be checked against the model it came from.
 """
+import ast
 import csv
 import io
 import json
@@ -36,7 +37,7 @@ from sphinx_model.convert_accessory import (
 )
 
 PRESET = "sphinx-test-released"
-RELEASED_KEYS = Path("/work/shared/reference/released_keys_sphinx_tiny.tsv")  # from the authors' code
+RELEASED_KEYS = Path(__file__).resolve().parents[3] / "shared/reference/released_keys_sphinx_tiny.tsv"
 TEXT = ["A chat between a curious human and an artificial intelligence assistant.",
         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
         "### Human: What is in the image?", "### Assistant: A red square [0.12,0.30,0.55,0.91].",
@@ -121,6 +122,15 @@ def test_two_shard_merge_equals_one_shard_bit_for_bit(released):
     assert all(torch.equal(one[k], two[k]) for k in one)
 
 
+def test_differing_replicas_are_noted(released):
+    shards = [load_shard(p) for p in find_shards(released[1])]
+    shards[1]["end_img"] = shards[1]["end_img"] + 1
+    notes = []
+    merged = merge_shards(shards, notes)
+    assert notes == ["replicated tensor llma.end_img differs between shards; rank 0's copy is used"]
+    assert torch.equal(merged["end_img"], shards[0]["end_img"])
+
+
 def test_converted_model_gives_identical_logits(converted, original):
     dst, report = converted
     assert report.unmapped == [] and report.missing == [] and report.mapped == len(original.state_dict())
@@ -158,7 +168,7 @@ def test_every_released_key_maps_with_full_size_experts(preset):
     """The authors' SPHINX-Tiny key list (tiny LLM, full-size encoders) as meta tensors."""
     with RELEASED_KEYS.open() as f:
         rows = list(csv.DictReader(f, delimiter="\t"))
-    sd = {r["key"].removeprefix("llma."): torch.empty(eval(r["shape"]), device="meta") for r in rows}
+    sd = {r["key"].removeprefix("llma."): torch.empty(ast.literal_eval(r["shape"]), device="meta") for r in rows}
     assert all(split_dim(k) == (int(r["mp_split_dim"]) if r["mp_split_dim"] else None)
                for k, r in zip(sd, rows))
     notes = []

@@ -25,7 +25,7 @@ from sphinx_model.experts import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_S
 from sphinx_model.experts import registry
 from sphinx_model.experts.clip_convnext import build_trunk
 
-RELEASED_TSV = Path("/work/shared/reference/released_keys_sphinx_tiny.tsv")
+RELEASED_TSV = Path(__file__).resolve().parents[3] / "shared/reference/released_keys_sphinx_tiny.tsv"
 
 
 def tiny_experts() -> dict[str, ExpertConfig]:

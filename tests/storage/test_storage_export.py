@@ -190,3 +190,35 @@ def test_cli_unreachable_server_is_one_line(tmp_path: Path, capsys: pytest.Captu
     code, err = _main(capsys, "--data-dir", str(tmp_path), "stats")
     assert code == 1 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "hunter2" not in err
+
+
+def test_train_reads_the_export(store: Store, tmp_path: Path) -> None:
+    """The training side's view of an export folder: train.mixture finds data.jsonl and the
+    image root, and every image reference resolves under that root."""
+    mixture = pytest.importorskip("train.mixture")
+    resolve_source = getattr(mixture, "resolve_source", None)
+    if resolve_source is None:
+        pytest.skip("train.mixture.resolve_source is not there yet")
+    _populate(store)
+    out = tmp_path / "export"
+    _export(store, out)
+    data_file, image_root = resolve_source(out, None)
+    assert data_file == out / "data.jsonl" and image_root == out
+    samples = list(read_jsonl(data_file))
+    assert samples and all(s.task == "feedback" for s in samples)
+    refs = [r for s in samples for r in s.image_refs]
+    assert refs and all((image_root / r).is_file() for r in refs)
+
+
+def test_a_new_image_after_a_dropped_turn_starts_a_fresh_sample(store: Store,
+                                                                 tmp_path: Path) -> None:
+    with Session(store.engine) as s, s.begin():
+        x = store.images.put(s, make_image(color=(1, 2, 3)))
+        y = store.images.put(s, make_image(color=(4, 5, 6)))
+        cid = _conv(s, ANN, [("look", "wrong", [x], "dislike", None),
+                             ("and this one?", "A boat.", [y], None, None),
+                             ("colour?", "Blue.", [], "like", None)])
+    report = _export(store, tmp_path / "out")
+    (sample,) = _by_conv(tmp_path / "out")[cid]
+    assert [m.text for m in sample.messages] == ["and this one?", "A boat.", "colour?", "Blue."]
+    assert report.dropped_turns == 1

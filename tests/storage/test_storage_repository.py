@@ -36,8 +36,9 @@ def _multi_turn(store: Store) -> tuple[str, list[int], str]:
         img = store.images.put(s, make_image())
         conv = create_conversation(s, ALICE, model_id="sphinx-tiny", model_version="0.1")
         add_message(s, ALICE, conv.id, "system", "You are helpful.")
-        _, a1 = save_turn(s, ALICE, conv.id, prompt="Where is the dog?", answer="[0.10,0.20,0.40,0.90]",
-                          images=[img], boxes=[{"coords": [0.1, 0.2, 0.4, 0.9], "label": "dog"}],
+        _, a1 = save_turn(s, ALICE, conv.id, prompt="Where is the dog?",
+                          answer="[0.10,0.20,0.40,0.90]", images=[img],
+                          boxes=[{"coords": [0.1, 0.2, 0.4, 0.9], "label": "dog"}],
                           settings={"temperature": 0.0, "max_new_tokens": 64}, latency_ms=12.5)
         _, a2 = save_turn(s, ALICE, conv.id, prompt="And the cat?", answer="There is no cat.")
         _, a3 = save_turn(s, ALICE, conv.id, prompt="Colour?", answer="Brown.")
@@ -154,7 +155,8 @@ def test_user_text_is_data_not_sql(store: Store) -> None:
         assert row.messages[0].text == HOSTILE[0]
         assert set(inspect(s.connection()).get_table_names()) >= {"message", "conversation"}
     # nothing user-typed ever reaches the file system
-    files = [p.name for p in store.settings.image_root.rglob("*")] if store.settings.image_root.exists() else []
+    root = store.settings.image_root
+    files = [p.name for p in root.rglob("*")] if root.exists() else []
     assert not any("passwd" in f or "DROP" in f for f in files)
 
 

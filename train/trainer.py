@@ -1,0 +1,303 @@
+"""The one training loop, on accelerate, for every stage, task and scale.
+
+    cfg = load_run_config("train/configs/tiny_cpu.yaml")
+    result = Trainer(cfg).run()                # or Trainer(cfg, resume=Path("runs/x")).run()
+
+Setup order matters and is fixed: seed -> model (so frozen random weights are reproducible)
+-> freeze spec / LoRA -> data index and split -> the epoch plan (a pure function of seed and
+epoch) -> shard / wrap + optimiser -> scheduler -> resume. A step is `grad_accum`
+micro-batches; losses, token counts and skip counts are reduced over processes once per step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+from sphinx_model.templates import IGNORE_INDEX
+
+from .checkpointing import (CHECKPOINTS, TrainerState, check_compatible, export_final, find_checkpoint,
+                            frozen_fingerprint, install_trainable_only_hooks, load_checkpoint,
+                            prune_checkpoints, save_checkpoint)
+from .config import RunConfig
+from .data import REASONS, Batch, Collator, ConversationDataset, DataError, make_loader, open_records
+from .freeze import apply_freeze, apply_lora
+from .mixture import EpochPlan, epoch_samples, load_mixture, plan_batches, rank_plan, split
+from .model import build_model
+from .parallel import prepare
+from .progress import Progress
+
+FINAL = "final"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_dir: Path | None
+    steps: int
+    losses: dict[int, float] = field(default_factory=dict)   # step -> mean train loss of that step
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)    # at indexing + while training
+    stopped_early: bool = False
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: Path | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        t = cfg.train
+        t.output_dir.mkdir(parents=True, exist_ok=True)
+        cpu = t.cpu or not torch.cuda.is_available()
+        self.accelerator = Accelerator(
+            cpu=cpu, mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+            log_with="tensorboard" if t.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(t.output_dir), logging_dir=str(t.output_dir / "tb")),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=t.ddp_find_unused_parameters)])
+        self.result = RunResult(t.output_dir, None, 0)
+
+    # --- setup ---------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        set_seed(cfg.train.seed)
+        model, self.processor = build_model(cfg.model)
+        self.params = apply_freeze(model, cfg.freeze)
+        if cfg.lora.enabled:
+            apply_lora(model, cfg.lora)
+        if cfg.train.gradient_checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.llm.config.use_cache = False
+        self.fingerprint = frozen_fingerprint(model)
+        self._setup_data()
+        model.to(acc.device)
+        model.train()
+        self.model, self.optimizer, self.mode = prepare(acc, model, cfg, self._make_optimizer)
+        self.scheduler = self._make_scheduler()
+        acc.register_for_checkpointing(self.scheduler)
+        if self.mode == "plain":
+            install_trainable_only_hooks(acc)
+        self.state = TrainerState(world_size=acc.num_processes, batch_size=cfg.train.batch_size,
+                                  grad_accum=cfg.train.grad_accum, seed=cfg.train.seed,
+                                  frozen_fingerprint=self.fingerprint)
+        if self.resume is not None:
+            folder = find_checkpoint(self.resume)
+            saved = load_checkpoint(acc, self.model, self.optimizer, self.mode, folder)
+            check_compatible(saved, self.state)
+            self.state = saved
+            self._print(f"resumed from {folder} at step {saved.step}")
+        if cfg.train.tensorboard:
+            acc.init_trackers("train")
+
+    def _setup_data(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        mixture = load_mixture(cfg.data.mixture)
+        cache = cfg.data.cache_dir or cfg.train.output_dir / "cache"
+        with acc.main_process_first():  # the main process indexes, the others read its cache
+            store = open_records(mixture.datasets, self.processor, cfg.data.scan_images, cache)
+        self.store = store
+        self.index_skipped = store.bad_counts()
+        parts = split(store, cfg.data.eval_per_dataset, cfg.train.seed)
+        self.pools = parts.train
+        self.eval_ids = parts.eval
+        self.weights = mixture.weights
+        self.samples_per_epoch = mixture.samples_per_epoch or int(sum(len(p) for p in self.pools))
+        d = cfg.data
+        self.dataset = ConversationDataset(store, self.processor, d.max_text_tokens, d.truncate,
+                                           pool=parts.train_pool, max_fallbacks=d.max_fallbacks)
+        self.eval_dataset = ConversationDataset(store, self.processor, d.max_text_tokens, d.truncate,
+                                                pool=self.eval_ids, max_fallbacks=d.max_fallbacks)
+        self.collate = Collator(self.processor)
+        self._plans: dict[int, EpochPlan] = {}
+        self.steps_per_epoch = self.plan(0).steps
+        if self.steps_per_epoch == 0:
+            need = cfg.train.batch_size * cfg.train.grad_accum * acc.num_processes
+            raise DataError(f"the mixture has {self.samples_per_epoch} usable samples per epoch, fewer than one "
+                            f"optimiser step takes (batch_size x grad_accum x processes = {need})")
+        t = cfg.train
+        self.total_steps = t.max_steps or max(1, math.floor(t.epochs * self.steps_per_epoch))
+        self._print(f"data: {len(store)} records in {len(mixture.datasets)} datasets, "
+                    f"{sum(len(p) for p in self.pools)} train / {len(self.eval_ids)} eval, "
+                    f"skipped at indexing: {dict(self.index_skipped) or 'none'}; "
+                    f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps")
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            t, d, acc = self.cfg.train, self.cfg.data, self.accelerator
+            ids = epoch_samples(self.pools, self.weights, self.samples_per_epoch, t.seed, epoch)
+            batches = plan_batches(ids, self.store.lengths, t.batch_size, t.seed, epoch,
+                                   d.group_by_length, d.megabatch_mult)
+            self._plans = {epoch: rank_plan(batches, acc.process_index, acc.num_processes, t.grad_accum)}
+        return self._plans[epoch]
+
+    def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or name.endswith("_img") else decay).append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        from transformers import get_cosine_schedule_with_warmup
+
+        o = self.cfg.optim
+        warmup = o.warmup_steps if o.warmup_steps is not None else math.ceil(o.warmup_ratio * self.total_steps)
+        return get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self._setup()
+        cfg, st = self.cfg.train, self.state
+        progress = Progress(self.total_steps, st.step, enabled=cfg.progress and self.accelerator.is_main_process)
+        try:
+            while st.step < self.total_steps:
+                plan = self.plan(st.epoch)
+                if st.micro >= len(plan.batches):
+                    st.epoch, st.micro = st.epoch + 1, 0
+                    continue
+                batches = iter(self._loader(plan.batches[st.micro:], st.epoch))
+                while st.micro < len(plan.batches) and st.step < self.total_steps:
+                    stats = self._train_step(batches)
+                    st.micro += cfg.grad_accum
+                    st.step += 1
+                    self._after_step(stats, progress)
+                    if cfg.stop_after_steps is not None and st.step >= cfg.stop_after_steps:
+                        self.result.stopped_early = True
+                        return self._finish(export=False)
+        finally:
+            progress.close()
+        if self.eval_ids.size and (cfg.eval_every == 0 or st.step % cfg.eval_every):
+            self._evaluate()
+        if cfg.save_every and st.step % cfg.save_every:
+            self._save()
+        return self._finish(export=True)
+
+    def _loader(self, batches: list[np.ndarray], epoch: int):
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)  # never touch the global RNG
+        return make_loader(self.dataset, batches, self.cfg.data.num_workers, self.collate, generator=gen)
+
+    def _train_step(self, batches) -> dict[str, Any]:
+        acc, model = self.accelerator, self.model
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+        counts = torch.zeros(3 + len(REASONS), dtype=torch.float64, device=acc.device)  # tokens, slots, samples, skips
+        grad_norm = None
+        for _ in range(self.cfg.train.grad_accum):
+            batch: Batch = next(batches).to(acc.device)
+            counts += torch.tensor([batch.tokens, batch.slots, batch.samples,
+                                    *[batch.skipped.get(r, 0) for r in REASONS]], dtype=torch.float64, device=acc.device)
+            if batch.inputs is None:
+                raise DataError(f"every record of a batch was unusable ({dict(batch.skipped)}); "
+                                "check the data (see the skip counts)")
+            with acc.accumulate(model):
+                with acc.autocast():
+                    loss = model(**batch.inputs).loss
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    grad_norm = self._optimizer_step()
+            loss_sum += loss.detach().double()
+        totals = acc.reduce(torch.cat([loss_sum.reshape(1), counts]), reduction="sum")
+        n_micro = self.cfg.train.grad_accum * acc.num_processes
+        tokens, slots, samples = (int(x) for x in totals[1:4].tolist())
+        return {"loss": float(totals[0]) / n_micro, "tokens": tokens, "slots": slots, "samples": samples,
+                "skipped": {r: int(n) for r, n in zip(REASONS, totals[4:].tolist()) if n},
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "lr": self.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started}
+
+    def _optimizer_step(self) -> torch.Tensor | None:
+        max_norm = self.cfg.optim.max_grad_norm
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm) if max_norm > 0 else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _after_step(self, stats: dict[str, Any], progress: Progress) -> None:
+        cfg, st = self.cfg.train, self.state
+        st.tokens += stats["tokens"]
+        st.samples += stats["samples"]
+        st.skipped = dict(Counter(st.skipped) + Counter(stats["skipped"]))
+        self.result.losses[st.step] = stats["loss"]
+        tok_s = stats["tokens"] / max(stats["seconds"], 1e-9)
+        progress.update(st.step, loss=stats["loss"], tokens_per_s=tok_s, lr=stats["lr"])
+        if st.step % cfg.log_every == 0 or st.step == self.total_steps:
+            padding = 1 - stats["tokens"] / stats["slots"] if stats["slots"] else 0.0
+            self._log({"train/loss": stats["loss"], "train/lr": stats["lr"], "train/tokens_per_s": tok_s,
+                       "train/padding": padding, "train/grad_norm": stats["grad_norm"],
+                       **{f"data/skipped/{r}": n for r, n in st.skipped.items()}}, st.step)
+        if cfg.eval_every and st.step % cfg.eval_every == 0 and self.eval_ids.size:
+            self._evaluate()
+        if cfg.save_every and st.step % cfg.save_every == 0:
+            self._save()
+
+    # --- eval, logs, checkpoints ---------------------------------------------------------------
+    @torch.no_grad()
+    def _evaluate(self) -> float:
+        acc, bs = self.accelerator, self.cfg.train.batch_size
+        ids = self.eval_ids[np.argsort(-self.store.lengths[self.eval_ids], kind="stable")]
+        batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
+        rounds = -(-len(batches) // acc.num_processes)
+        mine = [(batches[i], 1.0) if i < len(batches) else (batches[0], 0.0)  # equal forwards on every rank
+                for i in range(acc.process_index, rounds * acc.num_processes, acc.num_processes)]
+        loader = make_loader(self.eval_dataset, [b for b, _ in mine], 0, self.collate)
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        for (_, weight), batch in zip(mine, loader):
+            if batch.inputs is None:
+                continue
+            batch.to(acc.device)
+            with acc.autocast():
+                loss = self.model(**batch.inputs).loss
+            n = float((batch.inputs["labels"][:, 1:] != IGNORE_INDEX).sum()) * weight
+            total += torch.stack([loss.detach().double() * n, torch.tensor(n, dtype=torch.float64, device=acc.device)])
+        self.model.train()
+        total = acc.reduce(total, reduction="sum")
+        value = float(total[0] / total[1]) if total[1] > 0 else float("nan")
+        self.result.eval_losses[self.state.step] = value
+        self._log({"eval/loss": value}, self.state.step)
+        self._print(f"step {self.state.step}: eval loss {value:.4f}")
+        return value
+
+    def _log(self, values: dict[str, Any], step: int) -> None:
+        values = {k: v for k, v in values.items() if v is not None}
+        if self.cfg.train.tensorboard:
+            self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.cfg.train.output_dir / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def _save(self) -> None:
+        root = self.cfg.train.output_dir / CHECKPOINTS
+        folder = root / f"step-{self.state.step:06d}"
+        save_checkpoint(self.accelerator, self.model, self.optimizer, self.mode, self.state, folder)
+        if self.accelerator.is_main_process:
+            prune_checkpoints(root, self.cfg.train.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def _finish(self, export: bool) -> RunResult:
+        acc, res = self.accelerator, self.result
+        res.steps = self.state.step
+        res.skipped = dict(Counter(dict(self.index_skipped)) + Counter(self.state.skipped))
+        if export:
+            final = self.cfg.train.output_dir / FINAL
+            export_final(acc, self.model, self.processor, self.mode, self.cfg.lora, final)
+            if acc.is_main_process:
+                self.cfg.dump(final / "run_config.yaml")
+                self._print(f"saved {final}  (chat: python -m sphinx_model chat --model {final})")
+            res.final_dir = final
+        self._print(f"skipped records: {res.skipped or 'none'}")
+        acc.end_training()
+        return res
+
+    def _print(self, message: str) -> None:
+        self.accelerator.print(message)
