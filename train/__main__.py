@@ -21,6 +21,7 @@ import yaml
 
 from .config import ConfigError, load_run_config
 from .mixture import DataError, load_mixture
+from .model import check_init
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_run_config(args.config, parse_overrides(args.overrides))
-        load_mixture(cfg.data.mixture)  # fail fast on a missing dataset
+        check_init(cfg.model)           # fail fast on an unknown preset
+        load_mixture(cfg.data.mixture)  # ... or a missing dataset
         if args.resume is not None and not args.resume.exists():
             raise ConfigError(f"--resume {args.resume} does not exist")
         return _train(cfg, args.resume)

@@ -159,7 +159,7 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
 
 def _resolve(base: Path, p: Path) -> Path:
     p = Path(p).expanduser()
-    return p if p.is_absolute() else (base / p)
+    return (p if p.is_absolute() else base / p).resolve()
 
 
 def _check(ok: bool, message: str) -> None:

@@ -1,12 +1,14 @@
-"""The model a run starts from: a preset (random or pretrained) or one of our checkpoints."""
+"""The model a run starts from: a preset (random or pretrained) or one of our checkpoints.
+
+The processor is built first and alone (tokenizer + config, no weights), so the data can be
+indexed, and a hopeless mixture reported, before any weights load.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from sphinx_model.config import SphinxConfig, get_preset, list_presets
-from sphinx_model.modeling import SphinxForCausalLM, resolve_dtype
-from sphinx_model.processor import SphinxProcessor
 
 from .config import ConfigError, ModelSection
 
@@ -30,33 +32,52 @@ def apply_overrides(config: SphinxConfig, overrides: dict[str, Any]) -> SphinxCo
         raise ConfigError(f"model.overrides: {e}") from e
 
 
-def build_model(section: ModelSection) -> tuple[SphinxForCausalLM, SphinxProcessor]:
-    """Trainable weights in `section.dtype` (fp32 master weights by default); frozen ones in `frozen_dtype`."""
-    from sphinx_model.checkpoint import build_from_config, from_pretrained
+def check_init(section: ModelSection) -> None:
+    """Torch-free: the init names a preset or a folder."""
+    if not Path(section.init).is_dir() and section.init not in list_presets():
+        raise ConfigError(f"model.init {section.init!r} is neither a preset ({', '.join(list_presets())}) "
+                          "nor a checkpoint folder")
 
-    init = section.init
-    if Path(init).is_dir():
-        from sphinx_model.checkpoint import CheckpointError
 
+def model_config(section: ModelSection) -> SphinxConfig:
+    """The SphinxConfig the run trains: preset or checkpoint config, overrides, master dtype."""
+    check_init(section)
+    if Path(section.init).is_dir():
         try:
-            config = apply_overrides(SphinxConfig.load(init), section.overrides)
-            model, processor = from_pretrained(init, dtype=section.dtype, **_top_level(config, section.overrides))
+            base = SphinxConfig.load(section.init)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.init {section.init}: not a checkpoint of ours ({e})") from e
+    else:
+        base = get_preset(section.init)
+    config = apply_overrides(base, section.overrides)
+    return config.replace(llm={**config.llm.__dict__, "dtype": section.dtype})
+
+
+def load_processor(config: SphinxConfig, section: ModelSection):
+    from sphinx_model.processor import SphinxProcessor
+    from sphinx_model.tokenizer import load_tokenizer
+
+    source = section.init if Path(section.init).is_dir() else (config.tokenizer or config.llm.name_or_path)
+    if not source:
+        raise ConfigError(f"model {config.name} names no tokenizer")
+    return SphinxProcessor(config, load_tokenizer(str(source), trust_remote_code=config.llm.trust_remote_code))
+
+
+def build_model(config: SphinxConfig, section: ModelSection):
+    """Trainable weights in `section.dtype` (fp32 master weights by default); frozen ones in `frozen_dtype`."""
+    from sphinx_model.checkpoint import CheckpointError, build_from_config, from_pretrained
+    from sphinx_model.modeling import resolve_dtype
+
+    if Path(section.init).is_dir():
+        fields = config.to_dict()
+        changed = {k.split(".")[0]: fields[k.split(".")[0]] for k in section.overrides}
+        try:
+            model, _ = from_pretrained(section.init, dtype=section.dtype, **changed)
         except CheckpointError as e:
             raise ConfigError(f"model.init: {e}") from e
-    elif init in list_presets():
-        config = apply_overrides(get_preset(init), section.overrides)
-        config = config.replace(llm={**config.llm.__dict__, "dtype": section.dtype})
-        model, processor = build_from_config(config, load_weights=section.load_weights)
     else:
-        raise ConfigError(f"model.init {init!r} is neither a preset ({', '.join(list_presets())}) "
-                          "nor a checkpoint folder")
+        model, _ = build_from_config(config, load_weights=section.load_weights)
     if section.frozen_dtype:
         for expert in model.experts:
             expert.to(resolve_dtype(section.frozen_dtype))
-    return model, processor
-
-
-def _top_level(config: SphinxConfig, overrides: dict[str, Any]) -> dict[str, Any]:
-    """from_pretrained takes whole top-level fields; dotted overrides become their parent field."""
-    d = config.to_dict()
-    return {k.split(".")[0]: d[k.split(".")[0]] for k in overrides}
+    return model

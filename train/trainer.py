@@ -3,9 +3,9 @@
     cfg = load_run_config("train/configs/tiny_cpu.yaml")
     result = Trainer(cfg).run()                # or Trainer(cfg, resume=Path("runs/x")).run()
 
-Setup order matters and is fixed: seed -> model (so frozen random weights are reproducible)
--> freeze spec / LoRA -> data index and split -> the epoch plan (a pure function of seed and
-epoch) -> shard / wrap + optimiser -> scheduler -> resume. A step is `grad_accum`
+Setup order matters and is fixed: seed -> processor -> data index, split and the epoch plan
+(a pure function of seed and epoch) -> model (after the seed, so frozen random weights are
+reproducible) -> freeze spec / LoRA -> shard / wrap + optimiser -> scheduler -> resume. A step is `grad_accum`
 micro-batches; losses, token counts and skip counts are reduced over processes once per step.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .config import RunConfig
 from .data import REASONS, Batch, Collator, ConversationDataset, DataError, make_loader, open_records
 from .freeze import apply_freeze, apply_lora
 from .mixture import EpochPlan, epoch_samples, load_mixture, plan_batches, rank_plan, split
-from .model import build_model
+from .model import build_model, load_processor, model_config
 from .parallel import prepare
 from .progress import Progress
 
@@ -69,7 +69,10 @@ class Trainer:
     def _setup(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.train.seed)
-        model, self.processor = build_model(cfg.model)
+        config = model_config(cfg.model)
+        self.processor = load_processor(config, cfg.model)
+        self._setup_data()  # before any weights load: a hopeless mixture fails in seconds
+        model = build_model(config, cfg.model)
         self.params = apply_freeze(model, cfg.freeze)
         if cfg.lora.enabled:
             apply_lora(model, cfg.lora)
@@ -77,7 +80,6 @@ class Trainer:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.llm.config.use_cache = False
         self.fingerprint = frozen_fingerprint(model)
-        self._setup_data()
         model.to(acc.device)
         model.train()
         self.model, self.optimizer, self.mode = prepare(acc, model, cfg, self._make_optimizer)

@@ -121,6 +121,23 @@ class DINOv2Expert(VisualExpert):
                 unmapped.append(key)
         return mapped, sorted(unmapped)
 
+    @staticmethod
+    def to_released_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """timm names -> torch-hub names (the inverse of `map_released_state_dict`).
+
+        A packed SwiGLU (ViT-g) is recognised by shape: its fc1 produces twice the hidden
+        width that fc2 consumes; there the hub calls them `w12` / `w3`.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for key, value in sd.items():
+            m = re.match(r"^(blocks\.\d+\.mlp)\.(fc1|fc2)\.(weight|bias)$", key)
+            if m:
+                fc1, fc2 = sd[f"{m[1]}.fc1.weight"], sd[f"{m[1]}.fc2.weight"]
+                if fc1.shape[0] == 2 * fc2.shape[1]:
+                    key = f"{m[1]}.{'w12' if m[2] == 'fc1' else 'w3'}.{m[3]}"
+            out[key] = value
+        return out
+
 
 def clip_to_imagenet(pixels: torch.Tensor) -> torch.Tensor:
     """Undo the CLIP normalisation, apply ImageNet's (as the released models do)."""

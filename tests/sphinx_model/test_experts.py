@@ -221,6 +221,10 @@ def test_dinov2_swiglu_released_weights_match_hub_math():
     randomise(source)
     released = to_released(source.state_dict(), swiglu=True)
     assert "blocks.0.mlp.w12.weight" in released
+    exported = DINOv2Expert.to_released_state_dict(source.state_dict())   # the export direction
+    assert set(exported) == set(released) - {"mask_token"}
+    plain = build_expert(tiny_experts()["dinov2"]).state_dict()
+    assert DINOv2Expert.to_released_state_dict(plain).keys() == plain.keys()  # plain MLP keeps fc1/fc2
     mapped, unmapped = DINOv2Expert.map_released_state_dict(released)
     assert unmapped == ["mask_token"] == list(DINOv2Expert.unused_released_keys)
     target = build_expert(cfg)

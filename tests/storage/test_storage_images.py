@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 
 import pytest
 from PIL import Image
@@ -102,3 +104,35 @@ def test_same_picture_is_stored_once(store: Store) -> None:
         assert path.parent.parent == store.settings.image_root
         assert store.images.read(c) == path.read_bytes() and len(path.read_bytes()) == c.size_bytes
         assert not list(path.parent.glob(".upload-*"))  # no temporary files left
+
+
+def test_two_writers_storing_the_same_picture_at_once(store: Store) -> None:
+    """The second insert of a hash waits for the first (PostgreSQL: unique violation,
+    handled; SQLite: the write lock) and both end up with the one row."""
+    data = make_image(20, 20, color=(1, 99, 7))
+    first_stored = threading.Event()
+    shas: list[str] = []
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        with Session(store.engine) as s, s.begin():
+            shas.append(store.images.put(s, data).sha256)
+            first_stored.set()
+            time.sleep(0.5)  # keep the transaction open while the second writer arrives
+
+    def second() -> None:
+        first_stored.wait(10)
+        try:
+            with Session(store.engine) as s, s.begin():
+                shas.append(store.images.put(s, data).sha256)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(set(shas)) == 1 and len(shas) == 2
+    with Session(store.engine) as s, s.begin():
+        assert s.scalar(select(func.count()).select_from(ImageRow)) == 1
