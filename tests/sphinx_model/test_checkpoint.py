@@ -77,3 +77,16 @@ def test_cli_chat_one_answer_and_bad_inputs(tiny, make_image, tmp_path, capsys):
         assert main(["chat", *args, "--prompt", "hi", "--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and "Traceback" not in err, err
+
+
+def test_cli_interactive_multi_turn(tiny, make_image, tmp_path, monkeypatch, capsys):
+    from sphinx_model.__main__ import main
+    model, proc = tiny
+    folder = save_pretrained(model, proc, tmp_path / "ckpt")
+    img = tmp_path / "x.png"
+    make_image(60, 120).save(img)
+    questions = iter(["What is it?", "", "And the colour?", "exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(questions))
+    assert main(["chat", "--model", str(folder), "--image", str(img), "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    assert next(questions, None) is None   # every line was read, the empty one re-prompted
