@@ -37,9 +37,9 @@ BENCH_LLM = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers":
              "num_attention_heads": 8, "num_key_value_heads": 4}
 # Both experts give a 7x7 grid + 1 global token = 50 tokens per view:
 #   ConvNeXt-atto (open_clip/timm trunk, random init) at 224 px: 224 / 32 = 7;
-#   DINOv2 ViT-S/14 (full depth 12, dim 384, random init) at 98 px: 98 / 14 = 7.
+#   DINOv2 ViT-S/14 (dim 384, 6 heads, 6 of its 12 blocks, random init) at 98 px: 98 / 14 = 7.
 BENCH_CONVNEXT = ("convnext_atto", 224)
-BENCH_DINOV2 = ("vit_small_patch14_dinov2", 98)
+BENCH_DINOV2 = ("vit_small_patch14_dinov2", 98, {"depth": 6})
 BENCH_TOKENS_PER_VIEW = 50
 
 
@@ -55,7 +55,7 @@ def bench_config(grid: int = 2, canvas: int | None = None, quick: bool = False) 
     llm["config"] = {**base.llm.config, **BENCH_LLM}
     convnext, dinov2 = base.experts
     experts = [dict(convnext.__dict__, model_name=BENCH_CONVNEXT[0], image_size=BENCH_CONVNEXT[1], options={}),
-               dict(dinov2.__dict__, model_name=BENCH_DINOV2[0], image_size=BENCH_DINOV2[1], options={})]
+               dict(dinov2.__dict__, model_name=BENCH_DINOV2[0], image_size=BENCH_DINOV2[1], options=BENCH_DINOV2[2])]
     canvas = canvas or BENCH_CONVNEXT[1] * grid  # 448 for 2x2, 672 for 3x3: ConvNeXt cells need no resize
     return base.replace(name=f"bench-g{grid}", llm=llm, experts=experts, grid=grid, canvas_size=canvas,
                         tokens_per_view=BENCH_TOKENS_PER_VIEW, max_length=4096)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,7 +189,7 @@ def downgrade(engine: Engine, revision: str) -> None:
     _migrate(engine, lambda cfg: command.downgrade(cfg, revision))
 
 
-def _migrate(engine: Engine, run: Any) -> None:
+def _migrate(engine: Engine, run: Callable[[Config], None]) -> None:
     cfg = alembic_config()
     with engine.connect() as conn:
         is_sqlite = conn.dialect.name == "sqlite"
