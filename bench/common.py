@@ -93,7 +93,8 @@ def machine_line() -> str:
     except OSError:
         load = "n/a"
     return (f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} intra-op threads (set explicitly), no GPU; "
+            f"{torch.get_num_threads()} intra-op threads (set explicitly), "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, no GPU; "
             f"load average at the end of the run {load} (the machine is shared: timings are noisy, "
             f"on/off runs are interleaved and medians are reported)")
 

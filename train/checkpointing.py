@@ -169,10 +169,15 @@ def export_final(accelerator: Accelerator, model: nn.Module, processor: SphinxPr
     state = full_state_dict(accelerator, model, mode)
     if accelerator.is_main_process:
         shell = _empty_like(accelerator.unwrap_model(model), lora)
-        load_weights_into(shell, {k: v.detach().cpu() for k, v in state.items()})
+        load_weights_into(shell, {k: _own_storage(v.detach().cpu()) for k, v in state.items()})
         save_pretrained(merge_lora(shell) if lora.enabled else shell, processor, folder)
     accelerator.wait_for_everyone()
     return folder
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """Gathered tensors can be views into one flat buffer; safetensors refuses to write those."""
+    return t if t.untyped_storage().nbytes() == t.numel() * t.element_size() else t.clone()
 
 
 def _empty_like(trained: SphinxForCausalLM, lora: LoraSection) -> SphinxForCausalLM:
@@ -180,7 +185,8 @@ def _empty_like(trained: SphinxForCausalLM, lora: LoraSection) -> SphinxForCausa
     from accelerate import init_empty_weights
 
     cfg = trained.config
-    config = cfg.replace(llm={**cfg.llm.__dict__, "config": trained.llm.config.to_dict(), "name_or_path": None})
+    remote = cfg.llm.name_or_path if cfg.llm.trust_remote_code else None  # remote code needs its hub id
+    config = cfg.replace(llm={**cfg.llm.__dict__, "config": trained.llm.config.to_dict(), "name_or_path": remote})
     with init_empty_weights():
         shell = SphinxForCausalLM(config, load_weights=False)
         if lora.enabled:

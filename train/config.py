@@ -87,7 +87,7 @@ class TrainSection:
     mixed_precision: str = "bf16"          # "no", "bf16" (fp32 master weights, bf16 autocast) or "fp16"
     gradient_checkpointing: bool = True    # recompute decoder-layer activations in backward
     fsdp: bool = False                     # FSDP2 without an accelerate FSDP config (e.g. torchrun on CPU)
-    ddp_find_unused_parameters: bool = True  # text-only batches leave the projector without gradients
+    ddp_find_unused_parameters: bool = False  # not needed: every glue parameter joins every loss (parallel.py)
     cpu: bool = False                      # force CPU even where a GPU is present
     log_every: int = 1
     eval_every: int = 0                    # 0 = eval only at the end (if there is an eval split)

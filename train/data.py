@@ -284,8 +284,10 @@ class ConversationDataset(torch.utils.data.Dataset):
     def _candidates(self, gid: int) -> list[int]:
         if not self.max_fallbacks:
             return [gid]
+        n = len(self.pool)
         at = int(np.searchsorted(self.pool, gid))
-        following = [int(self.pool[(at + k) % len(self.pool)]) for k in range(1, self.max_fallbacks + 1)]
+        first = at + 1 if at < n and self.pool[at] == gid else at  # the pool's records after gid
+        following = [int(self.pool[(first + k) % n]) for k in range(self.max_fallbacks)]
         return [gid] + [g for g in following if g != gid]
 
     def conversation(self, gid: int) -> Conversation:

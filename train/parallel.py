@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -35,6 +35,10 @@ HIDDEN_SIZE_KEYS = {
 
 def fsdp_requested(cfg: RunConfig) -> bool:
     return cfg.train.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def sharding_mode(accelerator: Accelerator, cfg: RunConfig) -> Mode:
@@ -59,18 +63,42 @@ def frozen_modules(model: SphinxForCausalLM) -> list[nn.Module]:
     return [getattr(model, k) for k in model.expert_keys]
 
 
+def touch_glue_parameters(model: SphinxForCausalLM) -> None:
+    """Make every trainable parameter outside the LLM part of every loss (times zero).
+
+    A text-only micro-batch never uses the projector or the start/end embeddings, and a batch
+    without padded views never uses the skip token. Processes that disagree about which
+    parameters got gradients break data parallelism: FSDP2 reduce-scatters mismatched buffers,
+    DDP waits forever (or pays for find_unused_parameters). Adding `0 * sum(p)` costs nothing
+    and keeps every process's gradient set identical. It runs as a forward hook on the root,
+    while FSDP still holds the unsharded parameters.
+    """
+
+    def hook(module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> Any:
+        if getattr(output, "loss", None) is None:
+            return output
+        glue = [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("llm.")]
+        if glue:
+            output.loss = output.loss + 0.0 * torch.stack([p.sum() for p in glue]).sum().to(output.loss.dtype)
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
+
+
 def prepare(accelerator: Accelerator, model: SphinxForCausalLM, cfg: RunConfig,
             make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
             ) -> tuple[nn.Module, torch.optim.Optimizer, Mode]:
     """Wrap the model for this run's mode and build its optimiser on the (possibly sharded) parameters."""
     mode = sharding_mode(accelerator, cfg)
+    if mode != "deepspeed":  # ZeRO fills missing gradients itself (and partitions params under ZeRO-3)
+        touch_glue_parameters(model)
     if mode == "fsdp_torch":
         model = shard_with_torch(model, accelerator.num_processes, reshard_after_forward=True)
         return model, make_optimizer(model), mode
     if mode == "fsdp":
         _configure_fsdp_plugin(accelerator, model)
     if mode == "deepspeed":
-        _configure_deepspeed(accelerator, model, cfg)
+        fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, model, cfg)
     optimizer = make_optimizer(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     return model, optimizer, mode
@@ -86,10 +114,9 @@ def _configure_fsdp_plugin(accelerator: Accelerator, model: SphinxForCausalLM) -
         raise ConfigError("FSDP1 with frozen parameters needs fsdp_use_orig_params: true (or use fsdp_version: 2)")
 
 
-def _configure_deepspeed(accelerator: Accelerator, model: SphinxForCausalLM, cfg: RunConfig) -> None:
-    """Fill what accelerate would fill from a prepared DataLoader / a transformers config."""
-    plugin = accelerator.state.deepspeed_plugin
-    ds = plugin.deepspeed_config
+def fill_deepspeed_config(ds: dict[str, Any], model: SphinxForCausalLM, cfg: RunConfig) -> None:
+    """Fill what accelerate would take from a prepared DataLoader or a transformers `model.config`
+    (the SPHINX wrapper's config is ours): micro-batch size, clipping, hidden-size buckets."""
     ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
     ds["gradient_clipping"] = cfg.optim.max_grad_norm
     hidden = model.llm.config.hidden_size

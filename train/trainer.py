@@ -5,8 +5,11 @@
 
 Setup order matters and is fixed: seed -> processor -> data index, split and the epoch plan
 (a pure function of seed and epoch) -> model (after the seed, so frozen random weights are
-reproducible) -> freeze spec / LoRA -> shard / wrap + optimiser -> scheduler -> resume. A step is `grad_accum`
-micro-batches; losses, token counts and skip counts are reduced over processes once per step.
+reproducible) -> freeze spec / LoRA -> shard or wrap + optimiser -> scheduler -> resume.
+A step is `grad_accum` micro-batches; losses, token counts and skip counts are reduced over
+processes once per step. The data position is (epoch, micro-batch): with the plan, the
+accelerate state (weights, optimiser, scheduler, RNG) and `trainer_state.json`, a resumed run
+repeats the uninterrupted one step for step.
 """
 from __future__ import annotations
 
@@ -28,12 +31,12 @@ from sphinx_model.templates import IGNORE_INDEX
 from .checkpointing import (CHECKPOINTS, TrainerState, check_compatible, export_final, find_checkpoint,
                             frozen_fingerprint, install_trainable_only_hooks, load_checkpoint,
                             prune_checkpoints, save_checkpoint)
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import REASONS, Batch, Collator, ConversationDataset, DataError, make_loader, open_records
 from .freeze import apply_freeze, apply_lora
 from .mixture import EpochPlan, epoch_samples, load_mixture, plan_batches, rank_plan, split
 from .model import build_model, load_processor, model_config
-from .parallel import prepare
+from .parallel import deepspeed_requested, prepare
 from .progress import Progress
 
 FINAL = "final"
@@ -49,6 +52,14 @@ class RunResult:
     eval_losses: dict[int, float] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)    # at indexing + while training
     stopped_early: bool = False
+    memory: dict[str, list[float]] = field(default_factory=dict)  # per process, see Trainer._memory
+
+
+def _local_bytes(t: torch.Tensor | None) -> int:
+    if not isinstance(t, torch.Tensor):
+        return 0
+    local = t.to_local() if hasattr(t, "to_local") else t  # a DTensor shard
+    return local.numel() * local.element_size()
 
 
 class Trainer:
@@ -57,7 +68,10 @@ class Trainer:
         self.resume = resume
         t = cfg.train
         t.output_dir.mkdir(parents=True, exist_ok=True)
-        cpu = t.cpu or not torch.cuda.is_available()
+        cpu = t.cpu or not torch.cuda.is_available()  # accelerate needs cpu=True for several CPU processes
+        if cpu and deepspeed_requested():
+            raise ConfigError("DeepSpeed runs on GPUs only here (accelerate has no DeepSpeed on CPU); "
+                              "on CPU use DDP (torchrun) or FSDP (train.fsdp: true)")
         self.accelerator = Accelerator(
             cpu=cpu, mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
             log_with="tensorboard" if t.tensorboard else None,
@@ -74,10 +88,10 @@ class Trainer:
         self._setup_data()  # before any weights load: a hopeless mixture fails in seconds
         model = build_model(config, cfg.model)
         self.params = apply_freeze(model, cfg.freeze)
+        if cfg.train.gradient_checkpointing:  # per decoder layer, recomputed in backward
+            model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora.enabled:
             apply_lora(model, cfg.lora)
-        if cfg.train.gradient_checkpointing:
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.llm.config.use_cache = False
         self.fingerprint = frozen_fingerprint(model)
         model.to(acc.device)
@@ -235,6 +249,7 @@ class Trainer:
         if st.step % cfg.log_every == 0 or st.step == self.total_steps:
             padding = 1 - stats["tokens"] / stats["slots"] if stats["slots"] else 0.0
             self._log({"train/loss": stats["loss"], "train/lr": stats["lr"], "train/tokens_per_s": tok_s,
+                       "train/tokens": stats["tokens"], "train/step_seconds": stats["seconds"],
                        "train/padding": padding, "train/grad_norm": stats["grad_norm"],
                        **{f"data/skipped/{r}": n for r, n in st.skipped.items()}}, st.step)
         if cfg.eval_every and st.step % cfg.eval_every == 0 and self.eval_ids.size:
@@ -270,9 +285,9 @@ class Trainer:
         self._print(f"step {self.state.step}: eval loss {value:.4f}")
         return value
 
-    def _log(self, values: dict[str, Any], step: int) -> None:
+    def _log(self, values: dict[str, Any], step: int, tensorboard: bool = True) -> None:
         values = {k: v for k, v in values.items() if v is not None}
-        if self.cfg.train.tensorboard:
+        if self.cfg.train.tensorboard and tensorboard:
             self.accelerator.log(values, step=step)
         if self.accelerator.is_main_process:
             with open(self.cfg.train.output_dir / METRICS, "a", encoding="utf-8") as f:
@@ -289,6 +304,7 @@ class Trainer:
     def _finish(self, export: bool) -> RunResult:
         acc, res = self.accelerator, self.result
         res.steps = self.state.step
+        res.memory = self._memory()
         res.skipped = dict(Counter(dict(self.index_skipped)) + Counter(self.state.skipped))
         if export:
             final = self.cfg.train.output_dir / FINAL
@@ -300,6 +316,23 @@ class Trainer:
         self._print(f"skipped records: {res.skipped or 'none'}")
         acc.end_training()
         return res
+
+    def _memory(self) -> dict[str, list[float]]:
+        """Per process: peak memory (GPU allocator, else resident set) and the bytes of model state
+        it holds (parameters, gradients, optimiser states; local shards only)."""
+        acc = self.accelerator
+        if torch.cuda.is_available() and acc.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(acc.device) / 2**20
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        state = sum(_local_bytes(p) + _local_bytes(p.grad) for p in self.model.parameters())
+        state += sum(_local_bytes(v) for s in self.optimizer.state.values() for v in s.values())
+        values = acc.gather(torch.tensor([[peak, state / 2**20]], dtype=torch.float64, device=acc.device))
+        report = {"peak_mb": values[:, 0].tolist(), "model_state_mb": values[:, 1].tolist()}
+        self._log({f"memory/{k}": v for k, v in report.items()}, self.state.step, tensorboard=False)
+        return report
 
     def _print(self, message: str) -> None:
         self.accelerator.print(message)

@@ -1,18 +1,15 @@
-"""Fixtures of the training tests: tiny synthetic data on disk and tiny run configs."""
+"""Fixtures of the training tests: tiny synthetic data on disk (see synthetic.py), a processor, and a
+clean accelerate state for in-process runs."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import synthetic  # noqa: E402
-
-TINY_TRAIN = {"batch_size": 2, "grad_accum": 1, "max_steps": 4, "mixed_precision": "no",
-              "gradient_checkpointing": False, "progress": False, "tensorboard": False, "seed": 0}
+from synthetic import write_mixture  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,26 +22,6 @@ def data_dir(tmp_path_factory) -> Path:
     write_mixture(root / "mixture.yaml", [("shapes", "shapes.jsonl", 2.0), ("text", "text.jsonl", 1.0),
                                          ("feedback", "export", 1.0)])
     return root
-
-
-def write_mixture(path: Path, datasets: list[tuple[str, str, float]], **extra: Any) -> Path:
-    path.write_text(yaml.safe_dump({**extra, "datasets": [{"name": n, "path": p, "weight": w}
-                                                          for n, p, w in datasets]}), encoding="utf-8")
-    return path
-
-
-def write_run(folder: Path, mixture: Path, **sections: dict[str, Any]) -> Path:
-    """A run YAML with tiny defaults; `sections` update them (train={...}, data={...}, ...)."""
-    cfg: dict[str, Any] = {"model": {"init": "sphinx-test-tiny"},
-                           "data": {"mixture": str(mixture), "megabatch_mult": 4},
-                           "optim": {"lr": 2e-3, "warmup_ratio": 0.1, "max_grad_norm": 1.0},
-                           "train": {**TINY_TRAIN, "output_dir": str(folder / "out")}}
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Tiny synthetic training data: images of coloured shapes with dialogues about them, plus
-text-only arithmetic dialogues, plus deliberately bad records. Deterministic per seed.
+text-only arithmetic dialogues, plus deliberately bad records (deterministic per seed); and
+writers of tiny mixture / run YAMLs.
 
 Also used (by path) to regenerate `train/configs/tiny_data/`.
 """
@@ -9,6 +10,9 @@ import json
 import random
 from pathlib import Path
 
+from typing import Any
+
+import yaml
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220)}
@@ -128,3 +132,28 @@ def make_bad(folder: Path) -> tuple[Path, dict[str, int]]:
     with open(path, "a", encoding="utf-8") as f:
         f.write("{this is not json\n")
     return path, {"missing_image": 1, "unreadable_image": 1, "empty_dialogue": 1, "too_long": 1, "schema": 1}
+
+
+# --- tiny configs ----------------------------------------------------------------------------
+TINY_TRAIN = {"batch_size": 2, "grad_accum": 1, "max_steps": 4, "mixed_precision": "no",
+              "gradient_checkpointing": False, "progress": False, "tensorboard": False, "seed": 0}
+
+
+def write_mixture(path: Path, datasets: list[tuple[str, str, float]], **extra: Any) -> Path:
+    path.write_text(yaml.safe_dump({**extra, "datasets": [{"name": n, "path": p, "weight": w}
+                                                          for n, p, w in datasets]}), encoding="utf-8")
+    return path
+
+
+def write_run(folder: Path, mixture: Path, **sections: dict[str, Any]) -> Path:
+    """A run YAML with tiny defaults; `sections` update them (train={...}, data={...}, ...)."""
+    cfg: dict[str, Any] = {"model": {"init": "sphinx-test-tiny"},
+                           "data": {"mixture": str(mixture), "megabatch_mult": 4},
+                           "optim": {"lr": 2e-3, "warmup_ratio": 0.1, "max_grad_norm": 1.0},
+                           "train": {**TINY_TRAIN, "output_dir": str(folder / "out")}}
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_run
+from synthetic import write_run
 
 from train.config import ConfigError, RunConfig, load_run_config
 
@@ -77,3 +77,21 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, data_dir, case):
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out.stderr
+
+
+def test_shipped_configs_load():
+    configs = REPO / "train" / "configs"
+    runs = [p for p in configs.glob("*.yaml") if "train" in (yaml.safe_load(p.read_text()) or {})]
+    assert {p.name for p in runs} >= {"tiny_cpu.yaml", "sphinx_x_tiny.yaml", "sphinx_plus.yaml", "lora_feedback.yaml"}
+    for path in runs:
+        cfg = load_run_config(path)
+        assert cfg.data.mixture.is_file(), path
+    recipe = load_run_config(configs / "sphinx_x_tiny.yaml")
+    assert (recipe.optim.lr, recipe.optim.betas, recipe.optim.weight_decay) == (2e-5, (0.9, 0.95), 0.0)
+    assert (recipe.optim.warmup_ratio, recipe.optim.max_grad_norm) == (0.03, 8.0)
+    assert (recipe.train.batch_size, recipe.train.grad_accum, recipe.data.max_text_tokens) == (4, 4, 512)
+    for name in ("accelerate_fsdp.yaml", "accelerate_deepspeed_zero2.yaml", "accelerate_deepspeed_zero3.yaml"):
+        launch = yaml.safe_load((configs / name).read_text())
+        assert launch["distributed_type"] in ("FSDP", "DEEPSPEED")
+        ds = launch.get("deepspeed_config", {}).get("deepspeed_config_file")
+        assert ds is None or (REPO / ds).is_file()

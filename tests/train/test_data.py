@@ -1,6 +1,7 @@
 """Lazy JSONL indexes, rendering through the model's processor, and bad-record accounting."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def test_index_reads_records_by_offset_and_lengths_match_the_processor(data_dir,
         enc = ds.encode(gid)
         # the byte tokenizer makes the chars -> tokens estimate exact, image headers give the visual count
         assert store.lengths[gid] == len(enc.input_ids)
-        conv = Conversation.from_dict(__import__("json").loads(store.read(gid)))
+        conv = Conversation.from_dict(json.loads(store.read(gid)))
         assert conv.id == (f"shape-{gid}" if gid < 16 else f"text-{gid - 16}")
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import yaml
-from conftest import write_mixture
+from synthetic import write_mixture
 
 from train.config import ConfigError
 from train.mixture import (DataError, epoch_samples, load_mixture, plan_batches, quotas, rank_plan, split)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import synthetic
 import torch
-from conftest import write_mixture, write_run
+from safetensors.torch import load_file
+from synthetic import write_mixture, write_run
 
 from train.__main__ import main
 from train.config import load_run_config
@@ -16,7 +17,15 @@ from train.trainer import METRICS, Trainer
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def run(path, **overrides):
+    reset_accelerate()
     return Trainer(load_run_config(path, overrides)).run()
 
 
@@ -49,18 +58,15 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path, data_
     cut = run(write_run(tmp_path / "cut", mixture, train={**common, "stop_after_steps": 5}))
     assert cut.stopped_early and cut.final_dir is None and max(cut.losses) == 5  # steps 4-5 are lost
     cfg = load_run_config(tmp_path / "cut" / "run.yaml", {"train.stop_after_steps": None})
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     resumed = Trainer(cfg, resume=cfg.train.output_dir / "checkpoints" / "step-000003").run()
     assert sorted(resumed.losses) == [4, 5, 6, 7, 8]
     for step in range(4, 9):
         assert resumed.losses[step] == pytest.approx(whole.losses[step], abs=1e-6), step
     for step in range(1, 6):
         assert cut.losses[step] == pytest.approx(whole.losses[step], abs=1e-6)
-    a = __import__("safetensors.torch").torch.load_file(str(whole.final_dir / "model.safetensors"))
-    b = __import__("safetensors.torch").torch.load_file(str(resumed.final_dir / "model.safetensors"))
+    a = load_file(str(whole.final_dir / "model.safetensors"))
+    b = load_file(str(resumed.final_dir / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
