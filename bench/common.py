@@ -94,7 +94,9 @@ def machine_line() -> str:
         load = "n/a"
     return (f"{cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
             f"{torch.get_num_threads()} intra-op threads (set explicitly), "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, no GPU; "
+            f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}"
+            + (f", OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}" if "OMP_WAIT_POLICY" in os.environ else "")
+            + ", no GPU; "
             f"load average at the end of the run {load} (the machine is shared: timings are noisy, "
             f"on/off runs are interleaved and medians are reported)")
 
@@ -146,6 +148,7 @@ def write_section(name: str, body: str, path: Path = RESULTS) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a results file is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
