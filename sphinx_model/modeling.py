@@ -18,7 +18,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from .config import LLMConfig, SphinxConfig
 from .experts import build_expert
 from .processor import IMAGE_TOKEN_ID
-from .tiling import visual_token_count
+from .tiling import num_views, visual_token_count
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,11 +57,12 @@ def build_llm(cfg: LLMConfig, load_weights: bool) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(hf_config, dtype=resolve_dtype(cfg.dtype), **kwargs)
 
 
-def extract_views(canvas: torch.Tensor, size: int, grid: int) -> torch.Tensor:
-    """(N, 3, C, C) canvas -> (N, V, 3, size, size) views in tiling.view_boxes order.
+def extract_views(canvas: torch.Tensor, size: int, grid: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, 3, C, C) canvas -> (K, 3, size, size): the kept views, image by image, in view order.
 
     As the released 1k models do: the global view is the canvas resized to `size`; the
     cells are crops of the canvas resized to `size * grid` (bicubic, no antialias).
+    `keep` (N, V) selects views (default: all); skipped views are never cropped or copied.
     """
     def resize(x: torch.Tensor, side: int) -> torch.Tensor:
         if x.shape[-1] == side:
@@ -69,13 +70,19 @@ def extract_views(canvas: torch.Tensor, size: int, grid: int) -> torch.Tensor:
         return F.interpolate(x, size=(side, side), mode="bicubic", align_corners=False, antialias=False)
 
     n = canvas.shape[0]
-    whole = resize(canvas, size).unsqueeze(1)                        # (N, 1, 3, s, s)
-    if grid == 1:
-        return whole
-    big = resize(canvas, size * grid)                                # (N, 3, s*g, s*g)
-    cells = big.unflatten(2, (grid, size)).unflatten(4, (grid, size))  # (N, 3, g, s, g, s)
-    cells = cells.permute(0, 2, 4, 1, 3, 5).reshape(n, grid * grid, 3, size, size)
-    return torch.cat([whole, cells], dim=1)                          # (N, 1 + g*g, 3, s, s)
+    if keep is None:
+        keep = torch.ones(n, num_views(grid), dtype=torch.bool)
+    whole = resize(canvas, size)                                       # (N, 3, s, s)
+    pairs = keep.nonzero().tolist()                                    # [(image, view), ...]
+    big = resize(canvas, size * grid) if grid > 1 and any(v > 0 for _, v in pairs) else None  # (N, 3, s*g, s*g)
+    views = []
+    for i, v in pairs:
+        if v == 0:
+            views.append(whole[i])
+        else:
+            r, c = divmod(v - 1, grid)
+            views.append(big[i, :, r * size:(r + 1) * size, c * size:(c + 1) * size])
+    return torch.stack(views)                                          # (K, 3, s, s)
 
 
 class SphinxForCausalLM(nn.Module):
@@ -128,11 +135,10 @@ class SphinxForCausalLM(nn.Module):
     # --- vision -------------------------------------------------------------------------
     def encode_views(self, pixel_values: torch.Tensor, view_skip: torch.Tensor) -> torch.Tensor:
         """Encode only the views that are not skipped -> (N_kept_views, T, d)."""
-        keep = ~view_skip.reshape(-1)                                  # (N * V,)
+        keep = ~view_skip.cpu()                                         # (N, V)
         feats = []
         for expert in self.experts:
-            views = extract_views(pixel_values, expert.image_size, self.config.grid)  # (N, V, 3, s, s)
-            views = views.flatten(0, 1)[keep.to(views.device)]          # (K, 3, s, s)
+            views = extract_views(pixel_values, expert.image_size, self.config.grid, keep)  # (K, 3, s, s)
             with torch.no_grad():
                 feats.append(expert(views.to(self.dtype)))              # (K, T, c_e)
         fused = torch.cat(feats, dim=-1)                                # (K, T, sum c_e)

@@ -111,3 +111,18 @@ def test_unknown_backbone_type_is_a_clear_error():
     from sphinx_model.config import LLMConfig
     with pytest.raises(ValueError, match="trust_remote_code"):
         build_llm(LLMConfig(config={"model_type": "internlm2", "hidden_size": 8}), load_weights=False)
+
+
+def test_extract_views_crops_cells_row_major_and_only_kept_ones():
+    import torch.nn.functional as F
+    from sphinx_model.modeling import extract_views
+    canvas = torch.randn(2, 3, 8, 8)
+    all_views = extract_views(canvas, size=4, grid=2)                  # native crops, no resize
+    assert all_views.shape == (10, 3, 4, 4)
+    assert torch.equal(all_views[1], canvas[0, :, :4, :4]) and torch.equal(all_views[2], canvas[0, :, :4, 4:])
+    assert torch.equal(all_views[3], canvas[0, :, 4:, :4]) and torch.equal(all_views[9], canvas[1, :, 4:, 4:])
+    glob = F.interpolate(canvas, size=(4, 4), mode="bicubic", align_corners=False)
+    assert torch.allclose(all_views[0], glob[0])
+    keep = torch.tensor([[True, True, False, False, False], [True, False, False, False, True]])
+    kept = extract_views(canvas, size=4, grid=2, keep=keep)
+    assert torch.equal(kept, all_views[[0, 1, 5, 9]])
