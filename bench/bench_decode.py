@@ -37,7 +37,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (TokenClock, base_args, bench_config, config_line, generate_fixed, machine_line,  # noqa: E402
-                          make_image, md_table, median, results_path, setup, write_section)
+                          make_image, md_table, median, publish, setup)
 from sphinx_model.checkpoint import build_from_config  # noqa: E402
 from sphinx_model.conversation import Conversation, Message  # noqa: E402
 from sphinx_model.generation import StopOnStrings  # noqa: E402
@@ -141,14 +141,7 @@ def main(argv: list[str] | None = None) -> str:
         "",
         overall,
     ])
-    if args.quick:
-        body = body.replace("## Decode latency", "## [QUICK SMOKE RUN — numbers meaningless] Decode latency", 1)
-    print(body)
-    path = results_path(args)
-    if path is not None:
-        write_section(NAME, body, path)
-        print(f"\nwritten to {path}")
-    return body
+    return publish(NAME, body, args)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (base_args, bench_config, config_line, fmt_ms, machine_line, make_image, md_table,  # noqa: E402
-                          median, pct, results_path, setup, write_section)
+                          median, pct, publish, setup)
 from sphinx_model.checkpoint import build_from_config  # noqa: E402
 from sphinx_model.conversation import Conversation, Message  # noqa: E402
 from sphinx_model.processor import SphinxProcessor  # noqa: E402
@@ -200,14 +200,7 @@ def main(argv: list[str] | None = None) -> str:
         "",
         md_table(bd_header, breakdown),
     ])
-    if args.quick:
-        body = body.replace("## Skip tokens", "## [QUICK SMOKE RUN — numbers meaningless] Skip tokens", 1)
-    print(body)
-    path = results_path(args)
-    if path is not None:
-        write_section(NAME, body, path)
-        print(f"\nwritten to {path}")
-    return body
+    return publish(NAME, body, args)
 
 
 if __name__ == "__main__":

@@ -46,11 +46,8 @@ from storage.models import (  # noqa: E402
 )
 from storage.repository import Owner, create_conversation, save_turn  # noqa: E402
 
-RESULTS = REPO / "bench" / "RESULTS.md"
-BEGIN, END = "<!-- bench_storage -->", "<!-- /bench_storage -->"
-# Same header as bench/common.py (not imported: it pulls in torch, which storage never needs).
-RESULTS_HEADER = ("# Benchmark results\n\nEach section is written by the script it is named "
-                  "after (see bench/README.md).\n")
+from bench.results import write_section  # noqa: E402  (torch-free)
+
 TURNS_PER_CONVERSATION = 3
 
 
@@ -188,28 +185,6 @@ def engine_versions(pg_url: str | None) -> list[str]:
     return lines
 
 
-def update_results(section: str, path: Path = RESULTS) -> None:
-    """Replace (or append) our section between the markers, leaving the rest of the file
-    alone; re-read just before writing and replaced atomically (other benchmarks share it)."""
-    block = f"{BEGIN}\n{section.strip()}\n{END}"
-    old = path.read_text(encoding="utf-8") if path.is_file() else RESULTS_HEADER
-    i = old.find(BEGIN)
-    j = old.find(END, i + len(BEGIN)) if i >= 0 else -1
-    if i >= 0 and j >= 0:
-        new = old[:i] + block + old[j + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(new)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=5.0, help="per writer measurement")
@@ -261,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        update_results(section)
+        write_section("bench_storage", section)
         print(f"\nupdated {RESULTS.relative_to(REPO)}")
     return 0
 

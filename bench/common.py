@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,9 +27,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from sphinx_model.config import SphinxConfig, get_preset
 
+from bench.results import RESULTS, write_section  # noqa: F401  (re-exported for the bench scripts)
+
 BENCH_DIR = Path(__file__).resolve().parent
-RESULTS = BENCH_DIR / "RESULTS.md"
-RESULTS_HEADER = "# Benchmark results\n\nEach section is written by the script it is named after (see bench/README.md).\n"
 
 # The bench LLM: a Llama of 4 layers at hidden 512 (byte tokenizer, vocab 384 as the test presets).
 BENCH_LLM = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4,
@@ -128,33 +127,16 @@ def results_path(args: argparse.Namespace) -> Path | None:
     return None if args.quick else RESULTS
 
 
-# --- RESULTS.md sections --------------------------------------------------------------------
-def write_section(name: str, body: str, path: Path = RESULTS) -> Path:
-    """Put `body` between `<!-- name -->` and `<!-- /name -->` in `path`, replacing only that
-    section (appended if absent; file created if missing). The file is re-read right before
-    writing and replaced atomically, so other benchmarks' sections are kept."""
-    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
-    block = f"{start}\n{body.strip()}\n{end}"
-    path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.is_file() else RESULTS_HEADER
-    i = text.find(start)
-    j = text.find(end, i + len(start)) if i >= 0 else -1
-    if i >= 0 and j >= 0:
-        text = text[:i] + block + text[j + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a results file is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+def publish(name: str, body: str, args: argparse.Namespace) -> str:
+    """Print a benchmark's section and write it to RESULTS.md (a --quick run is marked as such)."""
+    if args.quick:
+        body = "**[QUICK SMOKE RUN: numbers meaningless]**\n\n" + body
+    print(body)
+    path = results_path(args)
+    if path is not None:
+        write_section(name, body, path)
+        print(f"\nwritten to {path}")
+    return body
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
