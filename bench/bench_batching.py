@@ -58,10 +58,10 @@ REQUESTS = [  # (image width, height, prompt)
 
 def main(argv: list[str] | None = None) -> str:
     ap = base_args(__doc__.splitlines()[0])
-    ap.add_argument("--new-tokens", type=int, default=None, help="K, new tokens per request (default 32)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="K, new tokens per request (default 256, the Generator's default answer length)")
     args = ap.parse_args(argv)
     setup(args.threads)
-    k = args.new_tokens or (4 if args.quick else 32)
+    k = args.new_tokens or (4 if args.quick else 256)
     repeats = args.repeats or (1 if args.quick else 5)
 
     cfg = bench_config(grid=2, quick=args.quick)
