@@ -21,11 +21,11 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotary
 from sphinx_model.checkpoint import CheckpointError, build_from_config, from_pretrained
 from sphinx_model.config import get_preset
 from sphinx_model.conversation import Conversation, Message
+from sphinx_model.export_accessory import export_accessory
 from sphinx_model.convert_accessory import (
     _empty_model,
     _map_all,
     convert_accessory,
-    export_accessory,
     find_shards,
     llm_config,
     load_shard,
