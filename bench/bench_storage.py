@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        write_section("bench_storage", section)
-        print(f"\nupdated {RESULTS.relative_to(REPO)}")
+        path = write_section("bench_storage", section)
+        print(f"\nupdated {path.relative_to(REPO)}")
     return 0
 
 

@@ -33,7 +33,7 @@ from sphinx_model.processor import IMAGE_TOKEN_ID, Encoded, SphinxProcessor
 from sphinx_model.templates import IGNORE_INDEX, tokenize_segments
 from sphinx_model.tiling import visual_token_count
 
-from .mixture import DatasetSpec, DataError
+from .mixture import DatasetSpec
 
 REASONS: tuple[str, ...] = ("schema", "empty_dialogue", "missing_image", "unreadable_image", "too_long")
 OK = 0  # status code; a bad record has status 1 + REASONS.index(reason)

@@ -108,7 +108,7 @@ def test_collate_pads_right_and_counts_tokens(data_dir, processor):
     store = open_records([spec(data_dir / "shapes.jsonl"), spec(data_dir / "text.jsonl")], processor, True, None)
     ds = ConversationDataset(store, processor)
     batch = Collator(processor)([ds[0], ds[20]])
-    ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    mask = batch.inputs["attention_mask"]
     assert mask[:, 0].all()  # right padding: every row starts with real tokens
     assert batch.tokens == int(mask.sum()) == len(ds[0].encoded.input_ids) + len(ds[20].encoded.input_ids)
     assert batch.inputs["pixel_values"].shape[0] == 1 and 0 < batch.padding < 1
