@@ -90,3 +90,47 @@ def test_cli_interactive_multi_turn(tiny, make_image, tmp_path, monkeypatch, cap
     assert main(["chat", "--model", str(folder), "--image", str(img), "--max-new-tokens", "4",
                  "--device", "cpu"]) == 0
     assert next(questions, None) is None   # every line was read, the empty one re-prompted
+
+
+REMOTE_CONFIG = '''from transformers import LlamaConfig
+
+
+class TinyRemoteConfig(LlamaConfig):
+    model_type = "tinyremote"
+'''
+REMOTE_MODELING = '''from transformers import LlamaForCausalLM
+
+from .configuration_tinyremote import TinyRemoteConfig
+
+
+class TinyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = TinyRemoteConfig
+'''
+
+
+def test_backbone_with_hub_code_builds_saves_and_reloads(tmp_path, make_image):
+    """InternLM2's path: modeling code shipped beside the weights, `trust_remote_code` from config."""
+    import json
+
+    from sphinx_model.checkpoint import build_from_config
+    code = tmp_path / "remote_llm"
+    code.mkdir()
+    (code / "configuration_tinyremote.py").write_text(REMOTE_CONFIG)
+    (code / "modeling_tinyremote.py").write_text(REMOTE_MODELING)
+    base = get_preset("sphinx-test-tiny")
+    dims = {k: v for k, v in base.llm.config.items() if k != "model_type"}
+    (code / "config.json").write_text(json.dumps({
+        "model_type": "tinyremote", **dims,
+        "auto_map": {"AutoConfig": "configuration_tinyremote.TinyRemoteConfig",
+                     "AutoModelForCausalLM": "modeling_tinyremote.TinyRemoteForCausalLM"}}))
+    cfg = base.replace(llm={**base.llm.__dict__, "config": None, "name_or_path": str(code),
+                            "trust_remote_code": True})
+    torch.manual_seed(0)
+    model, proc = build_from_config(cfg)
+    assert type(model.llm).__name__ == "TinyRemoteForCausalLM"
+    folder = save_pretrained(model, proc, tmp_path / "ckpt")
+    loaded, lproc = from_pretrained(folder)
+    conv = Conversation([Message.user("What is it?", image=True)])
+    with torch.no_grad():
+        assert torch.equal(model(**proc(conv, make_image(64, 64))).logits,
+                           loaded(**lproc(conv, make_image(64, 64))).logits)
