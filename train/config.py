@@ -131,15 +131,20 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content, or a one-line ConfigError naming `what` is wrong with it."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+
+
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a run YAML; `overrides` ({"train.max_steps": 3}) win over the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"run config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"run config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    raw = read_yaml(path, "run config")
     if not isinstance(raw, dict):
         raise ConfigError(f"run config {path} must be a mapping of sections")
     for dotted, value in (overrides or {}).items():

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import yaml
 
-from .config import ConfigError
+from .config import ConfigError, read_yaml
 
 if TYPE_CHECKING:
     from .data import RecordStore
@@ -73,12 +72,7 @@ class Mixture:
 def load_mixture(path: str | Path) -> Mixture:
     """Read and check a mixture YAML; every dataset must exist (DataError / ConfigError otherwise)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"mixture {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"mixture {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    raw = read_yaml(path, "mixture")
     if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), list) or not raw["datasets"]:
         raise ConfigError(f"mixture {path} needs a non-empty 'datasets' list")
     unknown = set(raw) - {"datasets", "samples_per_epoch"}
