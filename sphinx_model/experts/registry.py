@@ -7,6 +7,7 @@ with a `@register_expert("my_kind")` class; no model code changes.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable, ClassVar, TypeVar
 
 import torch
@@ -28,7 +29,7 @@ def offline_note() -> str:
     return " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
 
 
-class VisualExpert(nn.Module):
+class VisualExpert(nn.Module, ABC):
     """A frozen image encoder that turns one square view into a global token plus a token grid.
 
     Contract:
@@ -57,12 +58,13 @@ class VisualExpert(nn.Module):
         return 1 + self.grid_size ** 2
 
     @classmethod
+    @abstractmethod
     def from_config(cls: type[T], cfg: ExpertConfig, load_weights: bool = False) -> T:
         """Build from config; random init (no download) unless `load_weights`."""
-        raise NotImplementedError(f"{cls.__name__} must implement from_config")
 
+    @abstractmethod
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, T, C)
-        raise NotImplementedError
+        """CLIP-normalised views -> global token + row-major grid tokens."""
 
     @staticmethod
     def map_released_state_dict(
