@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -156,6 +158,8 @@ class MessageRow(Base):
     boxes: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)  # parsed regions
     settings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # generation
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # the user stopped generation: the text is a partial answer (revision 0003)
+    stopped: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     conversation: Mapped[ConversationRow] = relationship(back_populates="messages")

@@ -116,6 +116,7 @@ class NewMessage:
     boxes: list[Any] | None = None
     settings: dict[str, Any] | None = None
     latency_ms: float | None = None
+    stopped: bool = False  # generation was stopped by the user; `text` is partial
 
 
 def append_messages(session: Session, owner: Owner, conversation_id: str,
@@ -131,7 +132,7 @@ def append_messages(session: Session, owner: Owner, conversation_id: str,
     now = utcnow()
     rows = [MessageRow(conversation=conv, position=start + k, role=m.role, text=m.text,
                        boxes=m.boxes, settings=m.settings, latency_ms=m.latency_ms,
-                       created_at=now,
+                       stopped=m.stopped, created_at=now,
                        images=[MessageImageRow(position=i, image_sha256=img.sha256)
                                for i, img in enumerate(m.images)])
             for k, m in enumerate(messages)]
@@ -144,21 +145,23 @@ def append_messages(session: Session, owner: Owner, conversation_id: str,
 def add_message(session: Session, owner: Owner, conversation_id: str, role: str, text: str,
                 *, images: Sequence[ImageRow] = (), boxes: list[Any] | None = None,
                 settings: dict[str, Any] | None = None,
-                latency_ms: float | None = None) -> MessageRow:
+                latency_ms: float | None = None, stopped: bool = False) -> MessageRow:
     """Append one message; its position is the next free one in the conversation."""
     (row,) = append_messages(session, owner, conversation_id,
-                             [NewMessage(role, text, images, boxes, settings, latency_ms)])
+                             [NewMessage(role, text, images, boxes, settings, latency_ms, stopped)])
     return row
 
 
 def save_turn(session: Session, owner: Owner, conversation_id: str, *, prompt: str,
               answer: str, images: Sequence[ImageRow] = (), boxes: list[Any] | None = None,
-              settings: dict[str, Any] | None = None,
-              latency_ms: float | None = None) -> tuple[MessageRow, MessageRow]:
-    """One exchange: the user's prompt (with its images) and the assistant's answer."""
+              settings: dict[str, Any] | None = None, latency_ms: float | None = None,
+              stopped: bool = False) -> tuple[MessageRow, MessageRow]:
+    """One exchange: the user's prompt (with its images) and the assistant's answer
+    (`stopped`: the user stopped it, so the answer is partial)."""
     user, bot = append_messages(session, owner, conversation_id, [
         NewMessage("user", prompt, images),
-        NewMessage("assistant", answer, boxes=boxes, settings=settings, latency_ms=latency_ms)])
+        NewMessage("assistant", answer, boxes=boxes, settings=settings, latency_ms=latency_ms,
+                   stopped=stopped)])
     return user, bot
 
 
