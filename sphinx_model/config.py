@@ -68,6 +68,7 @@ class SphinxConfig:
     tokenizer: str | None = None      # hub id / folder / "builtin:bytes"; defaults to llm.name_or_path
     max_pixels: int = 64_000_000      # images beyond this are refused before decoding
     max_length: int = 4096            # longest sequence (visual + text tokens) the model accepts
+    max_images: int = 1               # images one conversation may hold (released models: 1)
 
     def __post_init__(self) -> None:
         if self.anchor not in ANCHORS:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
-IMAGE_MARKER = "<image>"  # LLaVA's placeholder; stripped, the image always sits after BOS
+IMAGE_MARKER = "<image>"  # LLaVA's placeholder; stripped, the (one) image sits after BOS
 
 _LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "system": "system"}
@@ -129,7 +129,8 @@ class Message:
 
 @dataclass
 class Conversation:
-    """An ordered dialogue. At most one image (SPHINX places it right after BOS)."""
+    """An ordered dialogue. Images in order of appearance; how many a model takes is its
+    config's `max_images` (the processor checks it), not the schema's business."""
 
     messages: list[Message] = field(default_factory=list)
     id: str | None = None
@@ -149,8 +150,8 @@ class Conversation:
         """Raise SchemaError if the dialogue cannot be rendered.
 
         Rules: user/assistant alternate after an optional leading system message, the
-        first non-system turn is the user's, at most one image, and (for training) the
-        dialogue ends with a non-empty assistant turn.
+        first non-system turn is the user's, and (for training) the dialogue ends with a
+        non-empty assistant turn.
         """
         turns = [m for m in self.messages if m.role != "system"]
         if any(m.role == "system" for m in self.messages[1:]):
@@ -161,8 +162,6 @@ class Conversation:
             expected = "user" if i % 2 == 0 else "assistant"
             if m.role != expected:
                 raise SchemaError(f"turn {i} is {m.role!r}, expected {expected!r} (turns alternate)")
-        if len(self.image_refs) > 1:
-            raise SchemaError("at most one image per conversation (start a new one for a new image)")
         if for_training:
             if turns[-1].role != "assistant" or not turns[-1].text.strip():
                 raise SchemaError("a training dialogue must end with a non-empty assistant turn")

@@ -123,22 +123,25 @@ class Generator:
 
     def generate(self, conversations: Sequence[Conversation], images: Sequence[Any] | None = None,
                  settings: GenerationSettings | None = None, cancel: threading.Event | None = None) -> list[str]:
-        """Answers for a batch of conversations (each with its own image or None)."""
+        """Answers for a batch of conversations; `images[i]` is conversation i's None, image,
+        or list of images (one per image part, in order)."""
         settings = settings or GenerationSettings()
         batch = self.processor(list(conversations), images, add_generation_prompt=True, padding_side="left")
         out = self._generate_ids(batch, settings, cancel)
         return [self._finish(row) for row in out.tolist()]
 
-    def stream(self, conversation: Conversation, image: Any = None, settings: GenerationSettings | None = None,
+    def stream(self, conversation: Conversation, images: Any = None, settings: GenerationSettings | None = None,
                cancel: threading.Event | None = None) -> Iterator[str]:
         """Yield the answer's text piece by piece (one piece per token that completes text).
+
+        `images`: None, one image, or a list of images (one per image part, in order).
 
         Text that might be the start of a stop string is held back until it is known not to
         be one; the stop string itself is never yielded. Closing the iterator early cancels
         generation.
         """
         settings = settings or GenerationSettings()
-        batch = self.processor([conversation], [image], add_generation_prompt=True)
+        batch = self.processor([conversation], [images], add_generation_prompt=True)
         cancel = cancel or threading.Event()
         streamer = _TokenQueue()
         errors: list[BaseException] = []

@@ -6,6 +6,9 @@ Tensors in, tensors out (the processor prepares them). Forward path:
     --concat channels--> (N*V_kept, T, sum c_e) --projector--> (N*V_kept, T, d)
     --layout per image--> [start, T tokens, end] per encoded view, one skip token per skipped view
     --scatter into the placeholder positions of input_ids--> inputs_embeds (B, L, d) --> LLM
+
+The N images are those of all rows in order (a row may hold none, one or several); they
+fill the placeholders row by row, each row's images in sequence order.
 """
 from __future__ import annotations
 
@@ -83,6 +86,27 @@ def extract_views(canvas: torch.Tensor, size: int, grid: int, keep: torch.Tensor
             r, c = divmod(v - 1, grid)
             views.append(big[i, :, r * size:(r + 1) * size, c * size:(c + 1) * size])
     return torch.stack(views)                                          # (K, 3, s, s)
+
+
+def _check_placeholders(per_row: list[int], per_image: list[int]) -> None:
+    """Images are handed out to rows in order; each row's placeholders must take whole images.
+
+    `per_row`: placeholder count of each row; `per_image`: visual tokens of each image, in
+    batch order. Raises when the two cannot be matched exactly (the drift transformers'
+    llava reports as "image features and image tokens do not match").
+    """
+    k = 0
+    for n in per_row:
+        while n > 0 and k < len(per_image) and per_image[k] <= n:
+            n -= per_image[k]
+            k += 1
+        if n:
+            break
+    else:
+        if k == len(per_image):
+            return
+    raise ValueError(f"image tokens and image features do not match: placeholders per row "
+                     f"{[n for n in per_row if n > 0]}, visual tokens per image {per_image}")
 
 
 class SphinxForCausalLM(nn.Module):
@@ -174,13 +198,9 @@ class SphinxForCausalLM(nn.Module):
         if view_skip is None:
             view_skip = torch.zeros(pixel_values.shape[0], self.config.num_views, dtype=torch.bool)
         visual = self.image_embeddings(pixel_values.to(self.device), view_skip)
-        expected = [v.shape[0] for v in visual]
-        found = [n for n in is_image.sum(dim=1).tolist() if n > 0]
-        if found != expected:
-            raise ValueError(f"image tokens and image features do not match: placeholders per row {found}, "
-                             f"visual tokens per image {expected}")
+        _check_placeholders(is_image.sum(dim=1).tolist(), [v.shape[0] for v in visual])
         embeds = embeds.clone()
-        embeds[is_image] = torch.cat(visual).to(embeds.dtype)
+        embeds[is_image] = torch.cat(visual).to(embeds.dtype)  # row-major: row by row, images in sequence order
         return embeds
 
     # --- forward ------------------------------------------------------------------------

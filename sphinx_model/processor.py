@@ -4,11 +4,16 @@ The processor owns everything that happens before tensors reach the model: image
 sanitising, the padded canvas, which views are skipped, the chat template and the
 placeholder positions of the visual tokens. The number of placeholders comes from
 `tiling.visual_token_count`, the same function the model uses to check them.
+
+A conversation carries no image, one, or several (one per image part, in order of
+appearance; at most `config.max_images`). Image 0's tokens sit right after BOS, later ones
+where their image parts are (see templates.py). In a batch, `pixel_values` / `view_skip`
+hold every image of every row, row by row, each row's in sequence order.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +31,10 @@ class PromptTooLongError(ValueError):
     """The rendered conversation does not fit the model's context."""
 
 
+class TooManyImagesError(ValueError):
+    """A conversation holds more images than the model's `max_images`."""
+
+
 @dataclass
 class ProcessedImage:
     pixels: torch.Tensor      # (3, canvas, canvas), CLIP-normalised
@@ -39,11 +48,24 @@ class ProcessedImage:
 
 @dataclass
 class Encoded:
-    """One tokenised sample, before batching."""
+    """One tokenised sample, before batching; `images` in sequence order."""
 
     input_ids: list[int]
     labels: list[int]
-    image: ProcessedImage | None
+    images: list[ProcessedImage] = field(default_factory=list)
+
+    def __post_init__(self) -> None:  # `Encoded(ids, labels, one_image_or_None)` as before
+        if self.images is None:
+            self.images = []
+        elif isinstance(self.images, ProcessedImage):
+            self.images = [self.images]
+        else:
+            self.images = list(self.images)
+
+    @property
+    def image(self) -> ProcessedImage | None:
+        """The first image (the one after BOS), or None."""
+        return self.images[0] if self.images else None
 
 
 class SphinxProcessor:
@@ -62,31 +84,47 @@ class SphinxProcessor:
     def skipped_views(self, canvas: Canvas) -> list[bool]:
         return skipped_views(canvas, self.config.grid, self.config.skip_tokens)
 
-    def num_visual_tokens(self, image: ProcessedImage | None) -> int:
-        return 0 if image is None else visual_token_count(self.config.tokens_per_view, image.skipped)
+    def num_visual_tokens(self, image: ProcessedImage | Sequence[ProcessedImage] | None) -> int:
+        """Placeholders of one image, or of several together."""
+        if image is None:
+            return 0
+        if isinstance(image, ProcessedImage):
+            return visual_token_count(self.config.tokens_per_view, image.skipped)
+        return sum(self.num_visual_tokens(im) for im in image)
+
+    @property
+    def max_images(self) -> int:
+        return self.config.max_images
 
     def geometry(self, width: int, height: int) -> Canvas:
         return canvas_geometry(width, height, self.config.anchor)
 
     # --- one sample -------------------------------------------------------------------
-    def encode(self, conv: Conversation, image: Any | ProcessedImage | None = None,
+    def encode(self, conv: Conversation, images: Any | Sequence[Any] | None = None,
                add_generation_prompt: bool = True, max_length: int | None = None) -> Encoded:
-        if conv.has_image and image is None:
-            raise ValueError("the conversation refers to an image but none was given")
-        proc = image if isinstance(image, ProcessedImage) or image is None else self.process_image(image)
+        """One conversation + its images (None, one, or a list: one per image part, in order)."""
+        given = _as_list(images)
+        wanted = len(conv.image_refs)
+        if max(wanted, len(given)) > self.max_images:
+            raise TooManyImagesError(f"the conversation holds {max(wanted, len(given))} images; this model takes "
+                                     f"at most {self.max_images} (max_images)")
+        if wanted != len(given):
+            raise ValueError(f"the conversation has {wanted} image part(s) but {len(given)} image(s) were given")
         segments = self.template.segments(conv, add_generation_prompt=add_generation_prompt)
-        ids, labels = tokenize_segments(segments, self.tokenizer, self.num_visual_tokens(proc), IMAGE_TOKEN_ID)
+        procs = [im if isinstance(im, ProcessedImage) else self.process_image(im) for im in given]
+        counts = [self.num_visual_tokens(p) for p in procs]
+        ids, labels = tokenize_segments(segments, self.tokenizer, counts, IMAGE_TOKEN_ID)
         limit = max_length or self.config.max_length
         if len(ids) > limit:
             raise PromptTooLongError(f"conversation needs {len(ids)} tokens, the model takes at most {limit}")
-        return Encoded(ids, labels, proc)
+        return Encoded(ids, labels, procs)
 
     # --- batches ----------------------------------------------------------------------
     def collate(self, samples: Sequence[Encoded], padding_side: str = "left") -> dict[str, torch.Tensor]:
         """Pad a list of encoded samples into model inputs.
 
-        `pixel_values` / `view_skip` hold only the samples that have an image, in batch
-        order; the model fills the placeholder positions row by row in that order.
+        `pixel_values` / `view_skip` hold every image of every sample, in batch order and
+        within a sample in sequence order; the model fills the placeholders in that order.
         """
         if not samples:
             raise ValueError("empty batch")
@@ -102,7 +140,7 @@ class SphinxProcessor:
             labels[row, cols] = torch.tensor(s.labels)
             mask[row, cols] = 1
         batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        images = [s.image for s in samples if s.image is not None]
+        images = [im for s in samples for im in s.images]
         if images:
             batch["pixel_values"] = torch.stack([im.pixels for im in images])
             batch["view_skip"] = torch.tensor([im.skipped for im in images], dtype=torch.bool)
@@ -111,7 +149,11 @@ class SphinxProcessor:
     def __call__(self, conversations: Conversation | Sequence[Conversation],
                  images: Any | Sequence[Any] | None = None, add_generation_prompt: bool = True,
                  padding_side: str = "left") -> dict[str, torch.Tensor]:
-        """One or many conversations (each with at most one image) -> padded tensors."""
+        """One or many conversations -> padded tensors.
+
+        `images` holds one entry per conversation: None, one image, or a list of images
+        (one per image part). For a single conversation pass its entry directly.
+        """
         if isinstance(conversations, Conversation):
             conversations, images = [conversations], [images]
         images = list(images) if images is not None else [None] * len(conversations)
@@ -123,3 +165,12 @@ class SphinxProcessor:
             batch.pop("labels")
         return batch
 
+
+
+def _as_list(images: Any) -> list[Any]:
+    """None -> [], a list/tuple of images -> itself, one image -> [it]."""
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]

@@ -5,14 +5,18 @@ assistant text (loss). Segments are tokenised one by one and concatenated, so la
 up with tokens by construction — never by splitting a rendered string and hoping the
 pieces tokenise the same way (LLaVA's "tokenization mismatch").
 
-Layout of one sample: `[BOS] [visual tokens...] segment tokens...`; the image always sits
-right after BOS (as in the released models), whichever turn mentioned it.
+Layout of one sample: `[BOS] [visual tokens of image 0] segment tokens...`. The first image
+always sits right after BOS (as in the released models), whichever turn mentioned it, so a
+one-image sample is laid out exactly as the released checkpoints expect. Every later image
+(1, 2, ...) becomes an image segment at the place of its own image part in the rendered
+turn: `### Human: [visual tokens of image 1] What changed?`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .conversation import Conversation
+from .conversation import Conversation, Part
 
 IGNORE_INDEX = -100
 
@@ -22,9 +26,13 @@ RELEASED_SYSTEM = ("A chat between a curious human and an artificial intelligenc
 
 @dataclass(frozen=True)
 class Segment:
-    text: str
-    train: bool = False   # labels on these tokens
-    eos: bool = False     # append the tokenizer's EOS id (trained when `train`)
+    text: str = ""
+    train: bool = False       # labels on these tokens
+    eos: bool = False         # append the tokenizer's EOS id (trained when `train`)
+    image: int | None = None  # a later image (1, 2, ...): its visual tokens stand here; never trained
+
+
+_SLOT = "\x00"  # stands for the message text while a format string is split; never reaches a tokenizer
 
 
 @dataclass(frozen=True)
@@ -45,18 +53,23 @@ class ChatTemplate:
         """Render `conv` into segments; with `add_generation_prompt` it must end on a user turn."""
         conv.validate(for_training=not add_generation_prompt)
         msgs = conv.messages
-        system = msgs[0].text if msgs and msgs[0].role == "system" else self.default_system
-        turns = [m for m in msgs if m.role != "system"]
+        has_system = bool(msgs) and msgs[0].role == "system"
+        turns = msgs[1:] if has_system else msgs
         if add_generation_prompt and turns[-1].role != "user":
             raise ValueError("a prompt for generation must end with a user turn")
-        out = [Segment(self.system.format(system=system))] if system else []
+        images = _ImageCounter()
+        out: list[Segment] = []
+        if has_system:
+            out += _render(self.system.format(system=_SLOT), msgs[0].parts, images, strip=False)
+        elif self.default_system:
+            out.append(Segment(self.system.format(system=self.default_system)))
         for i, m in enumerate(turns):
             if m.role == "user":
                 fmt = self.first_user if i == 0 else self.user
-                out.append(Segment(fmt.format(text=m.text.strip())))
+                out += _render(fmt.format(text=_SLOT), m.parts, images)
             else:
-                out.append(Segment(self.assistant.format(text=m.text.strip()) + self.assistant_end,
-                                   train=True, eos=self.end_with_eos))
+                fmt = self.assistant.format(text=_SLOT) + self.assistant_end
+                out += _render(fmt, m.parts, images, train=True, eos=self.end_with_eos)
         return out
 
     def clean_output(self, text: str) -> str:
@@ -66,6 +79,54 @@ class ChatTemplate:
             if idx >= 0:
                 text = text[:idx]
         return text.strip()
+
+
+class _ImageCounter:
+    """Numbers the image parts of one conversation in order of appearance."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def next(self) -> int:
+        self.seen += 1
+        return self.seen - 1
+
+
+def _render(fmt: str, parts: Sequence[Part], images: _ImageCounter, train: bool = False, eos: bool = False,
+            strip: bool = True) -> list[Segment]:
+    """One message in its format (`fmt` holds `_SLOT` where the text goes) -> segments.
+
+    Text parts are joined and stripped at both ends (as `Message.text.strip()`), so a message
+    without later images is one segment, exactly `fmt.format(text=message.text.strip())`.
+    Image 0 has no segment (it sits after BOS); each later image splits the text at its part.
+    `strip=False` (the system prompt, used verbatim): a message without text or later images
+    renders to nothing, as an explicit empty system prompt always has.
+    """
+    pieces: list[str | int] = [""]
+    for p in parts:
+        if p.type == "image":
+            index = images.next()
+            if index > 0:
+                pieces += [index, ""]
+        else:
+            pieces[-1] += p.text
+    texts = [i for i, x in enumerate(pieces) if isinstance(x, str)]
+    if not strip:
+        if pieces == [""]:
+            return []
+    else:
+        for order in (texts, texts[::-1]):  # strip the message's text at both ends, across image parts
+            for i in order:
+                pieces[i] = pieces[i].lstrip() if order is texts else pieces[i].rstrip()
+                if pieces[i]:
+                    break
+    prefix, suffix = fmt.split(_SLOT)
+    pieces[0] = prefix + pieces[0]
+    pieces[-1] = pieces[-1] + suffix
+    out = [Segment(image=x) if isinstance(x, int) else Segment(x, train=train) for x in pieces]
+    if eos:
+        out[-1] = Segment(out[-1].text, train=train, eos=True)
+    return out
 
 
 TEMPLATES: dict[str, ChatTemplate] = {}
@@ -109,12 +170,29 @@ register_template(ChatTemplate(
 ))
 
 
-def tokenize_segments(segments: list[Segment], tokenizer, num_visual_tokens: int,
+def tokenize_segments(segments: list[Segment], tokenizer, num_visual_tokens: int | Sequence[int],
                       image_token_id: int) -> tuple[list[int], list[int]]:
-    """BOS + visual placeholders + segments, tokenised turn by turn -> (input_ids, labels)."""
-    ids = [tokenizer.bos_token_id] + [image_token_id] * num_visual_tokens
+    """BOS + image 0's placeholders + segments, tokenised turn by turn -> (input_ids, labels).
+
+    `num_visual_tokens` gives each image's placeholder count in order (image 0 first); a
+    plain int gives every image that count (0 measures the text alone).
+    """
+    later = [s.image for s in segments if s.image is not None]
+    if isinstance(num_visual_tokens, int):
+        counts = [num_visual_tokens] * (1 + len(later))
+    else:
+        counts = list(num_visual_tokens)
+        if later != list(range(1, len(counts))):
+            raise ValueError(f"{len(counts)} visual token counts for the {1 + len(later) if later else 'one or no'} "
+                             "images of these segments")
+    ids = [tokenizer.bos_token_id] + [image_token_id] * (counts[0] if counts else 0)
     labels = [IGNORE_INDEX] * len(ids)
     for i, seg in enumerate(segments):
+        if seg.image is not None:
+            piece = [image_token_id] * counts[seg.image]
+            ids += piece
+            labels += [IGNORE_INDEX] * len(piece)
+            continue
         piece = encode_continuation(tokenizer, seg.text, at_start=i == 0) if seg.text else []
         if seg.eos:
             piece = piece + [tokenizer.eos_token_id]

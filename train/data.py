@@ -119,12 +119,12 @@ class _Scanner:
             segments = self.processor.template.segments(conv, add_generation_prompt=False)
         except (SchemaError, ValueError) as e:
             raise Skip("schema", str(e)) from e
-        visual = 0
-        if conv.has_image:
-            ref = conv.image_refs[0]
-            if not ref:
-                raise Skip("schema", "image part without a reference")
-            visual = self.visual_tokens(ref)
+        refs = conv.image_refs
+        if len(refs) > self.processor.max_images:
+            raise Skip("schema", f"{len(refs)} images, the model takes at most {self.processor.max_images}")
+        if not all(refs):
+            raise Skip("schema", "image part without a reference")
+        visual = sum(self.visual_tokens(ref) for ref in refs)
         chars = sum(len(s.text) for s in segments)
         tokens = -1
         if exact:
@@ -304,11 +304,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         conv = self.conversation(gid)
         if is_empty_dialogue(conv):
             raise Skip("empty_dialogue")
-        image = None
-        if conv.has_image:
-            image = self._image(gid, conv.image_refs[0])
+        images = [self._image(gid, ref) for ref in conv.image_refs]
         try:
-            enc = self.processor.encode(conv, image, add_generation_prompt=False, max_length=1 << 40)
+            enc = self.processor.encode(conv, images, add_generation_prompt=False, max_length=1 << 40)
         except (SchemaError, ValueError) as e:
             raise Skip("schema", str(e)) from e
         return self._fit(enc)
@@ -328,17 +326,19 @@ class ConversationDataset(torch.utils.data.Dataset):
     def _fit(self, enc: Encoded) -> Encoded:
         """Apply the context limit: the model's max_length, and max_text_tokens on top of the image."""
         limit = self.processor.config.max_length
-        visual = self.processor.num_visual_tokens(enc.image)
+        visual = self.processor.num_visual_tokens(enc.images)
         if self.max_text_tokens is not None:
             limit = min(limit, 1 + visual + self.max_text_tokens)
         if len(enc.input_ids) <= limit:
             return enc
         if not self.truncate or limit <= 1 + visual:
             raise Skip("too_long", f"{len(enc.input_ids)} tokens > {limit}")
+        if IMAGE_TOKEN_ID in enc.input_ids[limit:]:  # a later image would lose its tokens
+            raise Skip("too_long", f"{len(enc.input_ids)} tokens > {limit}, truncation would cut an image")
         labels = enc.labels[:limit]
         if all(t == IGNORE_INDEX for t in labels):
             raise Skip("too_long", "nothing left to learn after truncation")
-        return Encoded(enc.input_ids[:limit], labels, enc.image)
+        return Encoded(enc.input_ids[:limit], labels, enc.images)
 
 
 # --- batches ----------------------------------------------------------------------------------
