@@ -1,0 +1,369 @@
+"""`python -m train.experts --config train/configs/demo_experts.yaml`: pretrain the visual
+experts on the synthetic world, then write the one-stage run's starting checkpoint.
+
+SPHINX-X gets its experts pretrained (CLIP-ConvNeXt, DINOv2) and keeps them frozen; the
+demo world has no such models, so this stage teaches them to see first: the experts are
+built exactly as the model builds them (registry, open_clip/timm), run on the views the
+model cuts, and trained with linear dense heads on the targets of `train.world.targets`
+(what and where each object, word and mark is; how many of each shape and colour a view
+holds). Linear heads keep the knowledge linearly readable, which is what the model's
+linear projector needs. The heads are then dropped and the experts frozen.
+
+Outputs in OUTPUT_DIR: metrics.jsonl (loss and per-head accuracy), state/ (resumable:
+experts + heads + optimizer as safetensors, step and RNG as JSON), and init/ — a complete
+checkpoint of ours (trained experts, BPE tokenizer trained on the dialogues, random LLM and
+projector) that `train/configs/demo.yaml` starts from.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from sphinx_model.config import SphinxConfig, get_preset
+from sphinx_model.experts import build_expert
+from sphinx_model.image_processing import canvas_tensor, load_image
+from sphinx_model.modeling import extract_views
+
+from .config import ConfigError, build, read_yaml
+from .world.scene import Scene
+from .world.targets import MAX_MARK, ViewTargets, view_targets
+from .world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
+
+HEADS = {"obj": 1, "shape": len(SHAPES), "colour": len(COLOUR_NAMES), "size": len(SIZES), "obj_box": 4,
+         "word": len(WORDS) + 1, "word_box": 4, "mark": MAX_MARK + 1}
+COUNTS = len(SHAPES) + len(COLOUR_NAMES)
+
+
+@dataclass
+class ExpertRun:
+    preset: str = "sphinx-demo"            # the model whose experts are trained (architecture only)
+    data: Path = Path("data/world_train")  # a `python -m train.synthetic` folder
+    eval_scenes: int = 200                 # the last scenes of `data`, held out for accuracy
+    output_dir: Path = Path("runs/demo_experts")
+    steps: int = 1000
+    batch_size: int = 16                   # scenes per step (x views per scene)
+    lr: float = 2.0e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    seed: int = 0
+    log_every: int = 20
+    eval_every: int = 250
+    save_every: int = 250
+    vocab_size: int = 1536                 # BPE tokenizer of the init checkpoint
+    threads: int = 0                       # torch threads; 0 = torch's default
+    workers: int = 1                       # DataLoader workers (image decoding)
+    loss_weights: dict = field(default_factory=lambda: {"obj_box": 4.0, "word_box": 2.0, "counts": 0.5})
+
+
+class SceneViews(Dataset):
+    """Scene -> (canvas tensor, dense targets of every view), as the model will see it."""
+
+    def __init__(self, root: Path, scenes: list[dict], config: SphinxConfig, token_grid: int):
+        self.root, self.scenes, self.config, self.token_grid = root, scenes, config, token_grid
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ViewTargets]:
+        row = self.scenes[i]
+        scene = Scene.from_dict({k: v for k, v in row.items() if k != "image"})
+        image = load_image(self.root / row["image"], max_pixels=self.config.max_pixels)
+        pixels, _ = canvas_tensor(image, self.config.anchor, self.config.canvas_size)
+        return pixels, view_targets(scene, self.config.anchor, self.config.grid, self.token_grid)
+
+
+def collate(items: list[tuple[torch.Tensor, ViewTargets]]) -> tuple[torch.Tensor, ViewTargets]:
+    pixels = torch.stack([p for p, _ in items])
+    fields = ViewTargets.__dataclass_fields__
+    targets = ViewTargets(**{k: torch.cat([getattr(t, k) for _, t in items]) for k in fields})
+    return pixels, targets  # targets: views of all scenes, scene-major (matches extract_views)
+
+
+class DenseHeads(nn.Module):
+    """Linear read-outs of one expert's tokens: per grid token, and counts from token 0."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.token = nn.Linear(dim, sum(HEADS.values()))
+        self.counts = nn.Linear(dim, COUNTS)
+
+    def forward(self, feats: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        out = self.token(feats[:, 1:])                       # (V, G, sum heads)
+        parts = dict(zip(HEADS, out.split(list(HEADS.values()), dim=-1)))
+        return parts, self.counts(feats[:, 0])               # (V, COUNTS)
+
+
+def head_losses(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTargets,
+                weights: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    has_obj, has_word = t.obj > 0, t.word > 0
+    terms = {
+        "obj": F.binary_cross_entropy_with_logits(pred["obj"][..., 0], t.obj),
+        "shape": F.cross_entropy(pred["shape"].flatten(0, 1), t.shape.flatten(), ignore_index=-100),
+        "colour": F.cross_entropy(pred["colour"].flatten(0, 1), t.colour.flatten(), ignore_index=-100),
+        "size": F.cross_entropy(pred["size"].flatten(0, 1), t.size.flatten(), ignore_index=-100),
+        "word": F.cross_entropy(pred["word"].flatten(0, 1), t.word.flatten()),
+        "mark": F.cross_entropy(pred["mark"].flatten(0, 1), t.mark.flatten()),
+        "counts": F.smooth_l1_loss(counts, t.counts),
+        "obj_box": F.l1_loss(pred["obj_box"][has_obj], t.obj_box[has_obj]) if has_obj.any() else counts.sum() * 0,
+        "word_box": F.l1_loss(pred["word_box"][has_word], t.word_box[has_word]) if has_word.any() else counts.sum() * 0,
+    }
+    total = sum(weights.get(k, 1.0) * v for k, v in terms.items())
+    return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+@torch.no_grad()
+def head_accuracy(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTargets) -> dict[str, float]:
+    has_obj, has_word = t.obj > 0, t.word > 0
+    acc = {"obj_f1": _f1(pred["obj"][..., 0] > 0, has_obj)}
+    for k in ("shape", "colour", "size"):
+        acc[k] = float((pred[k].argmax(-1)[has_obj] == getattr(t, k)[has_obj]).float().mean()) if has_obj.any() else 0.0
+    acc["word"] = float((pred["word"].argmax(-1)[has_word] == t.word[has_word]).float().mean()) if has_word.any() else 0.0
+    has_mark = t.mark > 0
+    acc["mark"] = float((pred["mark"].argmax(-1)[has_mark] == t.mark[has_mark]).float().mean()) if has_mark.any() else 0.0
+    acc["box_l1"] = float((pred["obj_box"][has_obj] - t.obj_box[has_obj]).abs().mean()) if has_obj.any() else 0.0
+    acc["count_exact"] = float((counts.round() == t.counts).all(-1).float().mean())
+    return acc
+
+
+def _f1(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    tp = float((pred & truth).sum())
+    return 2 * tp / max(1.0, float(pred.sum()) + float(truth.sum()))
+
+
+def _read_scenes(root: Path) -> list[dict]:
+    path = root / "scenes.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: write the world first with `python -m train.synthetic --out {root}`")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def load_run(path: Path, overrides: dict) -> ExpertRun:
+    raw = read_yaml(path, "expert run config")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping")
+    raw.update(overrides)
+    run = build(ExpertRun, raw, where=str(path))
+    base = path.resolve().parent
+    run.data = (base / run.data).resolve() if not run.data.is_absolute() else run.data
+    run.output_dir = (base / run.output_dir).resolve() if not run.output_dir.is_absolute() else run.output_dir
+    if run.steps < 1 or run.batch_size < 1 or run.lr <= 0 or run.eval_scenes < 1:
+        raise ConfigError("steps, batch_size and eval_scenes must be >= 1 and lr > 0")
+    return run
+
+
+# --- the loop ---------------------------------------------------------------------------------
+class ExpertTrainer:
+    def __init__(self, run: ExpertRun):
+        self.run = run
+        self.config = get_preset(run.preset)
+        torch.manual_seed(run.seed)
+        random.seed(run.seed)
+        self.experts = nn.ModuleDict()
+        self.heads = nn.ModuleDict()
+        for ecfg in self.config.experts:
+            expert = build_expert(ecfg)
+            expert.requires_grad_(True)  # trained here; frozen again in the model (build_expert)
+            self.experts[ecfg.key] = expert
+            self.heads[ecfg.key] = DenseHeads(expert.out_dim)
+        grids = {e.grid_size for e in self.experts.values()}
+        if len(grids) != 1:
+            raise ConfigError(f"experts disagree on the token grid: {grids}")
+        self.token_grid = grids.pop()
+        params = list(self.experts.parameters()) + list(self.heads.parameters())
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optim = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
+                                        {"params": no_decay, "weight_decay": 0.0}], lr=run.lr, betas=(0.9, 0.95))
+        self.step = 0
+
+    def lr_at(self, step: int) -> float:
+        r = self.run
+        if step < r.warmup_steps:
+            return r.lr * (step + 1) / r.warmup_steps
+        progress = (step - r.warmup_steps) / max(1, r.steps - r.warmup_steps)
+        return r.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def forward(self, pixels: torch.Tensor, targets: ViewTargets) -> tuple[torch.Tensor, dict, dict]:
+        total, logs, accs = 0.0, {}, {}
+        for key, expert in self.experts.items():
+            views = extract_views(pixels, expert.image_size, self.config.grid)   # (B*V, 3, s, s)
+            feats = expert(views)                                                 # (B*V, T, C)
+            pred, counts = self.heads[key](feats)
+            loss, terms = head_losses(pred, counts, targets, self.run.loss_weights)
+            total = total + loss
+            logs.update({f"{key}/{k}": v for k, v in terms.items()})
+            accs.update({f"{key}/acc/{k}": v for k, v in head_accuracy(pred, counts, targets).items()})
+        return total, logs, accs
+
+    # --- state: safetensors + JSON only (nothing in it can execute on load) -----------------
+    def save_state(self) -> None:
+        from safetensors.torch import save_file
+
+        folder = self.run.output_dir / "state"
+        tmp = folder.with_name("state.tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in {**_prefixed("experts.", self.experts.state_dict()),
+                                                  **_prefixed("heads.", self.heads.state_dict())}.items()},
+                  tmp / "weights.safetensors")
+        opt = self.optim.state_dict()
+        tensors, meta = {}, {"step": self.step, "param_groups": opt["param_groups"], "state": {}}
+        for pid, st in opt["state"].items():
+            meta["state"][str(pid)] = {k: (float(v) if v.ndim == 0 else None) for k, v in st.items()}
+            for k, v in st.items():
+                if v.ndim > 0:
+                    tensors[f"{pid}.{k}"] = v.contiguous()
+        save_file(tensors, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+        if folder.exists():
+            for f in folder.iterdir():
+                f.unlink()
+            folder.rmdir()
+        tmp.rename(folder)
+
+    def load_state(self) -> bool:
+        from safetensors.torch import load_file
+
+        folder = self.run.output_dir / "state"
+        if not (folder / "state.json").is_file():
+            return False
+        weights = load_file(folder / "weights.safetensors")
+        self.experts.load_state_dict(_unprefixed("experts.", weights))
+        self.heads.load_state_dict(_unprefixed("heads.", weights))
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        tensors = load_file(folder / "optimizer.safetensors")
+        state = {}
+        for pid, st in meta["state"].items():
+            state[int(pid)] = {k: (torch.tensor(v) if v is not None else tensors[f"{pid}.{k}"]) for k, v in st.items()}
+        self.optim.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.step = int(meta["step"])
+        return True
+
+    def train(self, resume: bool = False) -> None:
+        run = self.run
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume and self.load_state():
+            print(f"resumed at step {self.step}", file=sys.stderr)
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        scenes = _read_scenes(run.data)
+        if len(scenes) <= run.eval_scenes:
+            raise ConfigError(f"{run.data} has {len(scenes)} scenes; need more than eval_scenes={run.eval_scenes}")
+        train_set = SceneViews(run.data, scenes[:-run.eval_scenes], self.config, self.token_grid)
+        eval_set = SceneViews(run.data, scenes[-run.eval_scenes:], self.config, self.token_grid)
+        gen = torch.Generator().manual_seed(run.seed + self.step)  # a resumed run draws fresh batches
+        loader = DataLoader(train_set, batch_size=run.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
+                            num_workers=run.workers, generator=gen, persistent_workers=run.workers > 0)
+        metrics = open(run.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        bar = tqdm(total=run.steps, initial=self.step, desc="experts")
+        t0 = time.time()
+        while self.step < run.steps:
+            for pixels, targets in loader:
+                if self.step >= run.steps:
+                    break
+                for g in self.optim.param_groups:
+                    g["lr"] = self.lr_at(self.step)
+                loss, logs, accs = self.forward(pixels, targets)
+                self.optim.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(self.experts.parameters()) + list(self.heads.parameters()), 2.0)
+                self.optim.step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                if self.step % run.log_every == 0:
+                    metrics.write(json.dumps({"step": self.step, "split": "train", "loss": float(loss.detach()),
+                                              "elapsed_s": round(time.time() - t0, 1), **logs, **accs}) + "\n")
+                    metrics.flush()
+                if self.step % run.eval_every == 0 or self.step == run.steps:
+                    metrics.write(json.dumps({"step": self.step, "split": "eval", **self.evaluate(eval_set)}) + "\n")
+                    metrics.flush()
+                if self.step % run.save_every == 0 or self.step == run.steps:
+                    self.save_state()
+        bar.close()
+        metrics.close()
+
+    @torch.no_grad()
+    def evaluate(self, dataset: SceneViews) -> dict[str, float]:
+        loader = DataLoader(dataset, batch_size=self.run.batch_size, collate_fn=collate)
+        sums: dict[str, float] = {}
+        n = 0
+        for pixels, targets in loader:
+            loss, _, accs = self.forward(pixels, targets)
+            for k, v in {"loss": float(loss), **accs}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+        return {k: round(v / n, 4) for k, v in sums.items()}
+
+
+def _prefixed(prefix: str, sd: dict) -> dict:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def _unprefixed(prefix: str, sd: dict) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+# --- the starting checkpoint of the one-stage run ----------------------------------------------
+def write_init(trainer: ExpertTrainer, out: Path) -> Path:
+    """Trained experts + a BPE tokenizer of the dialogues + random LLM/projector -> `out`."""
+    from sphinx_model.checkpoint import save_pretrained
+    from sphinx_model.modeling import SphinxForCausalLM
+    from sphinx_model.processor import SphinxProcessor
+
+    from .demo_tokenizer import corpus_texts, single_token_numbers, train_tokenizer
+
+    run = trainer.run
+    words = [w for word in WORDS for w in (word, word.upper(), word.capitalize())]
+    tok = train_tokenizer(corpus_texts([run.data / "data.jsonl"]), run.vocab_size, extra_texts=[" ".join(words)] * 2)
+    if single_token_numbers(tok) < 1.0:
+        raise RuntimeError("the tokenizer did not make every box coordinate a single token")
+    llm = dict(trainer.config.llm.config or {})
+    llm["vocab_size"] = len(tok)
+    config = trainer.config.replace(llm={**trainer.config.llm.__dict__, "config": llm}, tokenizer=None)
+    torch.manual_seed(run.seed)
+    model = SphinxForCausalLM(config)
+    for key, expert in trainer.experts.items():
+        getattr(model, key).load_state_dict(expert.state_dict())
+    return save_pretrained(model, SphinxProcessor(config, tok), out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.experts", description="Pretrain the visual experts "
+                                 "on the synthetic world and write the one-stage run's starting checkpoint.")
+    ap.add_argument("--config", type=Path, required=True)
+    ap.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    args = ap.parse_args(argv)
+    try:
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+            overrides[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false") else value
+        run = load_run(args.config, overrides)
+        trainer = ExpertTrainer(run)
+        trainer.train(resume=args.resume)
+        out = write_init(trainer, run.output_dir / "init")
+        print(f"wrote {out}", file=sys.stderr)
+    except (ConfigError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

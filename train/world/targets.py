@@ -1,0 +1,95 @@
+"""Dense training targets for the visual experts, per view, from a scene's truth.
+
+A view is a square region of the model's canvas (`sphinx_model.tiling.view_boxes`); an
+expert cuts it into a g x g grid of tokens. Each object, word and mark is assigned to the
+token that holds its box centre (the largest wins a shared token); that token learns what
+it is (shape, colour, size / word / mark number) and where its box edges are, relative to
+the token's own cell. Token 0 (global) learns how many objects of each shape and colour
+the view holds. This is the stand-in for CLIP/DINOv2 pretraining: it teaches the experts to
+see this world before they are frozen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sphinx_model.boxes import pixels_to_canvas
+from sphinx_model.tiling import Anchor, canvas_geometry, view_boxes
+
+from .scene import Scene
+from .vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
+
+WORD_INDEX = {w: i + 1 for i, w in enumerate(WORDS)}  # 0 = no word
+MAX_MARK = 8
+
+
+@dataclass
+class ViewTargets:
+    """Targets of N views of grid g (tensors shaped (N, g*g) or (N, g*g, 4) / (N, C))."""
+
+    obj: torch.Tensor      # (N, G) 1 where an object's centre falls
+    shape: torch.Tensor    # (N, G) class, -100 where no object
+    colour: torch.Tensor   # (N, G)
+    size: torch.Tensor     # (N, G)
+    obj_box: torch.Tensor  # (N, G, 4) box edges relative to the cell, in cell units
+    word: torch.Tensor     # (N, G) word index (case-folded), 0 = none
+    word_box: torch.Tensor  # (N, G, 4)
+    mark: torch.Tensor     # (N, G) mark number, 0 = none
+    counts: torch.Tensor   # (N, len(SHAPES) + len(COLOURS)) objects per shape and colour whose centre is in view
+
+
+def _assign(items: list[tuple[tuple[float, ...], dict]], view: tuple[float, ...], grid: int) -> dict[int, tuple]:
+    """item centre -> token index within `view`; the largest item wins a token."""
+    vx0, vy0, vx1, vy1 = view
+    side = vx1 - vx0
+    out: dict[int, tuple] = {}
+    for box, payload in items:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        if not (vx0 <= cx < vx1 and vy0 <= cy < vy1):
+            continue
+        c, r = int((cx - vx0) / side * grid), int((cy - vy0) / side * grid)
+        k = r * grid + c
+        area = (box[2] - box[0]) * (box[3] - box[1])
+        if k not in out or area > out[k][0]:
+            cell = (vx0 + c * side / grid, vy0 + r * side / grid)
+            rel = tuple(((box[i] - cell[i % 2]) / (side / grid)) for i in range(4))  # cell units
+            out[k] = (area, rel, payload)
+    return out
+
+
+def view_targets(scene: Scene, anchor: Anchor, grid_views: int, tokens_grid: int) -> ViewTargets:
+    """Targets for every view of the scene's canvas (global first, then the cells)."""
+    canvas = canvas_geometry(scene.width, scene.height, anchor)
+    objects = [(pixels_to_canvas(o.box, canvas), {"shape": SHAPES.index(o.shape), "colour": COLOUR_NAMES.index(o.colour),
+                                                   "size": SIZES.index(o.size), "mark": o.mark or 0})
+               for o in scene.objects]
+    words = [(pixels_to_canvas(w.box, canvas), {"word": WORD_INDEX.get(w.text.lower(), 0)}) for w in scene.words]
+    views = view_boxes(grid_views)
+    n, g2 = len(views), tokens_grid * tokens_grid
+    t = {k: np.full((n, g2), -100, dtype=np.int64) for k in ("shape", "colour", "size")}
+    obj = np.zeros((n, g2), dtype=np.float32)
+    obj_box = np.zeros((n, g2, 4), dtype=np.float32)
+    word = np.zeros((n, g2), dtype=np.int64)
+    word_box = np.zeros((n, g2, 4), dtype=np.float32)
+    mark = np.zeros((n, g2), dtype=np.int64)
+    counts = np.zeros((n, len(SHAPES) + len(COLOUR_NAMES)), dtype=np.float32)
+    for v, view in enumerate(views):
+        for k, (_, rel, p) in _assign(objects, view, tokens_grid).items():
+            obj[v, k] = 1.0
+            for name in ("shape", "colour", "size"):
+                t[name][v, k] = p[name]
+            obj_box[v, k] = rel
+            mark[v, k] = min(p["mark"], MAX_MARK)
+        for k, (_, rel, p) in _assign(words, view, tokens_grid).items():
+            word[v, k] = p["word"]
+            word_box[v, k] = rel
+        for box, p in objects:
+            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            if view[0] <= cx < view[2] and view[1] <= cy < view[3]:
+                counts[v, p["shape"]] += 1
+                counts[v, len(SHAPES) + p["colour"]] += 1
+    as_t = torch.from_numpy
+    return ViewTargets(as_t(obj), as_t(t["shape"]), as_t(t["colour"]), as_t(t["size"]), as_t(obj_box),
+                       as_t(word), as_t(word_box), as_t(mark), as_t(counts))
