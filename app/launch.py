@@ -1,0 +1,76 @@
+"""Build the context (model service + store) and serve the app, in the foreground or, for
+tests and benchmarks, in the background on a free port."""
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from storage import open_store
+
+from .examples import EXAMPLES_DIR
+from .handlers.common import AppContext
+from .service import ModelService
+from .settings import AppSettings
+
+MAX_UPLOAD = "50mb"
+
+
+def build_context(settings: AppSettings) -> AppContext:
+    """Load the model once and open (and migrate) the store."""
+    service = ModelService.load(settings.model_spec, device=settings.device, dtype=settings.dtype,
+                                seed=settings.seed)
+    return AppContext(service, open_store(settings.storage), settings)
+
+
+def _allowed_paths(ctx: AppContext) -> list[str]:
+    """Files the browser may fetch: stored images (History), examples, the model card."""
+    paths = [str(Path(ctx.store.images.root).resolve()), str(EXAMPLES_DIR)]
+    if ctx.service.info.card_path is not None:
+        paths.append(str(ctx.service.info.card_path.resolve()))
+    return paths
+
+
+def launch(demo: gr.Blocks, settings: AppSettings, *, block: bool = True, port: int | None = None,
+           quiet: bool = False) -> str:
+    """Serve `demo` (from `ui.build_demo`); returns the local URL (when not blocking)."""
+    from .ui import CSS
+
+    ctx: AppContext = demo.sphinx_context  # type: ignore[attr-defined]
+    _, url, _ = demo.launch(server_name=settings.host, server_port=port or settings.port, share=settings.share,
+                            prevent_thread_lock=not block, allowed_paths=_allowed_paths(ctx),
+                            max_file_size=MAX_UPLOAD, footer_links=["api", "gradio", "settings"],
+                            run_history=False, show_error=True, quiet=quiet, css=CSS, ssr_mode=False)
+    return url
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Running:
+    """A server started by `serve_in_background`; `close()` stops it."""
+
+    demo: gr.Blocks
+    url: str
+    context: AppContext
+
+    def close(self) -> None:
+        self.demo.close()
+
+
+def serve_in_background(settings: AppSettings, context: AppContext | None = None) -> Running:
+    """The app on 127.0.0.1 and a free port, without blocking (for tests and benchmarks)."""
+    from .ui import build_demo
+
+    settings = settings.with_(host="127.0.0.1")
+    demo = build_demo(settings, context)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    url = launch(demo, settings, block=False, port=free_port(), quiet=True)
+    return Running(demo, url, demo.sphinx_context)  # type: ignore[attr-defined]

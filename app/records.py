@@ -1,0 +1,184 @@
+"""The app's use of the store: images, turns, feedback and history, always for one owner.
+
+Every function opens its own short transaction (one per request), so a failing request
+never leaves half a turn behind and never rolls back an earlier one. Owners are either a
+browser (`session`, a random id kept in the browser across reloads), a Hugging Face login
+(`user`, on a Space) or an API client (`session`, prefixed `api:`). Nothing here takes an
+owner from the client as a parameter of an API endpoint; see `ui.py`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from storage import (
+    UNSET,
+    ImageRejected,
+    NotFound,
+    Owner,
+    Store,
+    create_conversation,
+    delete_conversation,
+    get_conversation,
+    list_conversations,
+    save_turn,
+    set_feedback,
+)
+from storage.models import ImageRow
+
+from .service import ModelInfo
+
+TITLE_CHARS = 60
+
+
+class RecordError(ValueError):
+    """A store operation the user asked for that cannot be done (one line)."""
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    sha256: str
+    path: Path       # the sanitised copy in the image store (EXIF applied, metadata dropped)
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class SavedTurn:
+    conversation_id: str
+    user_message_id: int
+    assistant_message_id: int
+
+
+@dataclass
+class StoredTurn:
+    """One exchange read back from the store (what History reopens)."""
+
+    prompt: str
+    images: list[StoredImage]
+    answer: str
+    assistant_message_id: int
+    stopped: bool
+    rating: str | None = None
+    corrected: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    conversation_id: str
+    title: str
+    updated_at: datetime
+    turns: int
+    model_id: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.updated_at:%Y-%m-%d %H:%M} · {self.title} ({self.turns} turn{'s' * (self.turns != 1)})"
+
+
+@dataclass
+class TurnRecord:
+    """What a handler hands over to be stored for one exchange."""
+
+    prompt: str
+    answer: str
+    images: Sequence[str] = ()                 # sha256 of images stored with `put_image`
+    regions: list[dict[str, Any]] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    latency_ms: float | None = None
+    stopped: bool = False
+
+
+def put_image(store: Store, owner: Owner, data: bytes) -> StoredImage:
+    """Keep an upload (sanitised, content-addressed); RecordError if it is not an image we take."""
+    try:
+        with Session(store.engine) as s, s.begin():
+            row = store.images.put(s, data)
+            return _stored(store, row)
+    except ImageRejected as e:
+        raise RecordError(str(e)) from e
+
+
+def _stored(store: Store, row: ImageRow) -> StoredImage:
+    return StoredImage(row.sha256, store.images.path(row), row.width, row.height)
+
+
+def save_exchange(store: Store, owner: Owner, conversation_id: str | None, model: ModelInfo,
+                  turn: TurnRecord) -> SavedTurn:
+    """Store one exchange (creating the conversation on its first turn)."""
+    with Session(store.engine) as s, s.begin():
+        if conversation_id is None:
+            conversation_id = create_conversation(s, owner, model_id=model.model_id[:200],
+                                                  model_version=model.version[:100]).id
+        images = [s.get(ImageRow, sha) for sha in turn.images]
+        if any(im is None for im in images):
+            raise RecordError("an image of this turn is no longer in the store")
+        settings = {**turn.settings, "model_id": model.model_id, "model_version": model.version}
+        try:
+            user, bot = save_turn(s, owner, conversation_id, prompt=turn.prompt, answer=turn.answer,
+                                  images=images, boxes=turn.regions, settings=settings,
+                                  latency_ms=turn.latency_ms, stopped=turn.stopped)
+        except NotFound as e:
+            raise RecordError("this conversation is not in your history any more") from e
+        return SavedTurn(conversation_id, user.id, bot.id)
+
+
+def record_feedback(store: Store, owner: Owner, message_id: int, *, rating: Any = UNSET,
+                    comment: Any = UNSET, corrected: Any = UNSET) -> None:
+    """One feedback event on an answer; fields left UNSET keep their value (`rating=None` clears)."""
+    if rating is UNSET and comment is UNSET and corrected is UNSET:
+        raise RecordError("nothing to record: rate the answer, write a comment or a corrected answer")
+    try:
+        with Session(store.engine) as s, s.begin():
+            set_feedback(s, owner, message_id, rating=rating, comment=comment, corrected=corrected)
+    except NotFound as e:
+        raise RecordError("this answer is not in your history") from e
+    except ValueError as e:
+        raise RecordError(str(e)) from e
+
+
+def history(store: Store, owner: Owner, limit: int = 100) -> list[HistoryItem]:
+    """The owner's conversations, newest first, titled by their first prompt."""
+    with Session(store.engine) as s:
+        out = []
+        for row in list_conversations(s, owner, limit=limit):
+            users = [m for m in row.messages if m.role == "user"]
+            title = next((m.text for m in users if m.text.strip()), "(image only)").strip().splitlines()[0]
+            if len(title) > TITLE_CHARS:
+                title = title[: TITLE_CHARS - 1] + "…"
+            out.append(HistoryItem(row.id, title, row.updated_at, len(users), row.model_id))
+        return out
+
+
+def load_turns(store: Store, owner: Owner, conversation_id: str) -> list[StoredTurn]:
+    """The exchanges of one of the owner's conversations; RecordError for anyone else's."""
+    with Session(store.engine) as s:
+        try:
+            row = get_conversation(s, owner, conversation_id)
+        except NotFound as e:
+            raise RecordError("no such conversation in your history") from e
+        turns: list[StoredTurn] = []
+        pending: tuple[str, list[StoredImage]] | None = None
+        for m in row.messages:
+            if m.role == "user":
+                pending = (m.text, [_stored(store, mi.image) for mi in m.images])
+            elif m.role == "assistant" and pending is not None:
+                fb = m.feedback
+                turns.append(StoredTurn(pending[0], pending[1], m.text, m.id, bool(m.stopped),
+                                        fb.rating if fb else None, fb.corrected if fb else None))
+                pending = None
+        return turns
+
+
+def forget(store: Store, owner: Owner, conversation_id: str) -> None:
+    """Delete one of the owner's conversations (RecordError for anyone else's)."""
+    try:
+        with Session(store.engine) as s, s.begin():
+            delete_conversation(s, owner, conversation_id)
+    except NotFound as e:
+        raise RecordError("no such conversation in your history") from e
