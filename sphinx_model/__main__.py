@@ -1,17 +1,40 @@
-"""Command line: `python -m sphinx_model chat ...` and `python -m sphinx_model convert-accessory SRC DST`."""
+"""Command line: `python -m sphinx_model chat ...` and `python -m sphinx_model convert-accessory SRC DST`.
+
+Every failure a user can cause (a bad flag value, a missing or hostile file, a device this
+machine lacks, a prompt the model cannot take) prints one `error: ...` line on stderr and
+exits 2. Anything else is a bug: one line too, exit 1, and `--debug` prints the traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 import threading
+import traceback
+from typing import NoReturn
+
+EXIT_USAGE = 2
+EXIT_BUG = 1
 
 
-def _chat_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("chat", help="answer questions about an image (one answer with --prompt, else interactive)")
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one `error:` line (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(error: BaseException) -> str:
+    text = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return " ".join(str(text).split())[:500] or type(error).__name__
+
+
+def _chat_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("chat", parents=[common],
+                       help="answer questions about an image (one answer with --prompt, else interactive)")
     p.add_argument("--model", required=True, help="checkpoint folder, hub repo id, or preset name")
     p.add_argument("--image", help="image file (omit for a text-only chat)")
     p.add_argument("--prompt", help="ask one question, print the answer and exit")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="capped to the room the context leaves")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
@@ -20,10 +43,12 @@ def _chat_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--boxes", action="store_true", help="also print boxes in the answer as image pixels")
 
 
-def _convert_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert-accessory", help="convert a released LLaMA2-Accessory SPHINX folder to our format",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+def _convert_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from .convert_accessory import add_arguments
+
+    add_arguments(sub.add_parser("convert-accessory", parents=[common],
+                                 help="convert a released LLaMA2-Accessory SPHINX folder to our format",
+                                 description="Convert a released LLaMA2-Accessory SPHINX folder."))
 
 
 def _answer(gen, conv, image, settings, show_boxes: bool, processor, pil) -> str:
@@ -48,64 +73,84 @@ def _answer(gen, conv, image, settings, show_boxes: bool, processor, pil) -> str
     return text
 
 
+def _read_question() -> str | None:
+    """The next question from stdin; None at the end. Undecodable input is a usage error."""
+    try:
+        return input("you> ").strip()
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
+
+
 def chat(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import CheckpointError, load_model
+    from .checkpoint import load_model, resolve_device
     from .conversation import Conversation, Message
     from .generation import GenerationSettings, Generator
-    from .image_processing import ImageError, load_image
+    from .image_processing import load_image
+    from .text import check_text
 
-    try:
-        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, seed=args.seed)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, processor = load_model(args.model, device=device, dtype=args.dtype)
-        pil = load_image(args.image, max_pixels=processor.config.max_pixels) if args.image else None
-        image = processor.process_image(pil) if pil is not None else None
-    except (CheckpointError, ImageError, ValueError, KeyError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, seed=args.seed)
+    if args.prompt is not None and not check_text(args.prompt, "--prompt").strip():
+        raise ValueError("--prompt is empty")
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, processor = load_model(args.model, device=device, dtype=args.dtype)
+    pil = load_image(args.image, max_pixels=processor.config.max_pixels) if args.image else None
+    image = processor.process_image(pil) if pil is not None else None
     gen = Generator(model, processor)
     conv = Conversation()
-    first = True
     while True:
-        if args.prompt is not None:
-            question = args.prompt
-        else:
-            try:
-                question = input("you> ").strip()
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return 0
-            if not question:
-                continue
-            if question in ("exit", "quit"):
-                return 0
-        conv.append(Message.user(question, image=first and image is not None))
-        first = False
-        try:
-            answer = _answer(gen, conv, image, settings, args.boxes, processor, pil)
-        except ValueError as e:  # e.g. the conversation no longer fits the context
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        question = args.prompt if args.prompt is not None else _read_question()
+        if question is None or question in ("exit", "quit"):
+            return 0
+        if not question:
+            continue
+        check_text(question, "the question")
+        conv.append(Message.user(question, image=not conv.messages and image is not None))
+        answer = _answer(gen, conv, image, settings, args.boxes, processor, pil)
         conv.append(Message.assistant(answer))
         if args.prompt is not None:
             return 0
 
 
+def _foreseen() -> tuple[type[BaseException], ...]:
+    """Failures a user can cause; each class carries a message meant for them."""
+    from .checkpoint import CheckpointError
+
+    return (CheckpointError, ValueError, KeyError, OSError, UnicodeError, MemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m sphinx_model", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _chat_parser(sub)
-    _convert_parser(sub)
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the command too; absent there = unset
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of an unexpected error")
+    parser = _Parser(prog="python -m sphinx_model", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _chat_parser(sub, common)
+    _convert_parser(sub, common)
     args = parser.parse_args(argv)
-    if args.command == "convert-accessory":
-        from .convert_accessory import main_convert
+    try:
+        if args.command == "convert-accessory":
+            from .convert_accessory import run_convert
 
-        return main_convert(args.rest)
-    return chat(args)
+            return run_convert(args)
+        return chat(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns failures into exit codes
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(e, _foreseen()):
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (a bug; rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ A checkpoint is one folder:
 `from_pretrained` takes a local folder or a Hugging Face Hub repo id (downloaded through
 huggingface_hub); the model is built on the meta device and the weights are assigned
 directly, so a 13B model is never initialised twice.
+
+Loading is the one checkpoint loader, and a checkpoint is data from elsewhere: every file it
+names (its shard index's shards, and every entry of the folder) must resolve inside it
+(symlinks out are refused; a hub snapshot's links into its repo's `blobs/` are inside), only
+regular files are opened, and a corrupt, truncated or empty weight file, a config of the
+wrong shape or a tokenizer that will not load is a `CheckpointError` with one line.
 """
 from __future__ import annotations
 
@@ -18,9 +24,11 @@ from typing import Any
 import torch
 from huggingface_hub import save_torch_state_dict, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import CONFIG_FILE, SphinxConfig
+from .config import CONFIG_FILE, ConfigError, SphinxConfig
+from .files import UnsafePathError, check_regular_file, inside, read_text
 from .modeling import SphinxForCausalLM, resolve_dtype
 from .processor import SphinxProcessor
 from .tokenizer import load_tokenizer
@@ -30,7 +38,34 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found or does not fit its config."""
+    """A checkpoint that cannot be found, is damaged, or does not fit its config."""
+
+
+class DeviceError(ValueError):
+    """A device that is malformed or not present on this machine."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """`device` checked: well-formed ("cpu", "cuda", "cuda:1", "mps", ...) and present here."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"unknown device {device!r} (expected cpu, cuda, cuda:N, mps, ...)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "mps":
+        count = 1 if torch.backends.mps.is_available() else 0
+    else:
+        backend = getattr(torch, dev.type, None)
+        ok = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+        count = backend.device_count() if ok and hasattr(backend, "device_count") else int(ok)
+    if not count:
+        raise DeviceError(f"device {str(device)!r} is not available on this machine")
+    if dev.index is not None and dev.index >= count:
+        raise DeviceError(f"device {str(device)!r} does not exist: this machine has {count} {dev.type} device(s)")
+    return dev
 
 
 def save_pretrained(model: SphinxForCausalLM, processor: SphinxProcessor, folder: str | Path,
@@ -52,32 +87,85 @@ def save_pretrained(model: SphinxForCausalLM, processor: SphinxProcessor, folder
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
     """A local folder as is, or a hub repo id downloaded (or found in the local cache)."""
+    return _locate(name_or_path)[0]
+
+
+def _locate(name_or_path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint folder, the root its files must resolve into)."""
     path = Path(name_or_path)
     if path.is_dir():
-        if not (path / CONFIG_FILE).is_file():
+        if not (path / CONFIG_FILE).exists():
             raise CheckpointError(f"{path} is a folder but not a SPHINX checkpoint (no {CONFIG_FILE}); "
                                   "for released LLaMA2-Accessory folders run "
                                   "`python -m sphinx_model convert-accessory SRC DST` first")
-        return path
+        return path, path
     if path.exists():
         raise CheckpointError(f"{path} is a file; a checkpoint is a folder")
     try:
-        return Path(snapshot_download(str(name_or_path)))
+        folder = Path(snapshot_download(str(name_or_path)))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise CheckpointError(f"{name_or_path!r} is not a local folder and is not in the Hugging Face cache; "
                               "downloading is impossible (offline: HF_HUB_OFFLINE=1 or no network). "
                               "Pass a local checkpoint folder or a preset name.") from e
-    except HFValidationError as e:
+    except (HFValidationError, ValueError) as e:
         raise CheckpointError(f"{name_or_path!r} is neither a local folder nor a valid hub repo id") from e
+    # a cache snapshot's files are links into the repo's blobs/: the repo folder is the root
+    return folder, folder.parent.parent if folder.parent.name == "snapshots" else folder
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    if (folder / INDEX_NAME).is_file():
-        index = json.loads((folder / INDEX_NAME).read_text())
-        return [folder / f for f in sorted(set(index["weight_map"].values()))]
-    if (folder / WEIGHTS_NAME).is_file():
-        return [folder / WEIGHTS_NAME]
+def _checked(root: Path, folder: Path, name: str) -> Path:
+    """A file the checkpoint names: inside it and a regular file, or CheckpointError."""
+    try:
+        return check_regular_file(inside(root, name, folder, what="checkpoint file"), "checkpoint file")
+    except UnsafePathError as e:
+        raise CheckpointError(str(e)) from e
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{folder} names {name!r}, which does not exist") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {name!r} in {folder}: {e.strerror or e}") from e
+
+
+def _check_folder(folder: Path, root: Path) -> None:
+    """Every entry of the checkpoint folder resolves inside it, and every file is a regular one
+    (the tokenizer's files are read by name, so a planted link or FIFO is refused here)."""
+    for entry in sorted(folder.iterdir()):
+        try:
+            inside(root, entry.name, folder, what="checkpoint file")
+            if not entry.is_dir():
+                check_regular_file(entry, "checkpoint file")
+        except UnsafePathError as e:
+            raise CheckpointError(str(e)) from e
+        except OSError as e:  # e.g. a dangling link
+            raise CheckpointError(f"{entry.name!r} in {folder} cannot be read: {e.strerror or e}") from e
+
+
+def _weight_files(folder: Path, root: Path | None = None) -> list[Path]:
+    root = folder if root is None else root
+    if (folder / INDEX_NAME).exists():
+        index_path = _checked(root, folder, INDEX_NAME)
+        try:
+            index = json.loads(read_text(index_path, "shard index", max_bytes=64 << 20))
+        except (json.JSONDecodeError, RecursionError, UnsafePathError) as e:
+            raise CheckpointError(f"{INDEX_NAME} in {folder} is not a valid shard index ({e})") from e
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{INDEX_NAME} in {folder} needs a 'weight_map' object of tensor name -> file name")
+        return [_checked(root, folder, name) for name in sorted(set(weight_map.values()))]
+    if (folder / WEIGHTS_NAME).exists() or (folder / WEIGHTS_NAME).is_symlink():
+        return [_checked(root, folder, WEIGHTS_NAME)]
     raise CheckpointError(f"no weights in {folder} (expected {WEIGHTS_NAME} or {INDEX_NAME})")
+
+
+def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            detail = " ".join(str(e).split())[:200]
+            raise CheckpointError(f"{f.name} is not a readable safetensors file (empty, truncated or corrupt: "
+                                  f"{detail})") from e
+    return state
 
 
 def load_weights_into(model: SphinxForCausalLM, state: dict[str, torch.Tensor]) -> None:
@@ -114,21 +202,31 @@ def from_pretrained(name_or_path: str | Path, device: str | torch.device | None 
     """
     from accelerate import init_empty_weights
 
-    folder = resolve_checkpoint(name_or_path)
-    config = SphinxConfig.load(folder)
+    device = resolve_device(device)
+    folder, root = _locate(name_or_path)
+    _check_folder(folder, root)
+    _checked(root, folder, CONFIG_FILE)
+    try:
+        config = SphinxConfig.load(folder)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
     if dtype is not None:
         resolve_dtype(dtype)
         config = config.replace(llm={**config.llm.__dict__, "dtype": dtype})
     if config_overrides:
         config = config.replace(**config_overrides)
-    with init_empty_weights():
-        model = SphinxForCausalLM(config, load_weights=False)
-    state: dict[str, torch.Tensor] = {}
-    for f in _weight_files(folder):
-        state.update(load_file(str(f)))
-    load_weights_into(model, state)
+    files = _weight_files(folder, root)
+    try:
+        with init_empty_weights():
+            model = SphinxForCausalLM(config, load_weights=False)
+    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError, OverflowError) as e:
+        raise CheckpointError(f"the config in {folder} does not build a model: {' '.join(str(e).split())[:300]}") from e
+    load_weights_into(model, _read_weights(files))
     model = _place(model, device)
-    tokenizer = load_tokenizer(str(folder), trust_remote_code=config.llm.trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(str(folder), trust_remote_code=config.llm.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception for a damaged tokenizer.json
+        raise CheckpointError(f"cannot load the tokenizer in {folder}: {' '.join(str(e).split())[:200]}") from e
     return model.eval(), SphinxProcessor(config, tokenizer)
 
 
@@ -164,6 +262,7 @@ def load_model(spec: str | Path, device: str | torch.device | None = None, dtype
     """A preset name (weights from the hub where the preset names them), a folder, or a hub id."""
     from .config import list_presets, get_preset
 
+    device = resolve_device(device)
     if str(spec) in list_presets() and not Path(spec).exists():
         config = get_preset(str(spec))
         if dtype is not None:

@@ -22,7 +22,6 @@ per expert and `mlp.experts.down_proj` (E, dim, ffn).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import sys
@@ -33,15 +32,16 @@ from typing import Any
 
 import torch
 
+from .accessory_shards import (_MOE_EXPERTS, PREFIX, SHARD_RE, find_shards, load_shard, merge_shards,  # noqa: F401
+                               model_arg, read_json_object, split_dim)
 from .checkpoint import CheckpointError, save_pretrained
 from .config import SphinxConfig, get_preset
 from .experts import get_expert_class
+from .files import check_regular_file
 from .modeling import DTYPES, SphinxForCausalLM
 from .processor import SphinxProcessor
 from .tokenizer import load_tokenizer
 
-PREFIX = "llma."
-SHARD_RE = re.compile(r"^consolidated\.(\d+)-of-(\d+)\.model\.pth$")
 GLUE_KEYS = re.compile(r"^(visual_proj\.\d+\.(weight|bias)|start_img|end_img)$")
 
 
@@ -62,10 +62,6 @@ RELEASED_TYPES: dict[str, ReleasedType] = {
                                         "implemented in this project"),
 }
 
-# Tensor-parallel split dim of the sharded LLM tensors (keys without `llma.`); the rest is replicated.
-_SPLITS = ((re.compile(r"^layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])\.weight$|^output\.weight$"), 0),
-           (re.compile(r"^layers\.\d+\.(attention\.wo|feed_forward\.w2)\.weight$|^tok_embeddings\.weight$"), 1))
-_MOE_EXPERTS = re.compile(r"^layers\.(\d+)\.feed_forward\.(w[123])$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^llm\.model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {  # released layer suffix -> transformers layer suffix (Llama and Mixtral)
@@ -105,75 +101,6 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-# --- reading and merging shards ---------------------------------------------------------------
-def find_shards(src: Path) -> list[Path]:
-    """The shard files in rank order; every rank 0..MM-1 present, all agreeing on MM."""
-    if not src.is_dir():
-        raise CheckpointError(f"{src} is not a folder")
-    found = {p: SHARD_RE.match(p.name) for p in src.iterdir()}
-    shards = {int(m[1]): (int(m[2]), p) for p, m in found.items() if m}
-    if not shards:
-        raise CheckpointError(f"no consolidated.NN-of-MM.model.pth shards in {src}")
-    counts = sorted({n for n, _ in shards.values()})
-    if len(counts) != 1:
-        raise CheckpointError(f"inconsistent shard count in {src}: files say -of-{counts}")
-    if sorted(shards) != list(range(counts[0])):
-        raise CheckpointError(f"inconsistent shard count in {src}: expected ranks 0..{counts[0] - 1} "
-                              f"of {counts[0]}, found {sorted(shards)}")
-    return [shards[r][1] for r in range(counts[0])]
-
-
-def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    """One shard's state dict, memory-mapped where the file allows, `llma.` stripped."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # legacy (non-zip) pickles cannot be memory-mapped; try plainly
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"cannot read {path}: {e}") from e
-    sd = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path.name} holds no state dict")
-    return {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in sd.items()}
-
-
-def split_dim(key: str) -> int | None:
-    """Tensor-parallel split dim of a released key (`llma.` stripped); None = replicated."""
-    for pattern, dim in _SPLITS:
-        if pattern.match(key):
-            return dim
-    return None
-
-
-def merge_shards(shards: list[dict[str, torch.Tensor]], notes: list[str]) -> dict[str, torch.Tensor]:
-    """Megatron-style merge; MoE expert tensors concatenate each expert's ffn rows."""
-    keys = list(shards[0])
-    if any(set(s) != set(keys) for s in shards[1:]):
-        raise CheckpointError("the shards hold different keys")
-    merged: dict[str, torch.Tensor] = {}
-    for key in keys:
-        try:
-            merged[key] = _merge_one(key, [s[key] for s in shards], shards[0], notes)
-        except (RuntimeError, KeyError) as e:
-            raise CheckpointError(f"cannot merge {PREFIX}{key} across {len(shards)} shards: {e}") from e
-    return merged
-
-
-def _merge_one(key: str, parts: list[torch.Tensor], first: dict[str, torch.Tensor], notes: list[str]
-               ) -> torch.Tensor:
-    if len(parts) == 1:
-        return parts[0]
-    if moe := _MOE_EXPERTS.match(key):
-        experts = first[f"layers.{moe[1]}.feed_forward.gate.weight"].shape[0]
-        return torch.cat([p.reshape(experts, -1, p.shape[-1]) for p in parts], dim=1).flatten(0, 1)
-    if (dim := split_dim(key)) is not None:
-        return torch.cat(parts, dim=dim)
-    if not all(torch.equal(parts[0], p) for p in parts[1:]):
-        notes.append(f"replicated tensor {PREFIX}{key} differs between shards; rank 0's copy is used")
-    return parts[0]
-
-
 # --- the LLM --------------------------------------------------------------------------------
 def llm_config(args: dict[str, Any], sd: dict[str, torch.Tensor], notes: list[str], min_positions: int = 4096
                ) -> dict[str, Any]:
@@ -183,41 +110,52 @@ def llm_config(args: dict[str, Any], sd: dict[str, torch.Tensor], notes: list[st
             "layers.0.feed_forward.w1" if moe else "layers.0.feed_forward.w1.weight"]
     if absent := [PREFIX + k for k in need if k not in sd]:
         raise CheckpointError(f"the checkpoint lacks {', '.join(absent)}; cannot read the LLM's dimensions")
+    if sd["tok_embeddings.weight"].dim() != 2:
+        raise CheckpointError(f"{PREFIX}tok_embeddings.weight is not a matrix")
     vocab, dim = sd["tok_embeddings.weight"].shape
     layers = 1 + max(int(m[1]) for k in sd if (m := _LAYER.match(k)))
     if "n_heads" not in args:
         raise CheckpointError("config.json gives no n_heads (the head count cannot be read off the tensors)")
-    n_heads = int(args["n_heads"])
+    n_heads = model_arg(args, "n_heads", int)
+    n_kv = model_arg(args, "n_kv_heads", int) or n_heads
+    if n_heads < 1 or n_kv < 1 or dim % n_heads or n_heads % n_kv or (dim // n_heads) % 2:
+        raise CheckpointError(f"config.json's head counts are impossible for dim {dim}: n_heads {n_heads}, "
+                              f"n_kv_heads {n_kv} (need n_heads dividing dim into an even head size, "
+                              "and n_kv_heads dividing n_heads)")
     head_dim = dim // n_heads
     wq, wk = sd["layers.0.attention.wq.weight"], sd["layers.0.attention.wk.weight"]
-    n_kv = int(args.get("n_kv_heads") or n_heads)
     if tuple(wq.shape) != (n_heads * head_dim, dim) or tuple(wk.shape) != (n_kv * head_dim, dim):
         raise CheckpointError(f"attention shapes wq {tuple(wq.shape)} / wk {tuple(wk.shape)} do not fit "
                               f"dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv}")
     for key, value in (("dim", dim), ("n_layers", layers)):
-        if key in args and int(args[key]) != value:
+        if args.get(key) is not None and model_arg(args, key, int) != value:
             raise CheckpointError(f"config.json says {key}={args[key]} but the tensors give {value}")
-    theta = args.get("rope_theta")
+    theta = model_arg(args, "rope_theta", float)
     if theta is None:  # the authors' ModelArgs defaults: llama 1e4, mixtral_sparse 1e6
         theta = 1e6 if moe else 1e4
         notes.append(f"config.json gives no rope_theta; using {theta:g}")
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(theta)}
-    if args.get("rope_scaling"):  # Accessory: a float, linear position interpolation
-        rope.update(rope_type="linear", factor=float(args["rope_scaling"]))
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    if model_arg(args, "rope_scaling", float):  # Accessory: a float, linear position interpolation
+        rope.update(rope_type="linear", factor=model_arg(args, "rope_scaling", float))
+    norm_eps = model_arg(args, "norm_eps", float)
     cfg: dict[str, Any] = dict(
         model_type="llama", hidden_size=dim, num_hidden_layers=layers, num_attention_heads=n_heads,
         num_key_value_heads=n_kv, head_dim=head_dim, vocab_size=vocab,
-        rms_norm_eps=float(args.get("norm_eps", 1e-5)),
-        rope_parameters=rope, max_position_embeddings=max(int(args.get("max_seq_len") or 0), min_positions),
+        rms_norm_eps=1e-5 if norm_eps is None else norm_eps,
+        rope_parameters=rope, max_position_embeddings=max(model_arg(args, "max_seq_len", int) or 0, min_positions),
         tie_word_embeddings=False, hidden_act="silu")
     if not moe:
         return {**cfg, "intermediate_size": sd["layers.0.feed_forward.w1.weight"].shape[0],
                 "attention_bias": False, "mlp_bias": False}
     experts = sd["layers.0.feed_forward.gate.weight"].shape[0]
     moe_args = args.get("moe") or {}
-    if int(moe_args.get("num_experts", experts)) != experts:
+    if not isinstance(moe_args, dict):
+        raise CheckpointError(f"config.json's 'moe' must be an object, got {type(moe_args).__name__}")
+    if (model_arg(moe_args, "num_experts", int) or experts) != experts:
         raise CheckpointError(f"config.json says {moe_args['num_experts']} experts but the router has {experts}")
-    per_tok = int(moe_args.get("num_experts_per_tok", 2))
+    per_tok = model_arg(moe_args, "num_experts_per_tok", int) or 2
+    if not 1 <= per_tok <= experts:
+        raise CheckpointError(f"config.json's num_experts_per_tok {per_tok} is impossible with {experts} experts")
     return {**cfg, "model_type": "mixtral", "num_local_experts": experts, "num_experts_per_tok": per_tok,
             "intermediate_size": sd["layers.0.feed_forward.w1"].shape[0] // experts,
             "sliding_window": None, "output_router_logits": False, "router_jitter_noise": 0.0}
@@ -279,16 +217,9 @@ def map_experts(sd: dict[str, torch.Tensor], config: SphinxConfig
 
 
 # --- conversion -----------------------------------------------------------------------------
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-
-
 def _resolve_base(llama_type: str | None, base_preset: str | None) -> tuple[SphinxConfig, ReleasedType | None]:
+    if llama_type is not None and not isinstance(llama_type, str):
+        raise CheckpointError(f"meta.json's llama_type must be a string, got {type(llama_type).__name__}")
     released = RELEASED_TYPES.get(llama_type or "")
     name = base_preset or (released.base_preset if released else None)
     if name is None:
@@ -310,8 +241,13 @@ def _tokenizer(src: Path, base: SphinxConfig, notes: list[str]):
     from transformers import LlamaTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:  # the SentencePiece file alone, nothing else to misread
-        shutil.copy(model_file, Path(tmp) / "tokenizer.model")
-        tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
+        try:
+            check_regular_file(model_file, "tokenizer.model")
+            shutil.copy(model_file, Path(tmp) / "tokenizer.model")
+            tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
+        except Exception as e:  # noqa: BLE001 - sentencepiece raises plain RuntimeError/OSError for a bad model
+            raise CheckpointError(f"{model_file} is not a usable SentencePiece model "
+                                  f"({' '.join(str(e).split())[:160]})") from e
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token
     for key in ("local_files_only", "is_local"):  # loading details of the temp folder, not settings
@@ -349,7 +285,7 @@ def convert_accessory(src: str | Path, dst: str | Path, base_preset: str | None 
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     notes: list[str] = []
     paths = find_shards(src)
-    meta, args = _read_json(src / "meta.json"), _read_json(src / "config.json")
+    meta, args = read_json_object(src / "meta.json"), read_json_object(src / "config.json")
     base, released = _resolve_base(meta.get("llama_type"), base_preset)
     sd = merge_shards([load_shard(p) for p in paths], notes)
     if "tok_embeddings.weight" not in sd:
@@ -433,26 +369,37 @@ def _assign(model: SphinxForCausalLM, state: dict[str, torch.Tensor]) -> None:
 
 
 # --- CLI ------------------------------------------------------------------------------------
-def main_convert(argv: list[str]) -> int:
-    """`python -m sphinx_model convert-accessory SRC DST [...]`; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m sphinx_model convert-accessory",
-                                     description="Convert a released LLaMA2-Accessory SPHINX folder.")
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The converter's command-line arguments (shared by `python -m sphinx_model convert-accessory`)."""
     parser.add_argument("src", help="released folder: consolidated.*.model.pth, config.json, meta.json, "
                                     "tokenizer.model")
     parser.add_argument("dst", help="output checkpoint folder")
     parser.add_argument("--base-preset", help="preset giving experts/canvas/template (default: from meta.json)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--allow-unmapped", action="store_true", help="convert even if keys do not map")
-    try:
-        ns = parser.parse_args(argv)
-    except SystemExit as e:  # usage errors and --help
-        return int(e.code or 0)
+    return parser
+
+
+def run_convert(ns: argparse.Namespace) -> int:
+    """Convert with parsed arguments; foreseeable failures print one `error:` line, exit 2."""
     try:
         report = convert_accessory(ns.src, ns.dst, base_preset=ns.base_preset, dtype=ns.dtype,
                                    allow_unmapped=ns.allow_unmapped)
     except (CheckpointError, OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
     print("\n".join(report.lines()))
     print(f"wrote {ns.dst}")
     return 0
+
+
+def main_convert(argv: list[str]) -> int:
+    """`python -m sphinx_model convert-accessory SRC DST [...]`; returns the exit code."""
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m sphinx_model convert-accessory",
+                                                   description="Convert a released LLaMA2-Accessory SPHINX folder."))
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors and --help
+        return int(e.code or 0)
+    return run_convert(ns)

@@ -7,6 +7,7 @@ The encoders run once per request (the image becomes `inputs_embeds`), then the 
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -19,11 +20,20 @@ from transformers.generation.streamers import BaseStreamer
 
 from .conversation import Conversation
 from .modeling import SphinxForCausalLM
-from .processor import SphinxProcessor
+from .processor import PromptTooLongError, SphinxProcessor
+
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes 0 .. 2**64 - 1
 
 
 @dataclass
 class GenerationSettings:
+    """How to decode. Checked on construction: right types, finite numbers, sane ranges.
+
+    `max_new_tokens` may exceed the model's context; the Generator caps it to the room the
+    prompt leaves, so decoding never runs past the position limit.
+    """
+
     max_new_tokens: int = 256
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0
@@ -33,10 +43,25 @@ class GenerationSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.use_cache, bool):
+            raise ValueError(f"use_cache must be true or false, got {self.use_cache!r}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ValueError("top_k must be >= 0 and repetition_penalty > 0")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer in 0..2**64-1, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,8 +116,24 @@ class Generator:
         self.tokenizer = processor.tokenizer
         self.stops = processor.template.stop_strings
 
+    @property
+    def context_length(self) -> int:
+        """Positions the model may use: the config's max_length, and the LLM's position limit."""
+        limit = self.processor.config.max_length
+        positions = getattr(self.model.llm.config, "max_position_embeddings", None)
+        return min(limit, positions) if isinstance(positions, int) and positions > 0 else limit
+
+    def new_token_budget(self, prompt_length: int, settings: GenerationSettings) -> int:
+        """`settings.max_new_tokens`, capped to the room the prompt leaves in the context."""
+        room = self.context_length - prompt_length
+        if room < 1:
+            raise PromptTooLongError(f"the prompt takes {prompt_length} of the model's {self.context_length} "
+                                     "positions and leaves no room for an answer")
+        return min(settings.max_new_tokens, room)
+
     def _generate_ids(self, batch: dict[str, torch.Tensor], settings: GenerationSettings,
                       cancel: threading.Event | None, streamer: BaseStreamer | None = None) -> torch.Tensor:
+        max_new_tokens = self.new_token_budget(batch["input_ids"].shape[1], settings)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         device = self.model.device
@@ -107,7 +148,7 @@ class Generator:
             sampling = settings.temperature > 0
             out = self.model.llm.generate(
                 inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=settings.max_new_tokens, do_sample=sampling,
+                max_new_tokens=max_new_tokens, do_sample=sampling,
                 temperature=settings.temperature if sampling else None,
                 top_p=settings.top_p if sampling else None, top_k=settings.top_k if sampling else None,
                 repetition_penalty=settings.repetition_penalty, use_cache=settings.use_cache,
@@ -142,6 +183,7 @@ class Generator:
         """
         settings = settings or GenerationSettings()
         batch = self.processor([conversation], [images], add_generation_prompt=True)
+        self.new_token_budget(batch["input_ids"].shape[1], settings)  # a full context fails here, not in the thread
         cancel = cancel or threading.Event()
         streamer = _TokenQueue()
         errors: list[BaseException] = []

@@ -11,13 +11,20 @@ Truncated files raise: this module never sets `PIL.ImageFile.LOAD_TRUNCATED_IMAG
 process-wide switch); if some other library turns it on, Pillow will pad truncated files
 with grey instead and nothing here can tell.
 
-`canvas_tensor` follows the released models' pixel path: pad to a square with the CLIP
-mean colour (so padding is ~0 after normalisation), PIL bicubic resize to the canvas size,
-then CLIP normalisation. The geometry comes from `tiling.canvas_geometry` only.
+`canvas_tensor` builds the canvas at the model's size: the image is resized (PIL bicubic)
+straight to its place on a `canvas_size` square filled with the CLIP mean colour (so padding
+is ~0 after normalisation), then CLIP-normalised. The released models pad to a square at
+full resolution first and resize that; here each content pixel is sampled at the same
+source position as that path would sample it (PIL's `box`), so the two agree except in a
+band of about two pixels along the content's edges, where the released path blends in the
+padding colour. Cost follows the canvas, not the image's long side: a 1 x 60,000 image no
+longer needs a 60,000 x 60,000 intermediate. The geometry comes from
+`tiling.canvas_geometry` only.
 """
 from __future__ import annotations
 
 import io
+import math
 import os
 
 import numpy as np
@@ -25,6 +32,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .experts.clip_convnext import CLIP_MEAN, CLIP_STD  # the canvas lives in CLIP's normalisation
+from .files import UnsafePathError, open_regular
 from .tiling import Anchor, Canvas, canvas_geometry
 
 PAD_FILL = tuple(int(255 * m) for m in CLIP_MEAN)  # (122, 116, 104) as released: padding ~0 after normalising
@@ -47,10 +55,14 @@ def load_image(source: ImageSource, max_pixels: int = 64_000_000) -> Image.Image
         return _sanitise(source, max_pixels)
     if isinstance(source, (str, os.PathLike)):
         try:
-            with open(source, "rb") as f:
+            with open_regular(source, "image file") as f:  # a FIFO or device is refused, never read
                 return _decode(f, max_pixels, name=os.fspath(source))
-        except OSError as e:  # missing file, directory, permissions
+        except UnsafePathError as e:
+            raise ImageError(str(e)) from e
+        except OSError as e:  # missing file, permissions
             raise ImageError(f"cannot read image file {os.fspath(source)!r}: {e.strerror or e}") from e
+        except ValueError as e:  # a path with a NUL byte
+            raise ImageError(f"cannot read image file {os.fspath(source)!r}: {e}") from e
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode(io.BytesIO(bytes(source)), max_pixels, name="image bytes")
     if isinstance(source, io.TextIOBase):
@@ -182,8 +194,60 @@ def pad_to_canvas(image: Image.Image, canvas: Canvas, fill: tuple[int, int, int]
     return out
 
 
+def place_on_canvas(image: Image.Image, canvas: Canvas, canvas_size: int,
+                    fill: tuple[int, int, int] = PAD_FILL) -> Image.Image:
+    """What `pad_to_canvas(image, canvas).resize((canvas_size,) * 2, BICUBIC)` gives, without the
+    full-resolution square.
+
+    Only the output pixels whose bicubic kernel reaches the image are computed, from a crop of
+    the padded square that holds their whole kernels (or ends where the square ends, as
+    there); every other output pixel is the padding colour, as there. PIL's `box` keeps the
+    sampling positions of the full resize, so the result matches it up to rare rounding of
+    one level. An image too thin to pay for that crop (under ~4 output pixels across on a
+    padded axis, e.g. 1 x 60,000) is resized straight to its rounded place instead.
+    """
+    if image.size != (canvas.width, canvas.height):
+        raise ValueError(f"image is {image.width}x{image.height} but the canvas is for {canvas.width}x{canvas.height}")
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image (use load_image), got mode {image.mode!r}")
+    scale = canvas.side / canvas_size                     # source pixels per output pixel
+    spans = [_kernel_span(o, n, canvas.side, canvas_size) for o, n in
+             ((canvas.offset_x, canvas.width), (canvas.offset_y, canvas.height))]
+    (q0x, q1x, s0x, s1x), (q0y, q1y, s0y, s1y) = spans
+    out = Image.new("RGB", (canvas_size, canvas_size), fill)
+    if (s1x - s0x) * (s1y - s0y) <= 2 * image.width * image.height + 16 * canvas_size ** 2:
+        crop = Image.new("RGB", (s1x - s0x, s1y - s0y), fill)
+        crop.paste(image, (canvas.offset_x - s0x, canvas.offset_y - s0y))
+        box = (q0x * scale - s0x, q0y * scale - s0y, min(q1x * scale - s0x, s1x - s0x),
+               min(q1y * scale - s0y, s1y - s0y))
+        out.paste(crop.resize((q1x - q0x, q1y - q0y), Image.Resampling.BICUBIC, box=box), (q0x, q0y))
+        return out
+    x0, w = _rounded_place(canvas.offset_x, canvas.width, scale, canvas_size)
+    y0, h = _rounded_place(canvas.offset_y, canvas.height, scale, canvas_size)
+    out.paste(image.resize((w, h), Image.Resampling.BICUBIC), (x0, y0))
+    return out
+
+
+def _kernel_span(offset: int, length: int, side: int, size: int) -> tuple[int, int, int, int]:
+    """On one axis: output pixels [q0, q1) whose bicubic kernel may reach the content, and the
+    source interval [s0, s1) (clipped to the padded square) holding all their kernels."""
+    scale = side / size
+    support = 2.0 * max(scale, 1.0) + 1.0                 # bicubic reaches 2 source pixels per output pixel
+    q0 = max(0, math.floor((offset - support) / scale - 0.5) - 1)
+    q1 = min(size, math.ceil((offset + length + support) / scale - 0.5) + 2)
+    s0 = max(0, math.floor(q0 * scale - support) - 1)
+    s1 = min(side, math.ceil(q1 * scale + support) + 1)
+    return q0, q1, s0, s1
+
+
+def _rounded_place(offset: int, length: int, scale: float, size: int) -> tuple[int, int]:
+    """Start and extent (>= 1 pixel) of the content on one axis of the output canvas."""
+    start = min(size - 1, round(offset / scale))
+    return start, max(1, min(size - start, round((offset + length) / scale) - start))
+
+
 def canvas_tensor(image: Image.Image, anchor: Anchor, canvas_size: int) -> tuple[torch.Tensor, Canvas]:
-    """pad (tiling.canvas_geometry) -> PIL bicubic resize to canvas_size -> float tensor
+    """resize onto the canvas (tiling.canvas_geometry, `place_on_canvas`) -> float tensor
     (3, canvas_size, canvas_size) normalised with CLIP mean/std.
 
     The returned `Canvas` is in original pixels (boxes map back through it).
@@ -191,9 +255,7 @@ def canvas_tensor(image: Image.Image, anchor: Anchor, canvas_size: int) -> tuple
     if canvas_size <= 0:
         raise ValueError(f"canvas_size must be positive, got {canvas_size}")
     canvas = canvas_geometry(image.width, image.height, anchor)
-    padded = pad_to_canvas(image, canvas)
-    if padded.size != (canvas_size, canvas_size):
-        padded = padded.resize((canvas_size, canvas_size), Image.Resampling.BICUBIC)
+    padded = place_on_canvas(image, canvas, canvas_size)
     pixels = torch.from_numpy(np.array(padded, dtype=np.uint8))  # (S, S, 3)
     x = pixels.permute(2, 0, 1).float().div_(255.0)  # (3, S, S) in [0, 1], as torchvision's ToTensor
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .conversation import Conversation, Part
+from .text import encode_text
 
 IGNORE_INDEX = -100
 
@@ -210,13 +211,14 @@ def encode_continuation(tokenizer, text: str, at_start: bool = False) -> list[in
     SentencePiece tokenizers (Llama's) prepend a word-boundary marker to every encode call;
     mid-conversation that marker would be a token the released models never saw. Encoding
     behind a fixed anchor and dropping the anchor's tokens gives the ids a whole-string
-    encode would give. Tokenizers without the marker get the plain encode.
+    encode would give. Tokenizers without the marker get the plain encode. All of it is
+    plain text (`tokenizer.encode_text`): a control token's string in `text` stays text.
     """
-    plain = tokenizer.encode(text, add_special_tokens=False)
+    plain = encode_text(tokenizer, text)
     if at_start:
         return plain
-    anchor = tokenizer.encode(_ANCHOR, add_special_tokens=False)
-    joined = tokenizer.encode(_ANCHOR + text, add_special_tokens=False)
+    anchor = encode_text(tokenizer, _ANCHOR)
+    joined = encode_text(tokenizer, _ANCHOR + text)
     if joined[: len(anchor)] == anchor:
         return joined[len(anchor):]
     return plain

@@ -2,6 +2,7 @@
 
 The byte tokenizer needs no download and no training, so tiny test models and freshly
 initialised models work offline; real presets use their LLM's own tokenizer.
+Text is encoded by `text.encode_text` (plain text only, never control tokens).
 """
 from __future__ import annotations
 
@@ -50,3 +51,4 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     if tok.bos_token_id is None or tok.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} needs BOS and EOS tokens")
     return tok
+
