@@ -19,14 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from .config import ConfigError, read_yaml
-
-if TYPE_CHECKING:
-    from .data import RecordStore
 
 _KEYS = {"name", "path", "image_root", "task", "weight"}
 EXPORT_DATA_FILE = "data.jsonl"  # the storage export: DIR/data.jsonl + DIR/images/
@@ -106,37 +101,6 @@ def _spec(entry: object, i: int, base: Path, where: Path) -> DatasetSpec:
         raise DataError(f"mixture {where}: {e}") from None
     return DatasetSpec(name=str(entry.get("name") or Path(str(entry["path"])).stem), path=file,
                        image_root=image_root, task=entry.get("task"), weight=float(weight))
-
-
-# --- the split ------------------------------------------------------------------------------
-@dataclass
-class Split:
-    train: list[np.ndarray]  # per dataset: global ids of usable training records
-    eval: np.ndarray         # global ids held out for the eval loss
-
-    @property
-    def train_pool(self) -> np.ndarray:
-        return np.concatenate(self.train) if self.train else np.zeros(0, np.int64)
-
-
-def split(store: "RecordStore", eval_per_dataset: int, seed: int) -> Split:
-    """Usable records per dataset, minus a seeded held-out set of `eval_per_dataset` each."""
-    train, held = [], []
-    for d in range(len(store.specs)):
-        ids = store.dataset_ids(d)
-        ids = ids[store.status[ids] == 0]
-        k = min(eval_per_dataset, len(ids) // 2)  # never hold out more than half a dataset
-        if k:
-            rng = np.random.default_rng([seed, d, 7])
-            chosen = np.zeros(len(ids), dtype=bool)
-            chosen[rng.choice(len(ids), size=k, replace=False)] = True
-            held.append(ids[chosen])
-            ids = ids[~chosen]
-        train.append(ids)
-    if not any(len(t) for t in train):
-        counts = ", ".join(f"{n} {r}" for r, n in sorted(store.bad_counts().items())) or "no records"
-        raise DataError(f"no usable training samples in the mixture ({counts})")
-    return Split(train, np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64))
 
 
 # --- weighted epochs -------------------------------------------------------------------------

@@ -32,12 +32,13 @@ from .checkpointing import (CHECKPOINTS, TrainerState, check_compatible, export_
                             frozen_fingerprint, install_trainable_only_hooks, load_checkpoint,
                             prune_checkpoints, save_checkpoint)
 from .config import ConfigError, RunConfig
-from .data import REASONS, Batch, Collator, ConversationDataset, make_loader, open_records
+from .data import Batch, Collator, ConversationDataset, make_loader
 from .freeze import apply_freeze, apply_lora
-from .mixture import DataError, EpochPlan, epoch_samples, load_mixture, plan_batches, rank_plan, split
+from .mixture import DataError, EpochPlan, epoch_samples, load_mixture, plan_batches, rank_plan
 from .model import build_model, load_processor, model_config
 from .parallel import deepspeed_requested, prepare
 from .progress import Progress
+from .records import REASONS, open_records, split
 
 FINAL = "final"
 METRICS = "metrics.jsonl"

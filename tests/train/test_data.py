@@ -10,8 +10,8 @@ import pytest
 import synthetic
 
 from sphinx_model.conversation import Conversation
-from train.data import (OK, REASONS, Collator, ConversationDataset, RecordStore, build_index, load_index,
-                        open_records)
+from train.data import Collator, ConversationDataset
+from train.records import OK, REASONS, RecordStore, build_index, load_index, open_records
 from train.mixture import DatasetSpec, DataError, resolve_source
 
 

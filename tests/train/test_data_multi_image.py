@@ -6,7 +6,8 @@ import json
 from PIL import Image
 
 from sphinx_model.conversation import Conversation
-from train.data import OK, REASONS, ConversationDataset, open_records
+from train.data import ConversationDataset
+from train.records import OK, REASONS, open_records
 from train.mixture import DatasetSpec
 
 

@@ -9,8 +9,8 @@ import yaml
 from synthetic import write_mixture
 
 from train.config import ConfigError
-from train.mixture import (DataError, epoch_samples, load_mixture, plan_batches, quotas, rank_plan, split)
-from train.data import open_records
+from train.mixture import DataError, epoch_samples, load_mixture, plan_batches, quotas, rank_plan
+from train.records import open_records, split
 
 
 def test_load_mixture_resolves_paths_and_export_folder(data_dir):
