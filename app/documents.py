@@ -85,12 +85,15 @@ def _page(doc: pymupdf.Document, index: int, max_pages: int) -> pymupdf.Page:
     return doc[index]
 
 
-def _dpi(page: pymupdf.Page, max_pixels: int) -> float:
+def _dpi(page: pymupdf.Page, max_pixels: int) -> int:
+    """Whole DPI (PyMuPDF takes integers) that keeps the rendered page under the pixel cap."""
     w_in, h_in = page.rect.width / 72.0, page.rect.height / 72.0
     if w_in <= 0 or h_in <= 0:
         raise DocumentError("the page has no area")
-    limit = (max_pixels / (w_in * h_in)) ** 0.5
-    return max(1.0, min(float(RENDER_DPI), limit))
+    limit = int((max_pixels / (w_in * h_in)) ** 0.5)
+    if limit < 1:
+        raise DocumentError("the page is too large to render within the pixel cap")
+    return min(RENDER_DPI, limit)
 
 
 def render_page(path: str | Path, index: int, max_pages: int, max_pixels: int) -> tuple[Image.Image, float]:

@@ -2,8 +2,8 @@
 
 Stable `elem_id`s (for browser tests; `#ID textarea`, `#ID input[type=file]`, ...):
 
-    header        model-info, noise-banner, model-card, tabs, tab-chat, tab-grounding, tab-som,
-                  tab-ocr, tab-history
+    header        model-info, noise-banner (random weights only), model-card (when the model has
+                  a card), tabs, tab-chat, tab-grounding, tab-som, tab-ocr, tab-history
     Chat          chat-chatbot, chat-input (MultimodalTextbox), chat-stop, chat-regenerate, chat-undo,
                   chat-clear, chat-temperature, chat-top-p, chat-max-new-tokens, chat-status,
                   chat-overlay (boxes of the last answer), chat-regions (their table), chat-comment,

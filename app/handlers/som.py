@@ -22,7 +22,7 @@ from .grounding import DETECT_PROMPT
 
 MAX_MARKS = 30
 SOURCES = ("model", "opencv", "both")
-_NUMBER = re.compile(r"(?<![\d.])(\d{1,3})(?![\d.])")
+_NUMBER = re.compile(r"(?<!\d)(?<!\d\.)(\d{1,3})(?!\d|\.\d)")
 MATCH_IOU = 0.5
 
 
