@@ -87,7 +87,8 @@ def _header(ctx: AppContext) -> None:
     url = info.card_url or (f"/gradio_api/file={info.card_path}" if info.card_path else None)
     name = f"[{info.name}]({url})" if url else f"`{info.name}`"
     images = f"{info.max_images} image{'s' * (info.max_images != 1)} per conversation"
-    gr.Markdown(f"## SPHINX-X\n**Model:** {name} · `{info.model_id}` · version `{info.version}` · "
+    ident = f" · `{info.model_id}`" if info.model_id != info.name else ""   # a preset's id is its name
+    gr.Markdown(f"## SPHINX-X\n**Model:** {name}{ident} · version `{info.version}` · "
                 f"{images} · boxes on a {info.anchor} canvas", elem_id="model-info")
     gr.Markdown(f"⚠ **`{info.name}` has random weights: its answers are noise.** Start the app with "
                 "`--model` pointing at a trained checkpoint for real answers.",
