@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,11 +29,12 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
 from sphinx_model.templates import IGNORE_INDEX
 
-from .checkpointing import (CHECKPOINTS, TrainerState, check_compatible, export_final, find_checkpoint,
-                            frozen_fingerprint, install_trainable_only_hooks, load_checkpoint,
-                            prune_checkpoints, save_checkpoint)
+from .checkpointing import (CHECKPOINTS, Checkpoint, TrainerState, check_compatible, check_output_dir,
+                            find_checkpoint, frozen_fingerprint, load_checkpoint, prune_checkpoints, save_checkpoint,
+                            write_run_file)
 from .config import ConfigError, RunConfig
 from .data import Batch, Collator, ConversationDataset, make_loader
+from .final import export_final
 from .freeze import apply_freeze, apply_lora
 from .mixture import DataError, EpochPlan, epoch_samples, load_mixture, plan_batches, rank_plan
 from .model import build_model, load_processor, model_config
@@ -84,6 +86,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         set_seed(cfg.train.seed)
+        saved = self._claim_output_dir()  # before anything heavy: a refused folder costs nothing
         config = model_config(cfg.model)
         self.processor = load_processor(config, cfg.model)
         self._setup_data()  # before any weights load: a hopeless mixture fails in seconds
@@ -98,21 +101,49 @@ class Trainer:
         model.to(acc.device)
         model.train()
         self.model, self.optimizer, self.mode = prepare(acc, model, cfg, self._make_optimizer)
-        self.scheduler = self._make_scheduler()
-        acc.register_for_checkpointing(self.scheduler)
-        if self.mode == "plain":
-            install_trainable_only_hooks(acc)
+        self.scheduler = self._make_scheduler()  # its state travels in trainer_state.json, not a pickle
         self.state = TrainerState(world_size=acc.num_processes, batch_size=cfg.train.batch_size,
                                   grad_accum=cfg.train.grad_accum, seed=cfg.train.seed,
                                   frozen_fingerprint=self.fingerprint)
-        if self.resume is not None:
-            folder = find_checkpoint(self.resume)
-            saved = load_checkpoint(acc, self.model, self.optimizer, self.mode, folder)
-            check_compatible(saved, self.state)
-            self.state = saved
-            self._print(f"resumed from {folder} at step {saved.step}")
+        if saved is not None:
+            check_compatible(saved.state, self.state)
+            self.state = load_checkpoint(acc, self.model, self.optimizer, self.scheduler, self.mode, saved)
+            self._print(f"resumed from {saved.folder} at step {self.state.step}")
+        self.state.run_id = self.state.run_id or self._new_run_id()
+        if acc.is_main_process:
+            write_run_file(cfg.train.output_dir, self.state.run_id)
+            self._trim_metrics(self.state.step)
         if cfg.train.tensorboard:
             acc.init_trackers("train")
+
+    def _claim_output_dir(self) -> Checkpoint | None:
+        """The verified checkpoint to resume (None for a new run), once the output folder is ours."""
+        saved = find_checkpoint(self.resume, self.accelerator) if self.resume is not None else None
+        check_output_dir(self.cfg.train.output_dir, saved.state if saved is not None else None)
+        return saved
+
+    def _new_run_id(self) -> str:
+        """A random id, drawn by the main process (never from the seeded RNG streams) and shared."""
+        from accelerate.utils import broadcast
+
+        value = int.from_bytes(os.urandom(7), "big") if self.accelerator.is_main_process else 0
+        shared = broadcast(torch.tensor([value], dtype=torch.int64, device=self.accelerator.device))
+        return f"{int(shared[0]):014x}"
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop logged steps after `step`: a new run starts its log afresh, a resumed one repeats them."""
+        path = self.cfg.train.output_dir / METRICS
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line + "\n")
+        path.write_text("".join(kept), encoding="utf-8")
 
     def _setup_data(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -297,7 +328,7 @@ class Trainer:
     def _save(self) -> None:
         root = self.cfg.train.output_dir / CHECKPOINTS
         folder = root / f"step-{self.state.step:06d}"
-        save_checkpoint(self.accelerator, self.model, self.optimizer, self.mode, self.state, folder)
+        save_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.mode, self.state, folder)
         if self.accelerator.is_main_process:
             prune_checkpoints(root, self.cfg.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()

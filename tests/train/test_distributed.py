@@ -39,6 +39,12 @@ def runs(tmp_path_factory, data_dir) -> dict[str, Path]:
                   "--num_processes", "2", "-m", "train", "--config", str(fsdp)])
     assert res.returncode == 0, res.stderr[-3000:]
     out["fsdp"] = fsdp.parent / "out"
+    out["fsdp_losses"] = losses(out["fsdp"])
+    # resume the sharded run from its step-2 checkpoint: every process restores its own shards
+    res = launch([str(BIN / "accelerate"), "launch", "--config_file", "train/configs/accelerate_fsdp.yaml",
+                  "--num_processes", "2", "-m", "train", "--config", str(fsdp),
+                  "--resume", str(out["fsdp"] / "checkpoints" / "step-000002")])
+    assert res.returncode == 0, res.stderr[-3000:]
     return out
 
 
@@ -47,17 +53,26 @@ def test_two_processes_train_checkpoint_and_export(runs, kind):
     from sphinx_model.checkpoint import from_pretrained
 
     out = runs[kind]
-    state = json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    state = json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["state"]
     assert state["world_size"] == 2 and state["step"] == 2
-    assert ((out / "checkpoints" / "step-000002" / "sharded").is_dir()) == (kind == "fsdp")
+    files = {p.name for p in (out / "checkpoints" / "step-000002").iterdir()}
+    shards = {"model-00000.safetensors", "model-00001.safetensors", "optimizer-00001.safetensors"}
+    assert (shards <= files) == (kind == "fsdp") and ("model.safetensors" in files) == (kind == "ddp")
+    assert not [f for f in files if f.endswith((".pkl", ".bin", ".pt"))]  # nothing pickled
     assert sorted(losses(out)) == list(range(1, STEPS + 1))
     model, processor = from_pretrained(out / "final")
     assert processor.config.name == "sphinx-test-tiny" and model.llm.config.num_hidden_layers == 2
 
 
 def test_fsdp_and_ddp_compute_the_same_losses(runs):
-    a, b = losses(runs["ddp"]), losses(runs["fsdp"])
+    a, b = losses(runs["ddp"]), runs["fsdp_losses"]
     assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_sharded_resume_repeats_the_last_step(runs):
+    resumed = losses(runs["fsdp"])  # steps 1-2 kept from the first run, step 3 trained again after the resume
+    assert sorted(resumed) == [1, 2, 3]
+    assert resumed[3] == pytest.approx(runs["fsdp_losses"][3], abs=1e-6)
 
 
 def test_deepspeed_configs_are_accepted(data_dir):
