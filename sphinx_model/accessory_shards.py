@@ -60,22 +60,31 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path.name} holds something other than tensors and was not loaded") from e
+        raise _refused(path, e) from e
     except Exception:  # legacy (non-zip) pickles cannot be memory-mapped; try plainly
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{path.name} holds something other than tensors and was not loaded") from e
+            raise _refused(path, e) from e
         except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged archive
-            detail = " ".join(str(e).split())[:160]
-            raise CheckpointError(f"{path.name} is not a readable PyTorch checkpoint (truncated or corrupt: "
-                                  f"{detail})") from e
+            raise _unreadable(path, e) from e
     sd = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path.name} holds no state dict")
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise CheckpointError(f"{path.name} holds something other than tensors and was not loaded")
     return {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in sd.items()}
+
+
+def _refused(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
+    """The weights-only unpickler said no: the file is not a pickle of tensors alone (a class
+    or function it names, an opcode it does not allow, or bytes that are no pickle at all)."""
+    return CheckpointError(f"{path.name} holds something other than tensors and was not loaded")
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    detail = " ".join(str(error).split())[:120]
+    return CheckpointError(f"{path.name} is not a readable PyTorch checkpoint (truncated or corrupt: {detail})")
 
 
 def split_dim(key: str) -> int | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -47,7 +48,11 @@ def build_llm(cfg: LLMConfig, load_weights: bool) -> PreTrainedModel:
         d = dict(cfg.config)
         model_type = d.pop("model_type")
         if model_type in CONFIG_MAPPING:
-            hf_config = AutoConfig.for_model(model_type, **d)
+            try:
+                hf_config = AutoConfig.for_model(model_type, **d)
+            except (StrictDataclassError, TypeError, ValueError) as e:  # transformers' configs validate fields
+                raise ValueError(f"llm.config is not a valid {model_type} config: "
+                                 f"{' '.join(str(e).split())[:300]}") from e
         elif cfg.trust_remote_code and cfg.name_or_path:  # e.g. InternLM2: config class lives in hub code
             hf_config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=True, **d)
         else:
