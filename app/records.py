@@ -75,10 +75,12 @@ class HistoryItem:
     updated_at: datetime
     turns: int
     model_id: str
+    task: str = "chat"       # what made it: chat, or a tab (grounding, detection, som, ocr, spotting)
 
     @property
     def label(self) -> str:
-        return f"{self.updated_at:%Y-%m-%d %H:%M} · {self.title} ({self.turns} turn{'s' * (self.turns != 1)})"
+        kind = "" if self.task == "chat" else f"[{self.task}] "
+        return f"{self.updated_at:%Y-%m-%d %H:%M} · {kind}{self.title} ({self.turns} turn{'s' * (self.turns != 1)})"
 
 
 @dataclass
@@ -151,7 +153,9 @@ def history(store: Store, owner: Owner, limit: int = 100) -> list[HistoryItem]:
             title = next((m.text for m in users if m.text.strip()), "(image only)").strip().splitlines()[0]
             if len(title) > TITLE_CHARS:
                 title = title[: TITLE_CHARS - 1] + "…"
-            out.append(HistoryItem(row.id, title, row.updated_at, len(users), row.model_id))
+            answers = [m for m in row.messages if m.role == "assistant"]
+            task = str((answers[0].settings or {}).get("task", "chat")) if answers else "chat"
+            out.append(HistoryItem(row.id, title, row.updated_at, len(users), row.model_id, task))
         return out
 
 

@@ -7,8 +7,9 @@ stays with the request). Handlers build a `GenerationRequest` and never see tens
 the serving work (batching concurrent requests, caching images and prefixes) can happen
 behind this interface without touching them.
 
-Images travel as a list per request, one per image part of the conversation, in order;
-`_model_images` is the one place that turns that list into what the model core takes.
+Images travel as a list per request, one per image part of the conversation, in order (a
+new image may come at any turn; text-only turns keep the earlier ones); `_model_images` is
+the one place that turns that list into what the model core takes.
 """
 from __future__ import annotations
 
@@ -202,8 +203,9 @@ class ModelService:
             with self._registry_lock:
                 self._running.pop(request.id, None)
 
-    def _model_images(self, conversation: Conversation, images: Sequence[Any]) -> Any:
-        """The one switch between the model core's single- and multi-image APIs."""
+    def _model_images(self, conversation: Conversation, images: Sequence[Any]) -> list[Any] | None:
+        """The one place that shapes images for the model core: one per image part of the
+        conversation, in order (the first sits after BOS, later ones at their own turns)."""
         n = len(images)
         if n != len(conversation.image_refs):
             raise ServiceError(f"the conversation has {len(conversation.image_refs)} image parts "
@@ -212,9 +214,7 @@ class ModelService:
             raise TooManyImages(
                 f"this model takes {self.info.max_images} image{'s' if self.info.max_images > 1 else ''} "
                 f"per conversation; start a new chat to ask about another image")
-        if hasattr(self.processor, "max_images"):   # the multi-image API of sphinx_model
-            return list(images) if images else None
-        return images[0] if images else None
+        return list(images) if images else None
 
 
 @gpu
@@ -246,7 +246,7 @@ def _info(spec: str, version: str, processor: SphinxProcessor, *, card_url: str 
     cfg = processor.config
     return ModelInfo(model_id=spec, version=version, name=cfg.name, card_url=card_url,
                      card_path=card_path, random_weights=random,
-                     max_images=int(getattr(processor, "max_images", 1)), anchor=cfg.anchor,
+                     max_images=processor.max_images, anchor=cfg.anchor,
                      max_length=cfg.max_length)
 
 

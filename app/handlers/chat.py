@@ -28,7 +28,7 @@ from ..render import draw_regions
 from ..service import GenerationRequest, ServiceError
 from .common import AppContext, UserError, check_prompt, load_stored, owner_of, store_upload
 
-STOPPED_NOTE = "⏹ stopped"
+STOPPED_NOTE = "(stopped)"
 
 
 @dataclass

@@ -94,3 +94,29 @@ def test_ground_som_and_ocr(client):
     assert doc["pages"] == 2 and doc["embedded_text"] and 0 <= doc["similarity"] <= 1 and "text" in doc
     with pytest.raises(Exception, match="page 5"):
         client.predict(handle_file(EXAMPLES_DIR / "sample.pdf"), 5, "read", api_name="/ocr")
+
+
+def test_a_full_queue_is_refused_with_a_clear_message(service, model_dir, tmp_path):
+    from app.handlers.common import AppContext
+    from app.settings import AppSettings
+    from storage import open_store
+
+    settings = AppSettings(model=str(model_dir), data_dir=tmp_path / "data", queue_size=1,
+                           browser_secret="test-secret")
+    running = serve_in_background(settings, AppContext(service, open_store(settings.storage), settings))
+    try:
+        jobs = []
+        for _ in range(3):     # one decodes, one waits (the queue holds one), the third is refused
+            jobs.append(Client(running.url, verbose=False).submit(
+                "Tell a long story.", None, "", 0.0, 1.0, 300, api_name="/chat"))
+            time.sleep(0.3)
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append(bool(job.result(timeout=60)[0]))
+            except Exception as e:  # noqa: BLE001 - gradio_client's QueueError
+                outcomes.append(str(e))
+        assert outcomes[:2] == [True, True] and "Queue is full" in outcomes[2]
+    finally:
+        running.close()
+        running.context.store.dispose()

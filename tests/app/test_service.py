@@ -1,0 +1,69 @@
+"""The model service: requests, cancel (before and during decoding), and failures that leave it serving."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.handlers import chat
+from app.handlers.common import generation_settings
+from app.service import GenerationRequest, ModelService, ServiceError
+from apptest_support import ALICE
+from sphinx_model.conversation import Conversation, Message
+from sphinx_model.generation import GenerationSettings
+from storage.models import MessageRow
+
+
+def _request(n: int = 32, text: str = "Hello") -> GenerationRequest:
+    return GenerationRequest(Conversation([Message.user(text)]), [], GenerationSettings(max_new_tokens=n))
+
+
+def test_generate_equals_the_streamed_pieces(service):
+    a, b = _request(), _request()
+    assert "".join(service.stream(a)) == service.generate(b) == b.text
+    assert a.latency_ms > 0 and a.first_piece_at >= a.started_at and not a.cancelled
+
+
+def test_cancel_before_start_and_while_decoding(service):
+    early = _request()
+    service.cancel(early.id)
+    assert list(service.stream(early)) == [] and early.cancelled
+    running = _request(n=600)
+    before = set(threading.enumerate())
+    pieces = []
+    stream = service.stream(running)
+    pieces.append(next(stream))
+    threading.Timer(0.05, service.cancel, [running.id]).start()
+    pieces += list(stream)
+    assert running.cancelled and running.text == "".join(pieces) and len(running.text) < 600
+    assert {t for t in threading.enumerate() if t.is_alive()} <= before   # the decoding thread has ended
+
+
+def test_an_unknown_model_is_one_clear_line():
+    with pytest.raises(ServiceError, match="cannot load model"):
+        ModelService.load("no/such-model-anywhere")
+
+
+@pytest.mark.parametrize("error, message", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 GiB"), "ran out of memory"),
+    (RuntimeError("shape mismatch\nsecond line"), "the model failed: shape mismatch"),
+])
+def test_model_failures_reach_the_user_and_the_app_keeps_serving(ctx, monkeypatch, error, message):
+    real = ctx.service.generator.stream
+
+    def failing(*args, **kwargs):
+        yield "par"
+        raise error
+    monkeypatch.setattr(ctx.service.generator, "stream", failing)
+    state = chat.submit(ctx, chat.ChatState(), ALICE, "Hi", [])
+    views = list(chat.respond(ctx, state, ALICE, generation_settings(0, 1, 16, 512)))
+    assert message in views[-1].error and "\n" not in views[-1].error
+    assert views[-1].state.turns == [] and views[-1].restore["text"] == "Hi"
+    with Session(ctx.store.engine) as s:
+        assert s.scalar(select(func.count()).select_from(MessageRow)) == 0   # a failed turn is not stored
+    monkeypatch.setattr(ctx.service.generator, "stream", real)
+    state = chat.submit(ctx, views[-1].state, ALICE, "Hi again", [])
+    assert list(chat.respond(ctx, state, ALICE, generation_settings(0, 1, 8, 512)))[-1].state.turns[-1].answer
