@@ -16,6 +16,7 @@ from playwright.sync_api import Page, expect
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.handlers.chat import STOPPED_NOTE
 from app.settings import REPO_ROOT
 from storage.models import ConversationRow
 from storage.repository import Owner, feedback_history, get_conversation
@@ -124,7 +125,7 @@ def test_a_visitor_chats_uses_every_tab_and_finds_it_all_in_history_and_the_stor
     served.pace.seconds = 0.0
     assert stopped, "the reply to stop never showed a first piece"
     wait_status(page, "chat-status", r"^Stopped after .* stored as stopped")
-    expect(page.locator(BOT).nth(1)).to_contain_text("⏹ stopped")
+    expect(page.locator(BOT).nth(1)).to_contain_text(STOPPED_NOTE)
     expect(page.locator("#chat-overlay img")).to_be_visible()
     shoot(page, screenshots, "chat")
 
@@ -173,7 +174,7 @@ def test_a_visitor_chats_uses_every_tab_and_finds_it_all_in_history_and_the_stor
     expect(page.get_by_role("tab", name="Chat", exact=True)).to_have_attribute("aria-selected", "true")
     expect(page.locator(BOT)).to_have_count(2)
     expect(page.locator(BOT).first).to_contain_text("corrected:")
-    expect(page.locator(BOT).nth(1)).to_contain_text("⏹ stopped")
+    expect(page.locator(BOT).nth(1)).to_contain_text(STOPPED_NOTE)
     expect(page.locator("#chat-chatbot [data-testid=user] img")).to_have_count(1)   # its image, from the store
     wait_status(page, "chat-status", r"^Reopened a conversation of 2 turn")
     no_error_toast(page)
