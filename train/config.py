@@ -9,6 +9,7 @@ is imported, and every mistake a user can make becomes one `ConfigError` line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import yaml
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
+MAX_SEED = 2**32 - 1          # numpy's and accelerate's set_seed take 32-bit seeds
+MAX_CONFIG_BYTES = 1 << 20    # a run or mixture YAML is a page of settings, not data
 
 
 class ConfigError(ValueError):
@@ -108,7 +111,24 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def validate(self) -> "RunConfig":
-        t, o, d, m = self.train, self.optim, self.data, self.model
+        """Every value the loop relies on, in range: a mistake is one ConfigError here, never a
+        traceback (or an exhausted machine) later."""
+        t, o, d, m, lo = self.train, self.optim, self.data, self.model, self.lora
+        _check(all(math.isfinite(x) for x in (o.lr, o.weight_decay, o.eps, o.warmup_ratio, o.max_grad_norm,
+                                               t.epochs, lo.dropout, *o.betas)),
+               "optim.* and train.epochs must be finite numbers")
+        _check(0 <= t.seed <= MAX_SEED, f"train.seed must be in [0, {MAX_SEED}]")
+        _check(t.log_every >= 1 and t.eval_every >= 0 and t.save_every >= 0,
+               "train.log_every must be >= 1, train.eval_every and train.save_every >= 0")
+        _check(t.stop_after_steps is None or t.stop_after_steps >= 1, "train.stop_after_steps must be >= 1")
+        _check(t.epochs <= 1e6, "train.epochs must be at most 1e6")
+        _check(o.weight_decay >= 0 and o.eps > 0 and o.max_grad_norm >= 0,
+               "optim.weight_decay >= 0, optim.eps > 0 and optim.max_grad_norm >= 0")
+        _check(o.warmup_steps is None or o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _check(lo.r >= 1 and lo.alpha > 0 and 0 <= lo.dropout < 1, "lora.r >= 1, lora.alpha > 0, lora.dropout in [0, 1)")
+        _check(0 <= d.max_fallbacks <= 1024, "data.max_fallbacks must be in [0, 1024]")
+        _check(d.eval_per_dataset >= 0, "data.eval_per_dataset must be >= 0")
+        _check(d.num_workers <= 256 and d.megabatch_mult <= 100_000, "data.num_workers <= 256, data.megabatch_mult <= 100000")
         _check(t.mixed_precision in MIXED_PRECISION, f"train.mixed_precision must be one of {MIXED_PRECISION}")
         _check(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
         _check(m.frozen_dtype in (None, *DTYPES), f"model.frozen_dtype must be null or one of {DTYPES}")
@@ -131,14 +151,31 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML without aliases: `*name` references let a few lines expand into gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"aliases (*name) are not allowed{self.peek_event().start_mark}")
+        return super().compose_node(parent, index)
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's content, or a one-line ConfigError naming `what` is wrong with it."""
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} is not a regular file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_CONFIG_BYTES} bytes; is it really a config?")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0] if str(e) else 'too deeply nested'}") from None
 
 
 def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -149,7 +186,11 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise ConfigError(f"run config {path} must be a mapping of sections")
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        raw.setdefault(section, {})[key] = value
+        if raw.setdefault(section, {}) is None:
+            raw[section] = {}
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"run config {path}: section {section!r} is not a mapping")
+        raw[section][key] = value
     cfg = build(RunConfig, raw, where=str(path))
     base = path.resolve().parent
     cfg.data.mixture = _resolve(base, cfg.data.mixture)
@@ -162,9 +203,20 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     return cfg.validate()
 
 
+def expand_path(p: str | Path) -> Path:
+    """`~` and `~user` expanded; an unknown user is a ConfigError, not a RuntimeError."""
+    try:
+        return Path(p).expanduser()
+    except RuntimeError as e:
+        raise ConfigError(f"path {str(p)!r}: {e}") from None
+
+
 def _resolve(base: Path, p: Path) -> Path:
-    p = Path(p).expanduser()
-    return (p if p.is_absolute() else base / p).resolve()
+    p = expand_path(p)
+    try:
+        return (p if p.is_absolute() else base / p).resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop, a name too long
+        raise ConfigError(f"path {str(p)!r} cannot be resolved: {e}") from None
 
 
 def _check(ok: bool, message: str) -> None:
@@ -223,8 +275,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
             number = float(value)  # YAML reads "2e-5" as a string
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where}: expected a number, got {value!r:.60}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r:.60}")
         if hint is int:
             if number != int(number):
                 raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -235,8 +289,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     if hint is Path:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a path, got {value!r}")
+        if not isinstance(value, str) or not value or "\x00" in value:
+            raise ConfigError(f"{where}: expected a path, got {value!r:.60}")
         return Path(value)
     raise ConfigError(f"{where}: unsupported config type {hint}")
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 
-from .config import ConfigError, read_yaml
+from .config import ConfigError, expand_path, read_yaml
 
 _KEYS = {"name", "path", "image_root", "task", "weight"}
 EXPORT_DATA_FILE = "data.jsonl"  # the storage export: DIR/data.jsonl + DIR/images/
+MAX_SAMPLES_PER_EPOCH = 100_000_000  # ~3 GB of int64 plans; SPHINX-X's whole mixture is ~15M samples
 
 
 class DataError(RuntimeError):
@@ -49,8 +50,10 @@ def resolve_source(path: Path, image_root: Path | None) -> tuple[Path, Path]:
         if not data.is_file():
             raise DataError(f"{path} is a folder without {EXPORT_DATA_FILE} (expected a JSONL file or a storage export)")
         return data, image_root or path
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"dataset {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"dataset {path} is not a regular file")
     return path, image_root or path.parent
 
 
@@ -79,8 +82,9 @@ def load_mixture(path: str | Path) -> Mixture:
     if len(set(names)) != len(names):
         raise ConfigError(f"mixture {path}: dataset names must be unique, got {names}")
     spe = raw.get("samples_per_epoch")
-    if spe is not None and (not isinstance(spe, int) or spe < 1):
-        raise ConfigError(f"mixture {path}: samples_per_epoch must be a positive integer")
+    if spe is not None and (type(spe) is not int or not 1 <= spe <= MAX_SAMPLES_PER_EPOCH):
+        raise ConfigError(f"mixture {path}: samples_per_epoch must be an integer in [1, {MAX_SAMPLES_PER_EPOCH:,}] "
+                          "(an epoch's plan is held in memory)")
     return Mixture(tuple(specs), spe)
 
 
@@ -91,12 +95,16 @@ def _spec(entry: object, i: int, base: Path, where: Path) -> DatasetSpec:
     if unknown:
         raise ConfigError(f"mixture {where}: dataset #{i} has unknown key(s) {sorted(unknown)}; known: {sorted(_KEYS)}")
     weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-        raise ConfigError(f"mixture {where}: dataset #{i} weight must be a number >= 0")
-    p = base / Path(str(entry["path"])).expanduser()
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise ConfigError(f"mixture {where}: dataset #{i} weight must be a finite number >= 0")
+    for key in ("name", "path", "image_root", "task"):
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, str) or "\x00" in value or (key == "path" and not value)):
+            raise ConfigError(f"mixture {where}: dataset #{i} {key} must be a string, got {value!r:.60}")
+    p = base / expand_path(entry["path"])
     root = entry.get("image_root")
     try:
-        file, image_root = resolve_source(p, base / Path(str(root)).expanduser() if root else None)
+        file, image_root = resolve_source(p, base / expand_path(root) if root else None)
     except DataError as e:
         raise DataError(f"mixture {where}: {e}") from None
     return DatasetSpec(name=str(entry.get("name") or Path(str(entry["path"])).stem), path=file,
