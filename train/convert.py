@@ -2,13 +2,16 @@
 
 The flags of each format come from its options dataclass (plus the common ones), so the
 CLI and the Python API cannot drift apart. `python -m train.convert FORMAT --help` lists
-them. Input problems print one `error:` line and exit with status 2.
+them. Input problems print one `error:` line and exit with status 2; anything unforeseen
+prints one line and exits 1 (`--debug` shows its traceback). Bad records never stop a run:
+they are skipped and counted in the summary line.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import traceback
 import types
 import typing
 from collections.abc import Sequence
@@ -65,6 +68,7 @@ def build_parser(converter: Converter) -> argparse.ArgumentParser:
     parser.add_argument("output", metavar="OUT", type=Path, help="output JSONL; generated images go beside it")
     add_options(parser, converter.options, f"{converter.name} options")
     add_options(parser, CommonOptions, "common options")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     return parser
 
 
@@ -91,11 +95,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConvertError(f"input not found: {args.input}")
         common = options_from(args, CommonOptions)
         stats = convert(converter.name, args.input, args.output, common, options_from(args, converter.options))
-    except (ConvertError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ConvertError as e:
+        return _fail(str(e))
+    except OSError as e:  # unreadable input, OUT's folder cannot be created, a full disk
+        return _fail(f"{e.filename + ': ' if getattr(e, 'filename', None) else ''}{e.strerror or e}")
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's last word: one line, the traceback on request
+        if args.debug:
+            traceback.print_exc()
+        first = (str(e).strip().splitlines() or ["(no message)"])[0][:300]
+        print(f"error: unexpected {type(e).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
     print(f"{converter.name}: {args.output}: {stats.summary()}")
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message.splitlines()[0] if message else 'failed'}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

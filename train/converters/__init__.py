@@ -34,9 +34,10 @@ def convert(fmt: str, source: str | Path, out: str | Path, common: CommonOptions
     """
     converter = REGISTRY.get(fmt)
     out = Path(out)
+    options = converter.options() if options is None else options
+    _check_output(out, [Path(source), *(v for v in vars(options).values() if isinstance(v, Path))])
     out.parent.mkdir(parents=True, exist_ok=True)
     common = replace(common or CommonOptions(), out_dir=out.parent)
-    options = converter.options() if options is None else options
     stats = Stats()
     tmp = out.with_name(out.name + ".part")
     try:
@@ -45,6 +46,16 @@ def convert(fmt: str, source: str | Path, out: str | Path, common: CommonOptions
     finally:
         tmp.unlink(missing_ok=True)
     return stats
+
+
+def _check_output(out: Path, inputs: list[Path]) -> None:
+    """OUT is a file we may replace: never a folder, never one of the inputs (or a link to one)."""
+    if out.is_dir():
+        raise ConvertError(f"OUT {out} is a folder; name the JSONL file to write")
+    for src in inputs:
+        same = out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src))
+        if same:
+            raise ConvertError(f"OUT {out} is the input {src}; converting would overwrite it")
 
 
 def _checked(converter: Converter, source: Path, common: CommonOptions, options: Any,

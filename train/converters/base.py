@@ -6,6 +6,13 @@ record it drops in `Stats` under a short reason, so that one bad record never st
 the caller can see what was lost. Input-level problems (unreadable file, unknown structure)
 raise `ConvertError`, which the CLI turns into one line and exit status 2.
 
+Input is untrusted. Ids and category ids go through `record_key` (an integer or a string,
+never a list or an object), image sizes through `size_ok` (no canvas larger than the model
+accepts), JSONL lines must be UTF-8 (a line that is not is skipped and counted, never turned
+into U+FFFD), and text from a data set that we paste next to our own box markup (category
+names, OCR words, referring sentences) goes through `label_text`: if it would read as box
+markup (`<p>..</p>`, `[x,y,..]`) the item is skipped, so a data set can never forge boxes.
+
 Torch-free; heavy optional libraries (PyMuPDF, supervision, OpenCV) are imported by the
 converters that need them, inside the function.
 """
@@ -19,8 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sphinx_model.boxes import parse_regions
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.tiling import Anchor
+
+MAX_IMAGE_PIXELS = 64_000_000  # the model's image loader refuses larger images (image_processing.load_image)
 
 
 class ConvertError(Exception):
@@ -44,6 +54,10 @@ class CommonOptions:
         "help": "most question/answer pairs in one dialogue; more are split into further dialogues"})
     task: str | None = field(default=None, metadata={"help": "task name to write (default: the format's)"})
 
+    def __post_init__(self) -> None:
+        check_option(self.max_turns >= 1, "--max-turns must be >= 1")
+        check_option("\x00" not in self.image_prefix, "--image-prefix must not contain NUL")
+
     def rng(self, *key: object) -> random.Random:
         """A generator seeded by (seed, key): stable across runs and independent of record order."""
         return random.Random(":".join(str(k) for k in (self.seed, *key)))
@@ -54,6 +68,18 @@ class CommonOptions:
     def image_missing(self, ref: str) -> bool:
         """True only when an image root is known and the file is not under it."""
         return self.image_root is not None and not (self.image_root / ref).is_file()
+
+
+def check_option(ok: bool, message: str) -> None:
+    """Options are validated where they are built (CLI or API alike): a bad one is a ConvertError."""
+    if not ok:
+        raise ConvertError(message)
+
+
+def plain_folder(name: str) -> bool:
+    """A relative folder name that stays inside the folder it is joined to (no `..`, not absolute)."""
+    p = Path(name)
+    return bool(name) and "\x00" not in name and not p.is_absolute() and ".." not in p.parts
 
 
 @dataclass
@@ -126,17 +152,26 @@ register = REGISTRY.register
 
 
 # --- reading inputs ----------------------------------------------------------------------
+def regular_file(path: Path) -> Path:
+    """`path` if it is a regular file; ConvertError otherwise (a FIFO or a device would hang or read empty)."""
+    if not path.exists():
+        raise ConvertError(f"input not found: {path}")
+    if not path.is_file():
+        raise ConvertError(f"input is not a regular file: {path}")
+    return path
+
+
 def load_json(path: Path) -> Any:
     """A whole JSON file; ConvertError (one line) when it is missing or malformed."""
-    if not path.is_file():
-        raise ConvertError(f"input not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(regular_file(path), encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ConvertError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except UnicodeDecodeError as e:
         raise ConvertError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except RecursionError:
+        raise ConvertError(f"{path}: JSON nested too deeply to read") from None
 
 
 def iter_records(path: Path, stats: Stats) -> Iterator[Any]:
@@ -164,9 +199,7 @@ def _is_record_list(value: Any) -> bool:
 
 def is_jsonl(path: Path) -> bool:
     """JSON Lines, told by structure: the first line is a whole JSON value and more lines follow."""
-    if not path.is_file():
-        raise ConvertError(f"input not found: {path}")
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(regular_file(path), encoding="utf-8", errors="replace") as f:  # (a sniff: decoding is strict below)
         first = f.readline()
         second = f.readline()
     return bool(first.strip() and second.strip() and _is_json(first))
@@ -175,26 +208,61 @@ def is_jsonl(path: Path) -> bool:
 def _is_json(line: str) -> bool:
     try:
         json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
     return True
 
 
 def _iter_jsonl(path: Path, stats: Stats) -> Iterator[Any]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                stats.skip("line not UTF-8")
                 continue
             try:
                 yield json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 stats.skip("malformed JSON line")
+
+
+def record_key(value: Any) -> int | str | None:
+    """An id usable as a key: an integer or a non-empty string. Lists, objects, booleans and
+    floats (which JSON allows anywhere) give None, and the caller skips the record."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) or (isinstance(value, str) and value and "\x00" not in value):
+        return value
+    return None
+
+
+def size_ok(width: Any, height: Any) -> bool:
+    """Positive integer sides whose canvas the model would accept (so nothing allocates gigabytes)."""
+    return (type(width) is int and type(height) is int and width > 0 and height > 0
+            and width * height <= MAX_IMAGE_PIXELS)
+
+
+def label_text(value: Any) -> str | None:
+    """Text from a data set that may stand next to our box markup: a non-empty string (whitespace
+    collapsed) that holds no `<p>`/`</p>` tag and nothing `parse_regions` would read as a box or
+    point. None means "skip this item": pasted into an answer it would forge boxes."""
+    if not isinstance(value, str):
+        return None
+    text = " ".join(value.split())
+    if not text or "<p>" in text or "</p>" in text or parse_regions(text):
+        return None
+    return text
 
 
 def image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the file header, or None when it cannot be read."""
     from PIL import Image, UnidentifiedImageError
 
+    if not path.is_file():  # a FIFO would block Image.open
+        return None
     try:
         with Image.open(path) as im:
             return im.size

@@ -14,7 +14,7 @@ from typing import Any
 
 from sphinx_model.tiling import Canvas, canvas_geometry
 
-from .base import CommonOptions, ConvertError, Stats, image_size, load_json
+from .base import CommonOptions, ConvertError, Stats, image_size, label_text, load_json, record_key, size_ok
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 
@@ -23,6 +23,7 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 class CocoIndex:
     images: dict[Any, dict[str, Any]]  # id -> image record, in file order
     categories: dict[Any, str] = field(default_factory=dict)  # id -> name
+    bad_categories: dict[Any, str] = field(default_factory=dict)  # id -> why its objects are skipped
     anns_by_image: dict[Any, list[dict[str, Any]]] = field(default_factory=dict)  # in file order
     anns_by_id: dict[Any, dict[str, Any]] = field(default_factory=dict)
 
@@ -35,24 +36,53 @@ def index_coco(data: Any, stats: Stats, where: str, need_annotations: bool = Tru
         raise ConvertError(f"{where}: not a COCO-style annotation file (needs an 'annotations' list)")
     images: dict[Any, dict[str, Any]] = {}
     for img in data["images"]:
-        if isinstance(img, dict) and "id" in img and isinstance(img.get("file_name"), str):
-            images[img["id"]] = img
+        key = record_key(img.get("id")) if isinstance(img, dict) else None
+        name = img.get("file_name") if isinstance(img, dict) else None
+        if key is not None and isinstance(name, str) and name and "\x00" not in name:
+            images[key] = img
         else:
             stats.skip("malformed image record")
-    categories = {c["id"]: str(c["name"]) for c in data.get("categories") or []
-                  if isinstance(c, dict) and "id" in c and "name" in c}
+    categories, bad = _categories(data.get("categories"), stats)
     by_image: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     by_id: dict[Any, dict[str, Any]] = {}
-    for ann in data.get("annotations") or []:
-        if not isinstance(ann, dict) or "image_id" not in ann:
+    annotations = data.get("annotations") or []
+    for ann in annotations if isinstance(annotations, list) else []:
+        image_id = record_key(ann.get("image_id")) if isinstance(ann, dict) else None
+        if image_id is None:
             stats.skip("malformed annotation")
-        elif ann["image_id"] not in images:
+        elif image_id not in images:
             stats.skip("annotation of unknown image")
         else:
-            by_image[ann["image_id"]].append(ann)
-            if "id" in ann:
+            by_image[image_id].append(ann)
+            if record_key(ann.get("id")) is not None:
                 by_id[ann["id"]] = ann
-    return CocoIndex(images, categories, dict(by_image), by_id)
+    return CocoIndex(images, categories, bad, dict(by_image), by_id)
+
+
+def _categories(raw: Any, stats: Stats) -> tuple[dict[Any, str], dict[Any, str]]:
+    """(id -> name) of the usable categories, and (id -> skip reason) of the others."""
+    good: dict[Any, str] = {}
+    bad: dict[Any, str] = {}
+    for c in raw if isinstance(raw, list) else []:
+        key = record_key(c.get("id")) if isinstance(c, dict) else None
+        if key is None:
+            stats.skip("malformed category")
+            continue
+        name = label_text(c.get("name"))
+        if name is not None:
+            good[key] = name
+        else:
+            bad[key] = "category name with box markup" if isinstance(c.get("name"), str) and c["name"].strip() \
+                else "malformed category"
+    return good, bad
+
+
+def category_of(coco: CocoIndex, ann: dict[str, Any]) -> tuple[str | None, str]:
+    """(name, "") of an annotation's category, or (None, why it is skipped)."""
+    key = record_key(ann.get("category_id"))
+    if key in coco.categories:
+        return coco.categories[key], ""
+    return None, coco.bad_categories.get(key, "unknown category")
 
 
 def load_coco(path: Path, stats: Stats, need_annotations: bool = True) -> CocoIndex:
@@ -60,13 +90,15 @@ def load_coco(path: Path, stats: Stats, need_annotations: bool = True) -> CocoIn
 
 
 def image_canvas(img: dict[str, Any], ref: str, common: CommonOptions) -> Canvas | None:
-    """The canvas of an image: size from the record, else from the file under the image root."""
+    """The canvas of an image: size from the record, else from the file under the image root;
+    None when neither gives a plausible size (see `size_ok`)."""
     w, h = img.get("width"), img.get("height")
-    if not (isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0):
-        size = image_size(common.image_root / ref) if common.image_root is not None else None
-        if size is None:
-            return None
-        w, h = size
+    if not size_ok(w, h) and common.image_root is not None:
+        size = image_size(common.image_root / ref)
+        if size is not None:
+            w, h = size
+    if not size_ok(w, h):  # not two positive integers, or a canvas larger than the model takes
+        return None
     return canvas_geometry(w, h, common.anchor)
 
 

@@ -15,8 +15,8 @@ from sphinx_model.boxes import format_named, pixels_to_canvas
 from sphinx_model.conversation import Conversation
 from sphinx_model.tiling import Canvas
 
-from .base import CommonOptions, Stats, dialogue, register
-from .coco import Box, CocoIndex, clip_box, image_canvas, load_coco, reading_order
+from .base import CommonOptions, Stats, check_option, dialogue, register
+from .coco import Box, CocoIndex, category_of, clip_box, image_canvas, load_coco, reading_order
 
 DETECT_PROMPT = "Detect all objects shown in the image."
 
@@ -25,6 +25,9 @@ DETECT_PROMPT = "Detect all objects shown in the image."
 class DetectionOptions:
     max_objects: int = field(default=100, metadata={
         "help": "most objects per image (first in reading order); the rest are counted as skipped"})
+
+    def __post_init__(self) -> None:
+        check_option(self.max_objects >= 1, "--max-objects must be >= 1")
 
 
 @register("coco-detection", task="detection", options=DetectionOptions)
@@ -57,9 +60,9 @@ def _objects(coco: CocoIndex, image_id: object, canvas: Canvas, stats: Stats) ->
         if ann.get("iscrowd"):
             stats.skip("crowd annotation")
             continue
-        name = coco.categories.get(ann.get("category_id"))
+        name, why = category_of(coco, ann)
         if name is None:
-            stats.skip("unknown category")
+            stats.skip(why)
             continue
         box = clip_box(ann.get("bbox"), canvas.width, canvas.height)
         if box is None:

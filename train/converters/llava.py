@@ -10,14 +10,14 @@ from pathlib import Path
 
 from sphinx_model.conversation import Conversation, Message, Part, SchemaError
 
-from .base import CommonOptions, NoOptions, Stats, iter_records, register
+from .base import CommonOptions, NoOptions, Stats, iter_records, record_key, register
 
 
 @register("llava", task="llava")
 def convert_llava(source: Path, common: CommonOptions, options: NoOptions, stats: Stats) -> Iterator[Conversation]:
     """LLaVA instruct JSON/JSONL -> dialogues (image refs get --image-prefix)."""
     for n, rec in enumerate(iter_records(source, stats)):
-        if not isinstance(rec, dict):
+        if not isinstance(rec, dict) or (rec.get("id") is not None and record_key(rec["id"]) is None):
             stats.skip("malformed record")
             continue
         try:

@@ -13,6 +13,7 @@ private-use, surrogate or unassigned code points (typical of fonts without a Uni
 """
 from __future__ import annotations
 
+import math
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +24,8 @@ from sphinx_model.boxes import box_to_text
 from sphinx_model.conversation import Conversation
 from sphinx_model.tiling import canvas_geometry
 
-from .base import CommonOptions, ConvertError, Stats, dialogue, register
+from .base import (MAX_IMAGE_PIXELS, CommonOptions, ConvertError, Stats, check_option, dialogue, label_text,
+                   plain_folder, register)
 
 READ_PROMPT = "What is written in this image?"
 SPOT_PROMPTS = {"word": "Detect all text in the image and give the bounding box of each word.",
@@ -31,6 +33,8 @@ SPOT_PROMPTS = {"word": "Detect all text in the image and give the bounding box 
 BAD_CATEGORIES = frozenset({"Cc", "Co", "Cs", "Cn"})  # control, private use, surrogate, unassigned
 
 Word = tuple[float, float, float, float, str, int, int, int]  # PyMuPDF "words" tuple, PDF points
+MAX_PAGE_PIXELS = 16_000_000  # a page renders at `--dpi` or less: 4000 x 4000 px at most
+MIN_PAGE_SIDE = 16            # pixels; thinner pages hold nothing readable
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,12 @@ class PdfOcrOptions:
     max_bad_fraction: float = field(default=0.1, metadata={
         "help": "drop a page when more of its characters than this are control/private-use/unassigned"})
 
+    def __post_init__(self) -> None:
+        check_option(1 <= self.dpi <= 1200, "--dpi must be in [1, 1200]")
+        check_option(self.max_words >= 1, "--max-words must be >= 1")
+        check_option(0.0 <= self.max_bad_fraction <= 1.0, "--max-bad-fraction must be in [0, 1]")
+        check_option(plain_folder(self.images_dir), "--images-dir must be a relative folder inside OUT's folder")
+
 
 @register("pdf-ocr", task="ocr", options=PdfOcrOptions)
 def convert_pdf_ocr(source: Path, common: CommonOptions, options: PdfOcrOptions,
@@ -49,16 +59,24 @@ def convert_pdf_ocr(source: Path, common: CommonOptions, options: PdfOcrOptions,
     """A PDF or a folder of PDFs -> page images + text-reading and text-spotting dialogues."""
     import pymupdf
 
+    errors = (RuntimeError, ValueError, getattr(pymupdf.mupdf, "FzErrorBase", RuntimeError))  # PyMuPDF's
     (common.out_dir / options.images_dir).mkdir(parents=True, exist_ok=True)
     for pdf, name in _pdfs(source):
         try:
             doc = pymupdf.open(pdf)
-        except (RuntimeError, ValueError):
+        except errors:
             stats.skip("unreadable PDF")
             continue
         with doc:
-            for number, page in enumerate(doc, 1):
-                yield from _page(page, f"{name}_p{number}", common, options, stats)
+            if doc.needs_pass:  # encrypted with a user password: its pages cannot be read
+                stats.skip("encrypted PDF")
+                continue
+            for number in range(doc.page_count):
+                try:
+                    page = doc.load_page(number)
+                    yield from _page(page, f"{name}_p{number + 1}", common, options, stats)
+                except errors:  # broken page trees, streams, fonts
+                    stats.skip("unreadable page")
 
 
 def _pdfs(source: Path) -> list[tuple[Path, str]]:
@@ -93,7 +111,11 @@ def _page(page: Any, name: str, common: CommonOptions, options: PdfOcrOptions,
     if problem is not None:
         stats.skip(problem)
         return
-    pix = page.get_pixmap(dpi=options.dpi)
+    dpi = render_dpi(page.rect.width, page.rect.height, options.dpi)
+    if dpi is None:
+        stats.skip("page of implausible size")
+        return
+    pix = page.get_pixmap(dpi=dpi)
     ref = f"{options.images_dir}/{name}.png"
     pix.save(str(common.out_dir / ref))
     canvas = canvas_geometry(pix.width, pix.height, common.anchor)
@@ -103,15 +125,33 @@ def _page(page: Any, name: str, common: CommonOptions, options: PdfOcrOptions,
         [(" ".join(w[4] for w in line), _union(line)) for line in lines]
     spots = []
     for text, box in units:
+        label = label_text(text)
+        if label is None:  # the page's own text would read as box markup in the answer
+            stats.skip(f"{options.unit} with box markup")
+            continue
         px = _to_pixels(box, page, pix.width, pix.height)
         if px is not None:
-            spots.append(f"<p>{text}</p> {box_to_text(px, canvas)}")
+            spots.append(f"<p>{label}</p> {box_to_text(px, canvas)}")
     stats.skip(f"{options.unit} over --max-words", max(0, len(spots) - options.max_words))
     meta = {"source": name}
     yield dialogue([(READ_PROMPT, reading)], ref, id=f"pdf-{name}-read", meta={**meta, "kind": "read"})
     if spots:
         yield dialogue([(SPOT_PROMPTS[options.unit], "\n".join(spots[:options.max_words]))], ref,
                        id=f"pdf-{name}-spot", meta={**meta, "kind": "spot"})
+
+
+def render_dpi(width_pt: float, height_pt: float, dpi: int) -> int | None:
+    """`dpi`, lowered so the rendered page stays within MAX_PAGE_PIXELS (and the model's pixel cap);
+    None for a page too small, too thin or not finite to render."""
+    if not (math.isfinite(width_pt) and math.isfinite(height_pt)) or width_pt <= 0 or height_pt <= 0:
+        return None
+    pixels_per_dpi2 = width_pt * height_pt / 72.0**2
+    cap = min(MAX_PAGE_PIXELS, MAX_IMAGE_PIXELS)
+    scaled = min(float(dpi), math.sqrt(cap / pixels_per_dpi2)) if pixels_per_dpi2 > 0 else 0.0
+    out = int(scaled)
+    if out < 1 or min(width_pt, height_pt) * out / 72.0 < MIN_PAGE_SIDE:
+        return None
+    return out
 
 
 def _to_pixels(box: tuple[float, float, float, float], page: Any, width: int,

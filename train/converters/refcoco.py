@@ -24,7 +24,7 @@ from typing import Any
 from sphinx_model.boxes import box_to_text
 from sphinx_model.conversation import Conversation
 
-from .base import CommonOptions, ConvertError, Stats, dialogues, load_json, register
+from .base import CommonOptions, ConvertError, Stats, dialogues, label_text, load_json, record_key, register
 from .coco import CocoIndex, clip_box, image_canvas, index_coco
 
 GROUND_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: {}."
@@ -48,7 +48,7 @@ def convert_refcoco(source: Path, common: CommonOptions, options: RefcocoOptions
     for ref in refs:
         item = _ref_item(ref, coco, common, options, stats)
         if item is not None:
-            by_image[ref["image_id"]].append(item)
+            by_image[record_key(ref["image_id"])].append(item)
     for image_id, items in by_image.items():
         ref_path = common.image_ref(coco.images[image_id]["file_name"])
         ground = [(GROUND_PROMPT.format(s.rstrip(" .")), box) for box, sents in items for s in sents]
@@ -75,13 +75,13 @@ def _load(source: Path, options: RefcocoOptions, stats: Stats) -> tuple[list[Any
 def _ref_item(ref: Any, coco: CocoIndex, common: CommonOptions, options: RefcocoOptions,
               stats: Stats) -> tuple[str, list[str]] | None:
     """(box text, sentences) of one ref, or None (counted) when it cannot be used."""
-    if not isinstance(ref, dict) or "image_id" not in ref:
+    if not isinstance(ref, dict) or record_key(ref.get("image_id")) is None:
         stats.skip("malformed ref")
         return None
     if options.split != "all" and ref.get("split", options.split) != options.split:
         stats.skip("ref of another split")
         return None
-    img = coco.images.get(ref["image_id"])
+    img = coco.images.get(record_key(ref["image_id"]))
     if img is None:
         stats.skip("ref of unknown image")
         return None
@@ -95,12 +95,14 @@ def _ref_item(ref: Any, coco: CocoIndex, common: CommonOptions, options: Refcoco
         return None
     bbox = ref.get("bbox")
     if bbox is None:
-        bbox = coco.anns_by_id.get(ref.get("ann_id"), {}).get("bbox")
+        bbox = coco.anns_by_id.get(record_key(ref.get("ann_id")), {}).get("bbox")
     box = clip_box(bbox, canvas.width, canvas.height)
     if box is None:
         stats.skip("degenerate box" if bbox is not None else "ref without box")
         return None
-    sents = [_sentence(s) for s in ref.get("sentences") or []]
+    raw = ref.get("sentences") or []
+    sents = [_sentence(s) for s in (raw if isinstance(raw, list) else [])]
+    stats.skip("sentence with box markup", sum(1 for s in sents if s is None))
     sents = [s for s in sents if s]
     if not sents:
         stats.skip("ref without sentences")
@@ -108,6 +110,9 @@ def _ref_item(ref: Any, coco: CocoIndex, common: CommonOptions, options: Refcoco
     return box_to_text(box, canvas), sents
 
 
-def _sentence(s: Any) -> str:
+def _sentence(s: Any) -> str | None:
+    """The sentence's text; "" when there is none, None when it would forge box markup."""
     text = (s.get("sent") or s.get("raw")) if isinstance(s, dict) else s
-    return " ".join(text.split()) if isinstance(text, str) else ""
+    if not isinstance(text, str) or not text.strip():
+        return ""
+    return label_text(text)

@@ -14,6 +14,7 @@ question lists the marks in text ("Marks: 1 [x,y]; 2 [...]"), as SPHINX-X trains
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +24,13 @@ from sphinx_model.boxes import box_to_text
 from sphinx_model.conversation import Conversation
 from sphinx_model.tiling import Canvas, canvas_geometry
 
-from .base import CommonOptions, ConvertError, Stats, chunked, dialogue, register
-from .coco import Box, CocoIndex, clip_box, image_canvas, load_coco
+from .base import (CommonOptions, ConvertError, Stats, check_option, chunked, dialogue, image_size, plain_folder,
+                   register, size_ok)
+from .coco import Box, CocoIndex, category_of, clip_box, image_canvas, load_coco
 
 DESCRIBE_PROMPT = "Describe the marked regions."
+MAX_MASK_SIDE = 1024  # the interior point is found on a mask at most this large
+MAX_POLYGON_VALUES = 20_000  # coordinates in one polygon (10,000 vertices)
 WHAT_PROMPT = "What is mark {}?"
 WHICH_PROMPT = "Which mark is the {}?"
 
@@ -41,6 +45,11 @@ class SomOptions:
     image: Literal["marked", "raw"] = field(default="marked", metadata={
         "help": "marked: draw marks on a copy; raw: keep the original image and list marks in text"})
     images_dir: str = field(default="images", metadata={"help": "folder for marked images, under OUT's folder"})
+
+    def __post_init__(self) -> None:
+        check_option(1 <= self.max_marks <= 1000, "--max-marks must be in [1, 1000]")
+        check_option(self.questions >= 0, "--questions must be >= 0")
+        check_option(plain_folder(self.images_dir), "--images-dir must be a relative folder inside OUT's folder")
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,11 @@ def _image_dialogues(image_id: Any, img: dict[str, Any], coco: CocoIndex, common
     if options.image == "marked":
         import cv2
 
-        pixels = cv2.imread(str(common.image_root / src))  # type: ignore[operator]
+        size = image_size(common.image_root / src)  # type: ignore[operator]
+        if size is not None and not size_ok(*size):
+            stats.skip("image too large")
+            return None
+        pixels = cv2.imread(str(common.image_root / src)) if size is not None else None  # type: ignore[operator]
         if pixels is None:
             stats.skip("unreadable image")
             return None
@@ -110,10 +123,10 @@ def _marks(anns: list[dict[str, Any]], coco: CocoIndex, canvas: Canvas, options:
     """Valid objects as marks: largest `max_marks`, numbered in a seeded random order."""
     objects = []
     for ann in anns:
-        name = coco.categories.get(ann.get("category_id"))
+        name, why = category_of(coco, ann)
         box = clip_box(ann.get("bbox"), canvas.width, canvas.height)
         polygons = _polygons(ann.get("segmentation"))
-        reason = _reject(ann, name, box, polygons, options.mark)
+        reason = _reject(ann, name, why, box, polygons, options.mark)
         if reason:
             stats.skip(reason)
         else:
@@ -128,12 +141,13 @@ def _marks(anns: list[dict[str, Any]], coco: CocoIndex, canvas: Canvas, options:
     return sorted(marks, key=lambda m: m.number)
 
 
-def _reject(ann: dict[str, Any], name: str | None, box: Box | None, polygons: tuple, kind: str) -> str | None:
+def _reject(ann: dict[str, Any], name: str | None, why: str, box: Box | None, polygons: tuple,
+            kind: str) -> str | None:
     """Why an annotation cannot become a mark, or None."""
     if ann.get("iscrowd"):
         return "crowd annotation"
     if name is None:
-        return "unknown category"
+        return why
     if box is None:
         return "degenerate box"
     if kind == "polygon" and not polygons:
@@ -146,11 +160,12 @@ def _polygons(seg: Any) -> tuple[tuple[float, ...], ...]:
     if not isinstance(seg, list):
         return ()
     return tuple(tuple(float(v) for v in p) for p in seg
-                 if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-                 and all(isinstance(v, (int, float)) for v in p))
+                 if isinstance(p, list) and 6 <= len(p) <= MAX_POLYGON_VALUES and len(p) % 2 == 0
+                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in p))
 
 
 def _mask(polygons: tuple[tuple[float, ...], ...], canvas: Canvas) -> Any:
+    """The polygons filled on the whole (size-checked) image: for drawing outlines."""
     import numpy as np
     import supervision as sv
 
@@ -161,19 +176,35 @@ def _mask(polygons: tuple[tuple[float, ...], ...], canvas: Canvas) -> Any:
 
 
 def interior_point(box: Box, polygons: tuple[tuple[float, ...], ...], canvas: Canvas) -> tuple[float, float]:
-    """The polygon pixel farthest from the outline (so the number lands on the object), else the box centre."""
-    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
-    if not polygons:
-        return centre
+    """The polygon pixel farthest from the outline (so the number lands on the object), else the box centre.
+
+    Computed on the polygons' own bounding box (clipped to the image, at most MAX_MASK_SIDE
+    pixels a side), so the cost follows the object, never the size an annotation claims.
+    """
     import cv2
     import numpy as np
+    import supervision as sv
 
-    mask = _mask(polygons, canvas)
+    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    points = [np.asarray(p, dtype=np.float64).reshape(-1, 2) for p in polygons]
+    if not points:
+        return centre
+    every = np.concatenate(points)
+    x0, y0 = (max(0, math.floor(v)) for v in every.min(axis=0))
+    x1, y1 = min(canvas.width, math.ceil(every[:, 0].max()) + 1), min(canvas.height, math.ceil(every[:, 1].max()) + 1)
+    if x1 <= x0 or y1 <= y0:
+        return centre
+    scale = min(1.0, MAX_MASK_SIDE / max(x1 - x0, y1 - y0))
+    w, h = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
+    mask = np.zeros((h + 2, w + 2), dtype=np.uint8)  # a zero border: distances stop at the crop's edge too
+    for p in points:
+        local = (p - (x0, y0)) * scale
+        mask[1:-1, 1:-1] |= sv.polygon_to_mask(local, (w, h)).astype(np.uint8)
     if not mask.any():
         return centre
-    dist = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+    dist = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return (float(x), float(y))
+    return (x0 + (x - 1) / scale, y0 + (y - 1) / scale)
 
 
 def _mark_text(mark: Mark, kind: str, canvas: Canvas) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 from sphinx_model.conversation import Conversation, Message, Part
 
-from .base import CommonOptions, NoOptions, Stats, iter_records, register
+from .base import CommonOptions, NoOptions, Stats, iter_records, record_key, register
 
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
             "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
@@ -49,6 +49,9 @@ def convert_text(source: Path, common: CommonOptions, options: NoOptions, stats:
             stats.skip("empty answer")
             continue
         rid = rec.get("id", rec.get("prompt_id"))
+        if rid is not None and record_key(rid) is None:
+            stats.skip("malformed id")
+            continue
         yield Conversation(messages=[Message(role, (Part.of_text(text),)) for role, text in turns],  # type: ignore[arg-type]
                            id=f"text-{n}" if rid is None else str(rid))
 

@@ -23,7 +23,7 @@ from typing import Any
 from sphinx_model.conversation import Conversation
 
 from .base import (CommonOptions, ConvertError, Stats, dialogues, is_jsonl, iter_records, load_json,
-                   register)
+                   record_key, register)
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
@@ -92,18 +92,21 @@ def _vqav2(data: dict[str, Any], source: Path, options: VqaOptions, stats: Stats
         raise ConvertError("VQAv2 needs one questions JSON ('questions' list) and one annotations JSON "
                            "('annotations' list)")
     subtype = questions.get("data_subtype", "train2014")
+    if not isinstance(subtype, str) or "/" in subtype or "\x00" in subtype:
+        raise ConvertError("VQAv2 questions JSON: 'data_subtype' must be a plain name like train2014")
     pattern = options.image_pattern or f"COCO_{subtype}_{{image_id:012d}}.jpg"
-    answers = {a["question_id"]: a for a in annotations["annotations"]
-               if isinstance(a, dict) and "question_id" in a}
+    answers = {record_key(a.get("question_id")): a for a in annotations["annotations"] if isinstance(a, dict)}
+    answers.pop(None, None)
     for q in questions["questions"]:
-        if not isinstance(q, dict) or not isinstance(q.get("question"), str) or "image_id" not in q:
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str) or record_key(q.get("image_id")) is None:
             stats.skip("malformed record")
             continue
-        ann = answers.get(q.get("question_id"))
+        ann = answers.get(record_key(q.get("question_id")))
         if ann is None:
             stats.skip("question without annotation")
             continue
-        texts = [a.get("answer") for a in ann.get("answers") or [] if isinstance(a, dict)]
+        raw = ann.get("answers")
+        texts = [a.get("answer") for a in (raw if isinstance(raw, list) else []) if isinstance(a, dict)]
         answer = most_common(texts, prefer=ann.get("multiple_choice_answer"))
         ref = _image_path(pattern, q["image_id"], stats)
         if ref is not None:
@@ -112,7 +115,7 @@ def _vqav2(data: dict[str, Any], source: Path, options: VqaOptions, stats: Stats
 
 def _gqa(data: dict[str, Any], pattern: str, stats: Stats) -> Iterator[QA]:
     for rec in data.values():
-        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or "imageId" not in rec:
+        if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or record_key(rec.get("imageId")) is None:
             stats.skip("malformed record")
             continue
         ref = _image_path(pattern, rec["imageId"], stats)
