@@ -2,7 +2,12 @@
 [--share] [--device D] [--dtype T]`: serve the SPHINX-X web app (a Hugging Face Space runs this file)."""
 import sys
 
-from app.main import main
+try:  # ZeroGPU Spaces: `spaces` must be imported before torch touches CUDA
+    import spaces  # noqa: F401
+except ImportError:
+    pass
+
+from app.main import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

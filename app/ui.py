@@ -23,6 +23,7 @@ Model work shares one concurrency group (`model`, limit 1); cheap events skip th
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import logging
 from collections.abc import Callable
@@ -43,17 +44,22 @@ MODEL = "model"                 # the one concurrency group of model work
 STORAGE_KEY = "sphinx-x-owner"  # BrowserState key: the per-browser owner id
 CSS = "#noise-banner {background: #fff3cd; border: 1px solid #e0b000; padding: 6px 12px; border-radius: 6px}"
 PRIVATE = {"api_visibility": "private"}
-QUEUED = {"concurrency_id": MODEL, "concurrency_limit": 1, "api_visibility": "private"}
-CHEAP = {"queue": False, "api_visibility": "private"}
+# "minimal" progress everywhere: the queue position and timer show in a corner, and an error or a
+# cancel never leaves an "Error" overlay that blocks the component (the message is a toast).
+QUEUED = {"concurrency_id": MODEL, "concurrency_limit": 1, "api_visibility": "private", "show_progress": "minimal"}
+CHEAP = {"queue": False, "api_visibility": "private", "show_progress": "minimal"}
 
 
 def _message(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """One line, HTML-escaped: Gradio renders toast messages as HTML, and a message may quote
+    a file name or text the user chose."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return html.escape(line, quote=False)
 
 
 def guard(fn: Callable) -> Callable:
-    """User errors become a gr.Error toast (one line); anything else is logged and reported
-    in one line too, and the app keeps serving."""
+    """For API endpoints: user errors become a gr.Error (the client raises it, one line);
+    anything else is logged and reported in one line too, and the app keeps serving."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args: Any, **kwargs: Any):
@@ -80,6 +86,41 @@ def guard(fn: Callable) -> Callable:
             log.exception("unexpected error in %s", fn.__name__)
             raise gr.Error(f"unexpected error: {_message(e)}", print_exception=False) from e
     return wrapper
+
+
+def soft(n_outputs: int, status: int) -> Callable[[Callable], Callable]:
+    """For UI events: a user error becomes a message in the event's status line (output
+    `status` of `n_outputs`) and a toast, while every other output keeps its value. Raising
+    into Gradio instead would leave "Error" overlays over the outputs (the chatbot among them)."""
+    def decorate(fn: Callable) -> Callable:
+        def failed(e: BaseException) -> tuple[Any, ...]:
+            if isinstance(e, (*USER_ERRORS, DocumentError)):
+                text = _message(e)
+            else:
+                log.exception("unexpected error in %s", fn.__name__)
+                text = f"unexpected error: {_message(e)}"
+            gr.Warning(text)
+            out: list[Any] = [gr.skip()] * n_outputs
+            out[status] = f"⚠ {text}"
+            return tuple(out) if n_outputs > 1 else out[0]
+
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def gen_wrapper(*args: Any, **kwargs: Any):
+                try:
+                    yield from fn(*args, **kwargs)
+                except Exception as e:  # noqa: BLE001 - reported, the app keeps serving
+                    yield failed(e)
+            return gen_wrapper
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                return failed(e)
+        return wrapper
+    return decorate
 
 
 def _header(ctx: AppContext) -> None:
@@ -158,11 +199,11 @@ def _on_load(demo: gr.Blocks, ctx: AppContext, settings: AppSettings, browser_id
 # --- Chat ------------------------------------------------------------------------------
 def _chat_outputs(ctx: AppContext, view: chat.ChatView) -> tuple[Any, ...]:
     if view.error:
-        gr.Warning(view.error)
+        gr.Warning(html.escape(view.error, quote=False))
     regions = chat.last_regions(view.state)
     return (chat.chat_messages(view.state), view.state,
             chat.overlay(ctx, view.state) if view.done else gr.skip(),
-            regions_table(regions) if view.done else gr.skip(), view.status,
+            regions_table(regions) if view.done else gr.skip(), chat.display_text(view.status),
             view.restore if view.restore is not None else gr.skip())
 
 
@@ -206,48 +247,51 @@ def _chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]
 
     outputs = [bot, state, overlay, regions, status, box]
 
-    @guard
+    @soft(4, 3)
     def do_submit(st: chat.ChatState, key: str, value: dict | None):
         value = value or {}
         st = chat.submit(ctx, st, key, value.get("text", ""), value.get("files", []))
         return st, chat.chat_messages(st), gr.update(value=None), "Waiting for the model…"
 
-    @guard
+    @soft(6, 4)
     def do_respond(st: chat.ChatState, key: str, t: float, p: float, n: int):
+        if not st.busy:      # the step before failed (its message is in the status line)
+            yield (gr.skip(),) * len(outputs)
+            return
         settings = generation_settings(t, p, n, cap)
         for view in chat.respond(ctx, st, key, settings):
             yield _chat_outputs(ctx, view)
 
-    @guard
+    @soft(3, 2)
     def do_regenerate(st: chat.ChatState):
         st = chat.regenerate(ctx, st)
         return st, chat.chat_messages(st), "Waiting for the model…"
 
-    @guard
+    @soft(6, 4)
     def do_undo(st: chat.ChatState):
         return _chat_outputs(ctx, chat.undo(st))
 
-    @guard
+    @soft(6, 4)
     def do_clear():
         return [], chat.clear(), None, [], "", None
 
-    @guard
+    @soft(3, 1)
     def do_like(st: chat.ChatState, key: str, data: gr.LikeData):
         view = chat.rate(ctx, st, key, data.index, data.liked)
         k = view.state.feedback_turn
         answer = view.state.turns[k].corrected or view.state.turns[k].answer
         return view.state, view.status, gr.update(value=answer)
 
-    @guard
+    @soft(5, 2)
     def do_annotate(st: chat.ChatState, key: str, note: str, fixed: str):
         view = chat.annotate(ctx, st, key, note, fixed)
         return view.state, chat.chat_messages(view.state), view.status, "", ""
 
     sub = box.submit(do_submit, [state, owner, box], [state, bot, box, status], **CHEAP)
     respond_args = dict(fn=do_respond, inputs=[state, owner, temperature, top_p, max_new], outputs=outputs,
-                        show_progress="minimal", **QUEUED)
+                        **QUEUED)
     answered = [sub.success(**respond_args)]
-    stop_btn.click(guard(lambda st: chat.stop(ctx, st)), [state], [status], **CHEAP)
+    stop_btn.click(soft(1, 0)(lambda st: chat.stop(ctx, st)), [state], [status], **CHEAP)
     regen = regen_btn.click(do_regenerate, [state], [state, bot, status], **CHEAP)
     answered.append(regen.success(**respond_args))
     undo_btn.click(do_undo, [state], outputs, **CHEAP)
@@ -283,7 +327,7 @@ def _grounding_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
             answer = gr.Textbox(label="The model's answer", elem_id="ground-answer", buttons=["copy"])
 
     def run(detect_all: bool) -> Callable:
-        @guard
+        @soft(5, 4)
         def go(key: str, img: Any, text: str):
             res = grounding.ground(ctx, key, img, text, detect_all)
             return res.annotated, res.rows, str(res.json_path), res.shot.text, res.summary
@@ -328,28 +372,28 @@ def _som_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
             return "First corner set: click the opposite corner."
         return f"{len(st.marks)} mark{'s' * (len(st.marks) != 1)}."
 
-    @guard
+    @soft(3, 2)
     def do_load(key: str, img: Any):
         st = som.load(ctx, key, img)
         return st, som.picture(ctx, st), _status(st) if st.image else ""
 
-    @guard
+    @soft(3, 2)
     def do_auto(key: str, st: som.MarksState, src: str):
         st = som.auto_marks(ctx, key, st, src)
         return st, som.picture(ctx, st), _status(st)
 
-    @guard
+    @soft(3, 2)
     def do_click(st: som.MarksState, how: str, evt: gr.SelectData):
         x, y = (evt.index if isinstance(evt.index, (list, tuple)) and len(evt.index) == 2 else (None, None))
         st = som.click(ctx, st, x, y, how)
         return st, som.picture(ctx, st), _status(st)
 
-    @guard
+    @soft(3, 2)
     def do_clear(st: som.MarksState):
         st = som.clear(st)
         return st, som.picture(ctx, st), _status(st)
 
-    @guard
+    @soft(4, 3)
     def do_ask(key: str, st: som.MarksState, q: str):
         res = som.ask(ctx, key, st, q)
         named = ", ".join(map(str, res.named)) or "none"
@@ -395,12 +439,12 @@ def _ocr_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
                                   buttons=["copy"])
             score = gr.Markdown("", elem_id="ocr-score")
 
-    @guard
+    @soft(3, 1)
     def do_open(value: Any):
         d, msg = ocr.open_upload(ctx, value)
         return d, msg, gr.update(value=1, maximum=max(d.pages, 1))
 
-    @guard
+    @soft(7, 6)
     def do_read(key: str, d: ocr.Document, p: Any, m: str):
         res = ocr.read(ctx, key, d, p, m)
         sim = f"**Similarity to the text layer:** {res.score:.1%}" if res.score is not None else \
@@ -427,18 +471,18 @@ def _history_tab(ctx: AppContext, owner: gr.State, tabs: gr.Tabs, c: dict[str, A
         delete = gr.Button("Delete", variant="stop", elem_id="history-delete")
     status = gr.Markdown("", elem_id="history-status")
 
-    @guard
+    @soft(2, 1)
     def do_refresh(key: str):
         items = history.listing(ctx, key)
         return gr.update(choices=history.choices(items), value=None), f"{len(items)} conversation(s)."
 
-    @guard
+    @soft(7, 6)
     def do_open(key: str, conv_id: str):
         st = history.reopen(ctx, key, conv_id)
         view = chat.ChatView(st, f"Reopened a conversation of {len(st.turns)} turn(s): continue it below.")
         return (*_chat_outputs(ctx, view)[:5], gr.Tabs(selected="tab-chat"), "")
 
-    @guard
+    @soft(2, 1)
     def do_delete(key: str, conv_id: str):
         items = history.delete(ctx, key, conv_id)
         return gr.update(choices=history.choices(items), value=None), "Deleted."

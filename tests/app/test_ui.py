@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from app import ui
 
 
@@ -26,3 +28,23 @@ def test_layout_ids_sanitising_and_endpoints(ctx):
     cheap = [fn for fn in demo.fns.values() if fn.name in ("do_submit", "do_like", "do_click", "<lambda>")]
     assert cheap and not any(fn.queue for fn in cheap)
     assert demo._queue.max_size == ctx.settings.queue_size
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")   # gr.Warning outside an event is a Python warning
+def test_ui_events_report_errors_in_their_status_line_and_keep_serving():
+    from app.handlers.common import UserError
+
+    @ui.soft(3, 1)
+    def fails(kind):
+        raise UserError("the <b>file</b> is not an image") if kind == "user" else RuntimeError("boom\nstack")
+
+    out = fails("user")
+    assert out[1] == "⚠ the &lt;b&gt;file&lt;/b&gt; is not an image"
+    assert out[0] == out[2] and out[0] is not None and type(out[0]).__name__ != "str"   # gr.skip(): unchanged
+    assert fails("bug")[1] == "⚠ unexpected error: boom"
+
+    @ui.soft(2, 0)
+    def stream():
+        yield ("part", 1)
+        raise UserError("stopped working")
+    assert [o[0] for o in stream()][-1] == "⚠ stopped working"
