@@ -9,7 +9,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from storage import open_store
+from sqlalchemy.exc import SQLAlchemyError
+
+from storage import StorageError, open_store
 
 from .examples import EXAMPLES_DIR
 from .handlers.common import AppContext
@@ -20,10 +22,24 @@ MAX_UPLOAD = "50mb"
 
 
 def build_context(settings: AppSettings) -> AppContext:
-    """Load the model once and open (and migrate) the store."""
-    service = ModelService.load(settings.model_spec, device=settings.device, dtype=settings.dtype,
-                                seed=settings.seed)
-    return AppContext(service, open_store(settings.storage), settings)
+    """Open (and migrate) the store, then load the model once; StorageError / ServiceError
+    with one line when either cannot be had."""
+    try:
+        store = open_store(settings.storage)
+    except StorageError:
+        raise
+    except (SQLAlchemyError, OSError, ValueError) as e:
+        where = settings.storage.database_url.render_as_string(hide_password=True) if settings.db_url \
+            else settings.data_dir
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageError(f"cannot open the store at {where}: {first}") from e
+    try:
+        service = ModelService.load(settings.model_spec, device=settings.device, dtype=settings.dtype,
+                                    seed=settings.seed)
+    except BaseException:
+        store.dispose()
+        raise
+    return AppContext(service, store, settings)
 
 
 def _allowed_paths(ctx: AppContext) -> list[str]:

@@ -52,3 +52,10 @@ def test_main_prints_one_error_line_and_exits_2(capsys, tmp_path):
     assert main(["--model", str(tmp_path / "nowhere"), "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot load model") and "\n" not in err
+
+
+def test_a_store_that_cannot_be_opened_is_one_line_without_the_password(capsys, tmp_path):
+    assert main(["--db", "postgresql+psycopg2://user:hunter2@127.0.0.1:1/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot open the store at postgresql+psycopg2://user:***@") and "hunter2" not in err
+    assert "\n" not in err
