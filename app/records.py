@@ -100,7 +100,7 @@ def put_image(store: Store, owner: Owner, data: bytes) -> StoredImage:
     """Keep an upload (sanitised, content-addressed); RecordError if it is not an image we take."""
     try:
         with Session(store.engine) as s, s.begin():
-            row = store.images.put(s, data)
+            row = store.images.put(s, data, owner=owner)   # the owner may attach it from now on
             return _stored(store, row)
     except ImageRejected as e:
         raise RecordError(str(e)) from e
@@ -125,8 +125,8 @@ def save_exchange(store: Store, owner: Owner, conversation_id: str | None, model
             user, bot = save_turn(s, owner, conversation_id, prompt=turn.prompt, answer=turn.answer,
                                   images=images, boxes=turn.regions, settings=settings,
                                   latency_ms=turn.latency_ms, stopped=turn.stopped)
-        except NotFound as e:
-            raise RecordError("this conversation is not in your history any more") from e
+        except NotFound as e:   # the conversation, or an image, is not the owner's
+            raise RecordError(f"not in your history: {e}") from e
         return SavedTurn(conversation_id, user.id, bot.id)
 
 

@@ -289,14 +289,6 @@ def annotate(ctx: AppContext, state: ChatState, owner_key: str, comment: str, co
     return ChatView(state, f"Feedback stored on answer {k + 1}" + (" (corrected answer kept)." if corrected else "."))
 
 
-def edit_answer(ctx: AppContext, state: ChatState, owner_key: str, index: Any, value: Any) -> ChatView:
-    """An answer edited in place in the Chatbot is a corrected answer."""
-    state.feedback_turn = turn_of_message(state, index)
-    text = value if isinstance(value, str) else " ".join(
-        p.get("text", "") for p in (value or []) if isinstance(p, dict))
-    return annotate(ctx, state, owner_key, "", html.unescape(text.split(f"\n\n*{STOPPED_NOTE}*")[0]))
-
-
 # --- History -> Chat --------------------------------------------------------------------
 def from_history(ctx: AppContext, conversation_id: str, turns: list[StoredTurn]) -> ChatState:
     """A stored conversation, ready to be continued (its images reopened from the store)."""

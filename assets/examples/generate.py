@@ -18,8 +18,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from PIL import Image  # noqa: E402
-
 from train.world.scene import render_scene  # noqa: E402
 from train.world.tasks import describe  # noqa: E402
 from train.world.vocab import TRAIN_FONTS, font_paths  # noqa: E402

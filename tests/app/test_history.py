@@ -48,3 +48,12 @@ def test_one_owner_never_sees_another_owners_conversations(ctx, image_file):
     views = list(chat.respond(ctx, stolen, BOB, S))
     assert views[-1].error and "not in your history" in views[-1].error
     assert history.listing(ctx, ALICE)[0].turns == 1          # Alice's conversation is untouched
+
+
+def test_an_owner_cannot_attach_another_owners_image(ctx, image_file):
+    alice = _turn(ctx, chat.ChatState(), ALICE, "Alice's picture", [str(image_file)])
+    stolen = chat.Turn("What is in Alice's picture?", images=list(alice.turns[0].images))
+    bob = chat.ChatState(turns=[stolen], request_id="r1")
+    views = list(chat.respond(ctx, bob, BOB, S))
+    assert views[-1].error and "not in your history" in views[-1].error
+    assert history.listing(ctx, BOB) == []
