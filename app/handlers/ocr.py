@@ -12,6 +12,8 @@ from typing import Any
 
 from PIL import Image
 
+from sphinx_model.image_processing import ImageError, load_image
+
 from ..documents import DocumentError, DocumentInfo, inspect, is_pdf, page_text, render_page, similarity
 from ..render import draw_regions
 from .common import AppContext, OneShot, UserError, ask_image, owner_of, store_image, store_upload, upload_path
@@ -63,7 +65,12 @@ def open_upload(ctx: AppContext, value: Any) -> tuple[Document, str]:
         except DocumentError as e:
             raise UserError(str(e)) from e
         return Document(str(path), True, info), info.note
-    return Document(str(path), False, None), "an image (one page)"
+    try:
+        image = load_image(path, max_pixels=min(ctx.settings.max_pixels, ctx.service.max_pixels))
+    except ImageError as e:
+        raise UserError(f"{path.name} is neither a PDF nor an image we can read: "
+                        f"{str(e).replace(str(path), path.name)}") from e
+    return Document(str(path), False, None), f"an image of {image.width} x {image.height} pixels (one page)"
 
 
 def _page_image(ctx: AppContext, owner_key: str, doc: Document, page: int) -> tuple[Any, Image.Image, str | None]:

@@ -59,6 +59,10 @@ def test_page_cap_encryption_and_damage(ctx, tmp_path):
     broken.write_bytes(b"%PDF-1.7\n" + b"\0garbage" * 50)
     with pytest.raises(UserError, match="not a readable PDF|damaged|no pages"):
         ocr.open_upload(ctx, str(broken))
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a picture")
+    with pytest.raises(UserError, match="neither a PDF nor an image"):
+        ocr.open_upload(ctx, str(junk))
     with pytest.raises(UserError, match="no document"):
         ocr.read(ctx, ALICE, ocr.Document(), 1, "read")
 
