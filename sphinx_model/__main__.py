@@ -31,7 +31,8 @@ def _one_line(error: BaseException) -> str:
 def _chat_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("chat", parents=[common],
                        help="answer questions about an image (one answer with --prompt, else interactive)")
-    p.add_argument("--model", required=True, help="checkpoint folder, hub repo id, or preset name")
+    p.add_argument("--model", default=None,
+                   help="checkpoint folder, hub repo id, or preset name (default: the demo model in assets/demo)")
     p.add_argument("--image", help="image file (omit for a text-only chat)")
     p.add_argument("--prompt", help="ask one question, print the answer and exit")
     p.add_argument("--max-new-tokens", type=int, default=256, help="capped to the room the context leaves")
@@ -73,6 +74,16 @@ def _answer(gen, conv, image, settings, show_boxes: bool, processor, pil) -> str
     return text
 
 
+def _default_model() -> str:
+    """The project's own demo model, shipped in the repository's assets/demo."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "assets" / "demo"
+    if not (demo / "sphinx_config.json").is_file():
+        raise ValueError(f"no --model given and no demo model at {demo}; pass --model PATH_OR_ID_OR_PRESET")
+    return str(demo)
+
+
 def _read_question() -> str | None:
     """The next question from stdin; None at the end. Undecodable input is a usage error."""
     try:
@@ -96,7 +107,7 @@ def chat(args: argparse.Namespace) -> int:
     if args.prompt is not None and not check_text(args.prompt, "--prompt").strip():
         raise ValueError("--prompt is empty")
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, processor = load_model(args.model, device=device, dtype=args.dtype)
+    model, processor = load_model(args.model or _default_model(), device=device, dtype=args.dtype)
     pil = load_image(args.image, max_pixels=processor.config.max_pixels) if args.image else None
     image = processor.process_image(pil) if pil is not None else None
     gen = Generator(model, processor)

@@ -42,7 +42,8 @@ from .world.targets import MAX_MARK, ViewTargets, view_targets
 from .world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 
 HEADS = {"obj": 1, "shape": len(SHAPES), "colour": len(COLOUR_NAMES), "size": len(SIZES), "obj_box": 4,
-         "word": len(WORDS) + 1, "word_box": 4, "mark": MAX_MARK + 1}
+         "has_word": 1, "word": len(WORDS) + 1, "word_box": 4, "mark": MAX_MARK + 1}
+POS_WEIGHT = 4.0  # most tokens hold nothing: presence losses weigh the rare positive tokens up
 COUNTS = len(SHAPES) + len(COLOUR_NAMES)
 
 
@@ -108,16 +109,19 @@ class DenseHeads(nn.Module):
 def head_losses(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTargets,
                 weights: dict) -> tuple[torch.Tensor, dict[str, float]]:
     has_obj, has_word = t.obj > 0, t.word > 0
+    pos = torch.tensor(POS_WEIGHT)
+    zero = counts.sum() * 0
     terms = {
-        "obj": F.binary_cross_entropy_with_logits(pred["obj"][..., 0], t.obj),
+        "obj": F.binary_cross_entropy_with_logits(pred["obj"][..., 0], t.obj, pos_weight=pos),
         "shape": F.cross_entropy(pred["shape"].flatten(0, 1), t.shape.flatten(), ignore_index=-100),
         "colour": F.cross_entropy(pred["colour"].flatten(0, 1), t.colour.flatten(), ignore_index=-100),
         "size": F.cross_entropy(pred["size"].flatten(0, 1), t.size.flatten(), ignore_index=-100),
-        "word": F.cross_entropy(pred["word"].flatten(0, 1), t.word.flatten()),
-        "mark": F.cross_entropy(pred["mark"].flatten(0, 1), t.mark.flatten()),
+        "has_word": F.binary_cross_entropy_with_logits(pred["has_word"][..., 0], has_word.float(), pos_weight=pos),
+        "word": F.cross_entropy(pred["word"][has_word], t.word[has_word]) if has_word.any() else zero,
+        "mark": F.cross_entropy(pred["mark"][has_obj], t.mark[has_obj]) if has_obj.any() else zero,
         "counts": F.smooth_l1_loss(counts, t.counts),
-        "obj_box": F.l1_loss(pred["obj_box"][has_obj], t.obj_box[has_obj]) if has_obj.any() else counts.sum() * 0,
-        "word_box": F.l1_loss(pred["word_box"][has_word], t.word_box[has_word]) if has_word.any() else counts.sum() * 0,
+        "obj_box": F.l1_loss(pred["obj_box"][has_obj], t.obj_box[has_obj]) if has_obj.any() else zero,
+        "word_box": F.l1_loss(pred["word_box"][has_word], t.word_box[has_word]) if has_word.any() else zero,
     }
     total = sum(weights.get(k, 1.0) * v for k, v in terms.items())
     return total, {k: float(v.detach()) for k, v in terms.items()}
@@ -129,6 +133,7 @@ def head_accuracy(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTa
     acc = {"obj_f1": _f1(pred["obj"][..., 0] > 0, has_obj)}
     for k in ("shape", "colour", "size"):
         acc[k] = float((pred[k].argmax(-1)[has_obj] == getattr(t, k)[has_obj]).float().mean()) if has_obj.any() else 0.0
+    acc["word_f1"] = _f1(pred["has_word"][..., 0] > 0, has_word)
     acc["word"] = float((pred["word"].argmax(-1)[has_word] == t.word[has_word]).float().mean()) if has_word.any() else 0.0
     has_mark = t.mark > 0
     acc["mark"] = float((pred["mark"].argmax(-1)[has_mark] == t.mark[has_mark]).float().mean()) if has_mark.any() else 0.0

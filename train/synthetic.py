@@ -4,6 +4,9 @@ DIR/images/<id>.png     the scenes (PNG: truth boxes are exact pixels)
 DIR/scenes.jsonl        one scene per line: size, objects (shape, colour, size, box, mark), words
 DIR/data.jsonl          task dialogues in the training schema (`sphinx_model.conversation`),
                         plus a few text-only exchanges; boxes relative to the model's canvas
+DIR/pairs.jsonl         with `--pairs N`: N two-image dialogues over scenes already written (a
+                        question about one scene, then a new image mid-conversation and
+                        questions about it), so a model learns to talk about the latest image
 
 Scene i of seed S is the same picture on every machine and every run (`train.world.scene`).
 Held-out data is another seed (and, with `--renderer heldout`, another way of drawing).
@@ -75,6 +78,32 @@ def write_world(out: Path, n: int, seed: int, renderer: str = "train", anchor: s
     return out
 
 
+def write_pairs(out: Path, n: int, seed: int = 0, anchor: str = "top-left") -> Path:
+    """`n` two-image dialogues over the scenes of the world in `out` (atomic)."""
+    from .world.scene import Scene
+
+    path = out / "scenes.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{out} holds no world (no scenes.jsonl); write the world first")
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+    if len(rows) < 2:
+        raise ValueError("two-image dialogues need at least two scenes")
+    rng = random.Random(f"pairs-{seed}")
+    tmp = out / "pairs.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for k in range(n):
+            a, b = rng.sample(rows, 2)
+            first, _ = dialogue(Scene.from_dict({x: v for x, v in a.items() if x != "image"}), rng, anchor, 1)
+            second, tasks = dialogue(Scene.from_dict({x: v for x, v in b.items() if x != "image"}), rng, anchor, 2)
+            if not first or not second:
+                continue
+            record = _record(first + second, f"pair-{seed}-{k}", "pair+" + "+".join(tasks), a["image"])
+            record["messages"][2]["content"].insert(0, {"type": "image", "image": b["image"]})  # the new image
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, out / "pairs.jsonl")
+    return out / "pairs.jsonl"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.synthetic", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="output folder")
@@ -86,12 +115,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="canvas anchor the boxes in the dialogues are relative to")
     ap.add_argument("--max-turns", type=int, default=4)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="only write N two-image dialogues over the world already in --out")
     args = ap.parse_args(argv)
     if not 1 <= args.n <= 10_000_000 or args.start < 0 or not 1 <= args.max_turns <= 32 or args.workers < 1:
         print("error: --n must be in 1..10,000,000, --start >= 0, --max-turns in 1..32, --workers >= 1",
               file=sys.stderr)
         return 2
     try:
+        if args.pairs:
+            if args.pairs < 0:
+                raise ValueError("--pairs must be >= 0")
+            write_pairs(args.out, args.pairs, args.seed, args.anchor)
+            return 0
         write_world(args.out, args.n, args.seed, args.renderer, args.anchor, args.max_turns, args.workers, args.start)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
