@@ -119,7 +119,7 @@ def populate(engine: Engine, images: ImageStore, conversations: int, seed: int =
     """Conversations with images and mixed feedback, inserted in bulk (setup, not timed)."""
     rng = random.Random(seed)
     with Session(engine) as s, s.begin():
-        pool = [images.put(s, _picture(i)) for i in range(20)]
+        pool = [images.put(s, _picture(i), owner=Owner("session", "bench")) for i in range(20)]
         pool_sha = [p.sha256 for p in pool]
     now = utcnow()
     convs, msgs, links, feedback = [], [], [], []

@@ -7,7 +7,7 @@ otherwise (PostgreSQL is tested). Sessions belong to the caller; the functions i
 
     store = open_store(StorageSettings.from_env())      # upgrades the schema
     with Session(store.engine) as s, s.begin():
-        img = store.images.put(s, upload_bytes)
+        img = store.images.put(s, upload_bytes, owner=owner)   # only its uploader may attach it
         conv = create_conversation(s, owner, model_id="sphinx-tiny")
         save_turn(s, owner, conv.id, prompt="What is this?", answer="A cat.", images=[img])
 """
@@ -35,6 +35,7 @@ from .repository import (
     delete_conversation,
     feedback_history,
     get_conversation,
+    get_image,
     list_conversations,
     save_conversation,
     save_turn,
@@ -49,7 +50,7 @@ __all__ = [
     "Stats", "StorageError", "StorageSettings", "Store", "add_message", "append_messages",
     "build_samples",
     "collect_stats", "create_conversation", "create_engine_for", "delete_conversation",
-    "export_training_data", "feedback_history", "format_stats", "get_conversation",
+    "export_training_data", "feedback_history", "format_stats", "get_conversation", "get_image",
     "list_conversations", "open_store", "read_only", "sanitize_image", "save_conversation",
     "save_turn", "set_feedback", "to_conversation", "upgrade",
 ]

@@ -7,7 +7,9 @@
 The database defaults to SQLite at DATA_DIR/sphinx.db (`SPHINX_DATA_DIR`, default `data`);
 `SPHINX_DB_URL` (or --db-url) selects any SQLAlchemy URL. Prefer the environment variable
 for URLs with passwords: command lines are visible to other users.
-Errors print one line and exit non-zero (2: bad arguments, 1: the operation failed).
+Every failure it can foresee (bad arguments, no database, an unknown revision, an output
+folder it may not write into, a database error) prints one `error:` line and exits 2;
+anything unforeseen prints one line and exits 1 (`--debug` shows its traceback).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import json
 import re
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import date
@@ -25,14 +28,15 @@ from typing import NoReturn
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from .db import StorageError, StorageSettings, current_revision, open_store, read_only, upgrade
+from .db import (StorageError, StorageSettings, check_revision, current_revision, open_store, read_only,
+                 refuse_downgrade, upgrade)
 from .export import ONLY_CHOICES, export_training_data
 from .stats import collect_stats, format_stats
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"error: {message} (see: python -m storage --help)\n")
 
 
 def _iso_date(value: str) -> date:
@@ -45,9 +49,12 @@ def _iso_date(value: str) -> date:
             f"expected an ISO date YYYY-MM-DD, got {value!r}") from None
 
 
+MAX_TOP = 10_000
+
+
 def _positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    if not value.isdigit() or not 1 <= int(value) <= MAX_TOP:
+        raise argparse.ArgumentTypeError(f"expected a positive integer up to {MAX_TOP}, got {value[:40]!r}")
     return int(value)
 
 
@@ -56,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="data folder (default $SPHINX_DATA_DIR or data)")
     p.add_argument("--db-url", help="SQLAlchemy URL (default $SPHINX_DB_URL or SQLite in the "
                                     "data folder)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("migrate", help="create or upgrade the database")
@@ -87,8 +95,10 @@ def _settings(args: argparse.Namespace) -> StorageSettings:
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.command == "migrate":
+        check_revision(args.revision)  # before a database file is created for nothing
         store = open_store(settings, migrate=False)
         try:
+            refuse_downgrade(store.engine, args.revision)
             upgrade(store.engine, args.revision)
             print(f"database at revision {current_revision(store.engine)}")
         finally:
@@ -119,8 +129,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _one_line(err: BaseException) -> str:
     orig = getattr(err, "orig", None)  # DBAPI error inside a SQLAlchemy wrapper
-    text = str(orig if orig is not None else err).strip() or type(err).__name__
-    return text.splitlines()[0]
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
+    else:
+        text = str(orig if orig is not None else err).strip() or type(err).__name__
+    return text.splitlines()[0][:300]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,11 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except (StorageError, SQLAlchemyError, ArgumentError, OSError, ValueError) as e:
-        print(f"python -m storage: error: {_one_line(e)}", file=sys.stderr)
-        return 1
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("python -m storage: interrupted", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's last word: one line, the traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

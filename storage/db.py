@@ -14,7 +14,9 @@ Sessions are the caller's (`with Session(store.engine) as s, s.begin(): ...`).
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError as AlembicCommandError
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 
@@ -129,7 +132,7 @@ def _install_sqlite_hooks(engine: Engine, busy_timeout_s: float, synchronous: st
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (see below)
         cur = dbapi_connection.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        _set_wal(cur, busy_timeout_s)
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         cur.execute(f"PRAGMA synchronous={synchronous}")
@@ -157,6 +160,25 @@ def _install_sqlite_hooks(engine: Engine, busy_timeout_s: float, synchronous: st
         gate.leave(record.info if record is not None else None)  # never leak the lock
 
 
+def _set_wal(cursor: Any, timeout_s: float) -> None:
+    """`PRAGMA journal_mode=WAL`, retried while the database is busy.
+
+    Switching a fresh file to WAL needs a moment of exclusive access, and SQLite answers
+    "database is locked" at once, without its busy handler, when another connection is doing
+    the same: several processes opening a new store together would fail now and then.
+    """
+    deadline, delay = time.monotonic() + timeout_s, 0.002
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", sqlite3.SQLITE_BUSY) != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+
 def read_only(engine: Engine) -> Engine:
     """The same engine, but SQLite transactions begin DEFERRED (for long reads)."""
     return engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"})
@@ -180,12 +202,37 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def known_revisions() -> list[str]:
+    return [r.revision for r in ScriptDirectory.from_config(alembic_config()).walk_revisions()]
+
+
+def check_revision(revision: str, *, allow_base: bool = False) -> None:
+    """One line instead of alembic's traceback for a revision that does not exist."""
+    known = known_revisions()
+    if revision in ("head", "heads", *known) or (allow_base and revision == "base"):
+        return
+    raise StorageError(f"unknown revision {revision!r} (known: head, {', '.join(sorted(known))})")
+
+
+def refuse_downgrade(engine: Engine, revision: str) -> None:
+    """`migrate` only upgrades: a target older than the database is an error, not a silent no-op."""
+    current = current_revision(engine)
+    if current is None or revision in ("head", "heads", current):
+        return
+    older = {r.revision for r in ScriptDirectory.from_config(alembic_config()).iterate_revisions(current, "base")}
+    if revision in older:
+        raise StorageError(f"the database is at revision {current}, newer than {revision}; "
+                           "migrate only upgrades (downgrading loses data: use storage.db.downgrade deliberately)")
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to `revision` (idempotent; safe when several processes start at once)."""
+    check_revision(revision)
     _migrate(engine, lambda cfg: command.upgrade(cfg, revision))
 
 
 def downgrade(engine: Engine, revision: str) -> None:
+    check_revision(revision, allow_base=True)
     _migrate(engine, lambda cfg: command.downgrade(cfg, revision))
 
 
@@ -203,7 +250,10 @@ def _migrate(engine: Engine, run: Callable[[Config], None]) -> None:
                     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"),
                                  {"k": _PG_MIGRATION_LOCK})
                 cfg.attributes["connection"] = conn
-                run(cfg)
+                try:
+                    run(cfg)
+                except AlembicCommandError as e:  # e.g. "upgrade" to a revision older than the database
+                    raise StorageError(f"cannot migrate: {str(e).splitlines()[0]}") from None
                 if is_sqlite:
                     bad = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
                     if bad:

@@ -13,6 +13,10 @@ Rules, per user/assistant turn:
 - `only="liked"` / `"corrected"` keeps each sample up to its last liked / corrected turn
   (earlier turns stay as context), and drops samples that have none;
 - identical samples (same messages after these rules) are written once.
+
+Nothing is ever written through a symbolic link planted in OUT: files are written to fresh
+temporary names and renamed over whatever stands at the destination, and `OUT/images` must
+be a real folder.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
@@ -31,6 +36,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from sphinx_model.conversation import Conversation, Message, Part, SchemaError, write_jsonl
 
+from .db import StorageError
 from .images import ImageStore
 from .models import ConversationRow, ImageRow, MessageRow, start_of_day_utc
 from .repository import message_to_schema
@@ -159,7 +165,7 @@ def export_training_data(session: Session, images: ImageStore, out_dir: str | Pa
     if only not in ONLY_CHOICES:
         raise ValueError(f"only must be one of {ONLY_CHOICES}")
     out = Path(out_dir)
-    (out / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+    _real_folder(out / IMAGES_DIR)
     report = ExportReport()
     seen: set[bytes] = set()
     copied: set[str] = set()
@@ -187,10 +193,10 @@ def export_training_data(session: Session, images: ImageStore, out_dir: str | Pa
                 report.corrected_turns += sum(t["corrected"] for t in sample.meta["turns"])
                 yield sample
 
-    tmp = out / f".{DATA_FILE}.tmp-{os.getpid()}"
+    tmp = _fresh_file(out, DATA_FILE)
     try:
         report.samples = write_jsonl(tmp, samples())
-        os.replace(tmp, out / DATA_FILE)
+        os.replace(tmp, out / DATA_FILE)  # replaces a link planted under that name, never follows it
     finally:
         tmp.unlink(missing_ok=True)
     report.images = len(copied)
@@ -212,7 +218,30 @@ def _copy_images(conv: ConversationRow, sample: Conversation, images: ImageStore
                 report.notes.append(f"missing image file {row.filename}")
             return False
         dst = out / ref
-        if not (dst.is_file() and dst.stat().st_size == row.size_bytes):
-            shutil.copyfile(src, dst)
+        if dst.is_symlink() or not (dst.is_file() and dst.stat().st_size == row.size_bytes):
+            tmp = _fresh_file(dst.parent, dst.name)
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)  # a link at `dst` is replaced, its target never written
+            finally:
+                tmp.unlink(missing_ok=True)
         copied.add(ref)
     return True
+
+
+def _real_folder(path: Path) -> None:
+    """Create `path` (and parents); refuse when it is a symbolic link, which would send the
+    images wherever it points."""
+    if path.is_symlink():
+        raise StorageError(f"{path} is a symbolic link; the export writes only into real folders")
+    path.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or not path.is_dir():
+        raise StorageError(f"{path} is not a folder")
+
+
+def _fresh_file(folder: Path, name: str) -> Path:
+    """A new, empty file beside `name` that nobody else can have planted (O_EXCL)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # as a plain copy would be, not mkstemp's 0600
+    return Path(tmp)

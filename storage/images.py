@@ -1,8 +1,10 @@
 """Content-addressed image store: a folder beside the database plus one `image` row per file.
 
 Every upload is decoded, size-checked and re-encoded before it is kept: orientation from
-EXIF is applied to the pixels, then all metadata (EXIF, GPS, XMP, ICC, text chunks) is
-dropped because only the pixels are copied into a fresh image. The file name is the SHA-256
+EXIF is applied to the pixels, high bit depths and CIELAB become 8-bit RGB by the model's
+own rule (so the store keeps the picture the model answered about), then all metadata
+(EXIF, GPS, XMP, ICC, text chunks) is dropped because only the pixels are copied into a
+fresh image. The file name is the SHA-256
 of the re-encoded bytes, so the same picture is stored once, and no user-supplied string
 ever becomes part of a path.
 """
@@ -15,16 +17,20 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .models import IMAGE_FORMATS, ImageRow
+from .models import IMAGE_FORMATS, ImageOwnerRow, ImageRow
+from .repository import Owner
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _EXTENSIONS = {"jpeg": "jpg", "png": "png"}
 _ACCEPTED_INPUTS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+_HIGH_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
 class ImageRejected(ValueError):
@@ -68,9 +74,9 @@ def sanitize_image(data: bytes, limits: ImageLimits = ImageLimits()) -> EncodedI
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
         raise ImageRejected(f"not a readable image: {e}") from None
 
-    has_alpha = oriented.mode in ("RGBA", "LA", "PA") or "transparency" in oriented.info
+    has_alpha = oriented.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in oriented.info
     mode = "RGBA" if has_alpha else "RGB"
-    pixels = oriented.convert(mode)
+    pixels = _to_8bit(oriented, mode)
     if max(pixels.size) > limits.max_side:
         pixels.thumbnail((limits.max_side, limits.max_side), Image.Resampling.LANCZOS)
     clean = Image.frombytes(mode, pixels.size, pixels.tobytes())  # pixels only, no metadata
@@ -86,11 +92,65 @@ def sanitize_image(data: bytes, limits: ImageLimits = ImageLimits()) -> EncodedI
                         clean.height, fmt)
 
 
+def _to_8bit(image: Image.Image, mode: str) -> Image.Image:
+    """8-bit RGB(A) by the model's own rule (`sphinx_model.image_processing._to_rgb`), so that
+    the stored picture is the one the model answered about (a test holds the two together).
+
+    Pillow's plain convert() would clip 16-bit values (a mid-grey 16-bit scan stored as
+    white) and copy CIELAB channels as if they were RGB.
+    """
+    if image.mode in _HIGH_BIT_MODES:
+        return Image.fromarray(_scaled_to_uint8(np.asarray(image)), "L").convert("RGB")
+    if image.mode == "LAB":
+        try:
+            from PIL import ImageCms
+
+            lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+            return ImageCms.applyTransform(image, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
+        except ImportError:
+            raise ImageRejected("CIELAB images need Pillow with littlecms") from None
+    return image.convert(mode)
+
+
+def _scaled_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Single-channel high bit depth -> 0..255, scaled, never clipped: unsigned 16-bit by /257;
+    mode I / F by their range (0..255 or 0..1 keep their meaning, else min-max stretched)."""
+    x = values.astype(np.float64)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if values.dtype.kind == "f":
+        if lo >= 0.0 and hi <= 1.0:
+            x = x * 255.0
+        elif not (lo >= 0.0 and hi <= 255.0):
+            x = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
+    elif values.dtype.itemsize <= 2 and values.dtype.kind == "u":
+        x = x / 257.0
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif lo >= 0 and hi <= 65535:
+        x = x / 257.0
+    else:
+        x = (x - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 def image_filename(sha256: str, fmt: str) -> str:
     """`<sha256>.<ext>`; refuses anything that is not a hex digest and a known format."""
     if not _SHA256.fullmatch(sha256) or fmt not in IMAGE_FORMATS:
         raise ValueError("invalid image reference")
     return f"{sha256}.{_EXTENSIONS[fmt]}"
+
+
+def _insert_once(session: Session, row: Any, existing: Any) -> Any:
+    """Insert `row`, or return what a concurrent writer inserted under the same key meanwhile."""
+    try:
+        with session.begin_nested():
+            session.add(row)
+        return row
+    except IntegrityError:
+        found = existing()
+        if found is None:
+            raise
+        return found
 
 
 @dataclass(frozen=True)
@@ -109,33 +169,34 @@ class ImageStore:
     def read(self, row: ImageRow) -> bytes:
         return self.path(row).read_bytes()
 
-    def put(self, session: Session, data: bytes) -> ImageRow:
-        """Sanitize and keep an upload; returns its row (existing or new) in `session`.
+    def put(self, session: Session, data: bytes, *, owner: Owner) -> ImageRow:
+        """Sanitize and keep an upload for `owner`; returns its row (existing or new) in `session`.
 
-        The file is written (atomically) before the row; a rolled-back transaction can leave
-        an unreferenced file behind, which is harmless: the next upload of the same picture
-        reuses it.
+        The picture is stored once by content hash, and `owner` is recorded as one of its
+        uploaders: only uploaders may attach it to their messages. The file is written
+        (atomically) before the row; a rolled-back transaction can leave an unreferenced file
+        behind, which is harmless: the next upload of the same picture reuses it.
         """
-        img = sanitize_image(data, self.limits)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ImageRejected(f"an upload is bytes, got {type(data).__name__}")
+        img = sanitize_image(bytes(data), self.limits)
         self._write_file(img)
         row = session.get(ImageRow, img.sha256)
-        if row is not None:
-            return row
-        row = ImageRow(sha256=img.sha256, size_bytes=len(img.data), width=img.width,
-                       height=img.height, format=img.format)
-        try:
-            with session.begin_nested():  # a concurrent writer may insert the same hash
-                session.add(row)
-        except IntegrityError:
-            existing = session.get(ImageRow, img.sha256)
-            if existing is None:
-                raise
-            return existing
+        if row is None:
+            row = _insert_once(session, ImageRow(sha256=img.sha256, size_bytes=len(img.data), width=img.width,
+                                                 height=img.height, format=img.format),
+                               lambda: session.get(ImageRow, img.sha256))
+        key = (img.sha256, owner.kind, owner.id)
+        if session.get(ImageOwnerRow, key) is None:
+            _insert_once(session, ImageOwnerRow(image_sha256=img.sha256, owner_kind=owner.kind, owner_id=owner.id),
+                         lambda: session.get(ImageOwnerRow, key))
         return row
 
     def _write_file(self, img: EncodedImage) -> None:
+        """Write the file unless an intact copy is there (a regular file of the right size:
+        never a link someone put in its place)."""
         path = self.path_for(img.sha256, img.format)
-        if path.is_file() and path.stat().st_size == len(img.data):
+        if not path.is_symlink() and path.is_file() and path.stat().st_size == len(img.data):
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")

@@ -2,7 +2,8 @@
 
 The rows mirror the conversation schema (`sphinx_model.conversation`) without depending on
 it: a conversation has ordered messages, a message has a role, text and ordered image
-references; images are stored once by content hash. Feedback is the *current* verdict on
+references; images are stored once by content hash, and `image_owner` records who uploaded
+each (an owner may attach only their own uploads). Feedback is the *current* verdict on
 an assistant message (latest wins); every change is also appended to `feedback_event`, so
 history is kept. Conversions to and from the schema live in `repository.py`.
 
@@ -137,6 +138,22 @@ class ImageRow(Base):
     @property
     def filename(self) -> str:
         return f"{self.sha256}.{self.extension}"
+
+
+class ImageOwnerRow(Base):
+    """Who uploaded an image (revision 0004). Files are shared by content hash, but an owner may
+    attach, and so read back, only images they uploaded themselves."""
+
+    __tablename__ = "image_owner"
+    __table_args__ = (
+        CheckConstraint(_in("owner_kind", OWNER_KINDS), name="owner_kind"),
+        Index("ix_image_owner_owner", "owner_kind", "owner_id"),
+    )
+
+    image_sha256: Mapped[str] = mapped_column(ForeignKey("image.sha256"), primary_key=True)
+    owner_kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(String(MAX_OWNER_ID), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)  # this owner's first upload
 
 
 class MessageRow(Base):

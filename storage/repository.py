@@ -6,8 +6,11 @@ The caller owns the session and the transaction (one per request)::
         conv = create_conversation(s, owner, model_id="sphinx-tiny", model_version="1")
         save_turn(s, owner, conv.id, prompt="What is this?", answer="A cat.", images=[img])
 
-Every read and write is scoped to an `Owner`: another owner's conversation is reported as
-missing (`NotFound`), never as forbidden, so ids cannot be probed. All values travel as
+Every read and write is scoped to an `Owner`: another owner's conversation, message or image
+is reported as missing (`NotFound`), never as forbidden, so ids and content hashes cannot
+be probed. An owner attaches only images they uploaded (`ImageStore.put(..., owner=)`).
+Every value passes `values.py` first (no NUL, no lone surrogates, finite numbers, column
+lengths), so SQLite and PostgreSQL accept and refuse the same inputs. All values travel as
 bound parameters; nothing a user typed is formatted into SQL.
 """
 from __future__ import annotations
@@ -31,11 +34,13 @@ from .models import (
     ConversationRow,
     FeedbackEventRow,
     FeedbackRow,
+    ImageOwnerRow,
     ImageRow,
     MessageImageRow,
     MessageRow,
     utcnow,
 )
+from .values import clean_json, clean_number, clean_text
 
 OwnerKind = Literal["session", "user"]
 Rating = Literal["like", "dislike"]
@@ -66,10 +71,28 @@ class Owner:
             raise ValueError(f"owner kind must be one of {OWNER_KINDS}")
         if not isinstance(self.id, str) or not 0 < len(self.id) <= MAX_OWNER_ID:
             raise ValueError(f"owner id must be 1..{MAX_OWNER_ID} characters")
+        clean_text(self.id, "owner id")
+
+
+_MAX_ROW_ID = 2**31 - 1  # `message.id` is a 32-bit integer on PostgreSQL
+
+
+def _valid_conversation_id(conversation_id: Any) -> str:
+    """Ids are at most 32 characters (uuid4 hex when we make them); anything else (a NUL, an
+    object, a long string) is simply not found, on every backend, not a driver error on some."""
+    try:
+        return clean_text(conversation_id, "conversation id", 32) if conversation_id else _missing()
+    except ValueError:
+        raise NotFound("no such conversation") from None
+
+
+def _missing() -> str:
+    raise NotFound("no such conversation")
 
 
 def _owned_conversation(session: Session, owner: Owner, conversation_id: str,
                         *, for_update: bool = False) -> ConversationRow:
+    _valid_conversation_id(conversation_id)
     stmt = select(ConversationRow).where(
         ConversationRow.id == conversation_id,
         ConversationRow.owner_kind == owner.kind,
@@ -83,14 +106,18 @@ def _owned_conversation(session: Session, owner: Owner, conversation_id: str,
     return row
 
 
-def _owned_message(session: Session, owner: Owner, message_id: int) -> MessageRow:
-    row = session.scalars(
-        select(MessageRow).join(ConversationRow).where(
-            MessageRow.id == message_id,
-            ConversationRow.owner_kind == owner.kind,
-            ConversationRow.owner_id == owner.id,
-        )
-    ).one_or_none()
+def _owned_message(session: Session, owner: Owner, message_id: int,
+                   *, for_update: bool = False) -> MessageRow:
+    if isinstance(message_id, bool) or not isinstance(message_id, int) or not 0 < message_id <= _MAX_ROW_ID:
+        raise NotFound("no such message")
+    stmt = select(MessageRow).join(ConversationRow).where(
+        MessageRow.id == message_id,
+        ConversationRow.owner_kind == owner.kind,
+        ConversationRow.owner_id == owner.id,
+    )
+    if for_update:  # PostgreSQL: one feedback change at a time per message; SQLite ignores it
+        stmt = stmt.with_for_update(of=MessageRow)
+    row = session.scalars(stmt).one_or_none()
     if row is None:
         raise NotFound("no such message")
     return row
@@ -99,6 +126,8 @@ def _owned_message(session: Session, owner: Owner, message_id: int) -> MessageRo
 # --- conversations and messages --------------------------------------------------------
 def create_conversation(session: Session, owner: Owner, *, model_id: str,
                         model_version: str = "") -> ConversationRow:
+    clean_text(model_id, "model_id", 200)
+    clean_text(model_version, "model_version", 100)
     row = ConversationRow(id=uuid.uuid4().hex, owner_kind=owner.kind, owner_id=owner.id,
                           model_id=model_id, model_version=model_version)
     session.add(row)
@@ -112,7 +141,7 @@ class NewMessage:
 
     role: str
     text: str
-    images: Sequence[ImageRow] = ()
+    images: Sequence[ImageRow | str] = ()  # rows from ImageStore.put, or their content hashes
     boxes: list[Any] | None = None
     settings: dict[str, Any] | None = None
     latency_ms: float | None = None
@@ -121,11 +150,19 @@ class NewMessage:
 
 def append_messages(session: Session, owner: Owner, conversation_id: str,
                     messages: Sequence[NewMessage]) -> list[MessageRow]:
-    """Append messages at the next free positions (one ownership check, one flush)."""
+    """Append messages at the next free positions (one ownership check, one flush).
+
+    Every image must be one the owner uploaded; any other (another owner's, or none at all)
+    is NotFound, exactly as a conversation of someone else's is."""
     for m in messages:
         if m.role not in MESSAGE_ROLES:
             raise ValueError(f"role must be one of {MESSAGE_ROLES}")
+        clean_text(m.text, "message text")
+        clean_json(m.boxes, "boxes")
+        clean_json(m.settings, "settings")
+        clean_number(m.latency_ms, "latency_ms")
     conv = _owned_conversation(session, owner, conversation_id, for_update=True)
+    shas = owned_images(session, owner, [_sha(img) for m in messages for img in m.images])
     start = session.scalar(
         select(func.coalesce(func.max(MessageRow.position) + 1, 0))
         .where(MessageRow.conversation_id == conv.id))
@@ -133,7 +170,7 @@ def append_messages(session: Session, owner: Owner, conversation_id: str,
     rows = [MessageRow(conversation=conv, position=start + k, role=m.role, text=m.text,
                        boxes=m.boxes, settings=m.settings, latency_ms=m.latency_ms,
                        stopped=m.stopped, created_at=now,
-                       images=[MessageImageRow(position=i, image_sha256=img.sha256)
+                       images=[MessageImageRow(position=i, image_sha256=shas[_sha(img)])
                                for i, img in enumerate(m.images)])
             for k, m in enumerate(messages)]
     session.add_all(rows)
@@ -142,8 +179,36 @@ def append_messages(session: Session, owner: Owner, conversation_id: str,
     return rows
 
 
+def _sha(image: ImageRow | str) -> str:
+    return image.sha256 if isinstance(image, ImageRow) else image
+
+
+def owned_images(session: Session, owner: Owner, shas: Sequence[Any]) -> dict[str, str]:
+    """{sha: sha} for content hashes the owner uploaded; NotFound if any is not one of theirs."""
+    if not all(isinstance(s, str) for s in shas):
+        raise NotFound("no such image")
+    wanted = set(shas)
+    if not wanted:
+        return {}
+    found = set(session.scalars(select(ImageOwnerRow.image_sha256).where(
+        ImageOwnerRow.image_sha256.in_(wanted), ImageOwnerRow.owner_kind == owner.kind,
+        ImageOwnerRow.owner_id == owner.id)))
+    if found != wanted:
+        raise NotFound(f"{len(wanted - found)} image(s) not found")
+    return {s: s for s in found}
+
+
+def get_image(session: Session, owner: Owner, sha256: str) -> ImageRow:
+    """A stored image the owner uploaded; NotFound for any other hash (theirs or nobody's)."""
+    owned_images(session, owner, [sha256])
+    row = session.get(ImageRow, sha256)
+    if row is None:
+        raise NotFound("no such image")
+    return row
+
+
 def add_message(session: Session, owner: Owner, conversation_id: str, role: str, text: str,
-                *, images: Sequence[ImageRow] = (), boxes: list[Any] | None = None,
+                *, images: Sequence[ImageRow | str] = (), boxes: list[Any] | None = None,
                 settings: dict[str, Any] | None = None,
                 latency_ms: float | None = None, stopped: bool = False) -> MessageRow:
     """Append one message; its position is the next free one in the conversation."""
@@ -153,7 +218,7 @@ def add_message(session: Session, owner: Owner, conversation_id: str, role: str,
 
 
 def save_turn(session: Session, owner: Owner, conversation_id: str, *, prompt: str,
-              answer: str, images: Sequence[ImageRow] = (), boxes: list[Any] | None = None,
+              answer: str, images: Sequence[ImageRow | str] = (), boxes: list[Any] | None = None,
               settings: dict[str, Any] | None = None, latency_ms: float | None = None,
               stopped: bool = False) -> tuple[MessageRow, MessageRow]:
     """One exchange: the user's prompt (with its images) and the assistant's answer
@@ -167,6 +232,7 @@ def save_turn(session: Session, owner: Owner, conversation_id: str, *, prompt: s
 
 def get_conversation(session: Session, owner: Owner, conversation_id: str) -> ConversationRow:
     """The conversation with its messages, images and feedback loaded; NotFound otherwise."""
+    _valid_conversation_id(conversation_id)
     row = session.scalars(
         select(ConversationRow)
         .where(ConversationRow.id == conversation_id,
@@ -187,7 +253,7 @@ def list_conversations(session: Session, owner: Owner, *, limit: int = 50,
         select(ConversationRow)
         .where(ConversationRow.owner_kind == owner.kind, ConversationRow.owner_id == owner.id)
         .order_by(ConversationRow.updated_at.desc(), ConversationRow.id)
-        .limit(max(0, min(limit, 1000))).offset(max(0, offset))))
+        .limit(max(0, min(limit, 1000))).offset(max(0, min(offset, _MAX_ROW_ID)))))
 
 
 def delete_conversation(session: Session, owner: Owner, conversation_id: str) -> None:
@@ -204,6 +270,7 @@ def _clean_tags(tags: Sequence[str]) -> list[str]:
     for t in tags:
         if not isinstance(t, str) or not 0 < len(t.strip()) <= MAX_TAG_LEN:
             raise ValueError(f"each tag must be 1..{MAX_TAG_LEN} characters")
+        clean_text(t, "tag")
         if t.strip() not in out:
             out.append(t.strip())
     return out
@@ -217,11 +284,18 @@ def set_feedback(session: Session, owner: Owner, message_id: int, *,
 
     The latest change wins in `feedback`; every change is also appended to `feedback_event`.
     """
-    msg = _owned_message(session, owner, message_id)
-    if msg.role != "assistant":
-        raise ValueError("feedback applies to assistant messages")
     if rating is not UNSET and rating is not None and rating not in RATINGS:
         raise ValueError(f"rating must be one of {RATINGS} or None")
+    if comment is not UNSET:
+        clean_text(comment, "comment")
+    if corrected is not UNSET and corrected is not None:
+        clean_text(corrected, "corrected answer")
+    # Lock the message row: two first clicks at once would otherwise both insert the feedback
+    # row on PostgreSQL (a unique-key violation, and a lost event); SQLite's BEGIN IMMEDIATE
+    # already serialises writers.
+    msg = _owned_message(session, owner, message_id, for_update=True)
+    if msg.role != "assistant":
+        raise ValueError("feedback applies to assistant messages")
     fb = session.get(FeedbackRow, msg.id)
     now = utcnow()
     if fb is None:
@@ -274,7 +348,7 @@ def to_conversation(row: ConversationRow) -> Conversation:
 
 def save_conversation(session: Session, owner: Owner, conversation: Conversation, *,
                       model_id: str, model_version: str = "") -> ConversationRow:
-    """Store a schema conversation; image parts must reference stored images by hash.
+    """Store a schema conversation; image parts must reference the owner's stored images by hash.
 
     Parts are stored as text plus ordered images, so within a message the images come
     first when read back (the order SPHINX uses).
@@ -282,13 +356,9 @@ def save_conversation(session: Session, owner: Owner, conversation: Conversation
     refs = {r for r in conversation.image_refs}
     if None in refs:
         raise SchemaError("image parts must reference a stored image by its hash")
-    images = {r.sha256: r for r in session.scalars(
-        select(ImageRow).where(ImageRow.sha256.in_(refs)))} if refs else {}
-    missing = refs - images.keys()
-    if missing:
-        raise NotFound(f"{len(missing)} referenced image(s) are not stored")
+    owned_images(session, owner, list(refs))  # only the owner's own uploads, before anything is written
     conv = create_conversation(session, owner, model_id=model_id, model_version=model_version)
     append_messages(session, owner, conv.id, [
-        NewMessage(m.role, m.text, [images[r] for r in m.image_refs])  # type: ignore[index]
+        NewMessage(m.role, m.text, [r for r in m.image_refs if r is not None])
         for m in conversation.messages])
     return conv

@@ -40,8 +40,10 @@ def _conv(s: Session, owner: Owner, turns: list[tuple], system: str | None = Non
 
 def _populate(store: Store) -> dict[str, str]:
     with Session(store.engine) as s, s.begin():
-        x = store.images.put(s, make_image(color=(10, 20, 30)))
-        y = store.images.put(s, make_image(color=(90, 20, 30), fmt="JPEG"))
+        x = store.images.put(s, make_image(color=(10, 20, 30)), owner=ANN)
+        y = store.images.put(s, make_image(color=(90, 20, 30), fmt="JPEG"), owner=BEN)
+        for owner, data in ((BEN, make_image(color=(10, 20, 30))), (ANN, make_image(color=(90, 20, 30), fmt="JPEG"))):
+            store.images.put(s, data, owner=owner)  # both uploaded both pictures
         a_turns = [("What is it?", "A dog.", [x], "like", None),
                    ("Where?", "Left.", [], "dislike", "On the right."),
                    ("Colour?", "Brown.", [], None, None)]
@@ -178,7 +180,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
                                  message: str) -> None:
     monkeypatch.delenv("SPHINX_DB_URL", raising=False)
     code, err = _main(capsys, "--data-dir", str(tmp_path / "nothing-here"), *args)
-    assert code != 0
+    assert code == 2 and err.startswith("error: ")
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "nothing-here" / "sphinx.db").exists()
@@ -188,7 +190,7 @@ def test_cli_unreachable_server_is_one_line(tmp_path: Path, capsys: pytest.Captu
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPHINX_DB_URL", "postgresql+psycopg2://u:hunter2@127.0.0.1:9/none")
     code, err = _main(capsys, "--data-dir", str(tmp_path), "stats")
-    assert code == 1 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err and err.startswith("error: ")
     assert len(err.strip().splitlines()) == 1 and "hunter2" not in err
 
 
@@ -213,8 +215,8 @@ def test_train_reads_the_export(store: Store, tmp_path: Path) -> None:
 def test_a_new_image_after_a_dropped_turn_starts_a_fresh_sample(store: Store,
                                                                  tmp_path: Path) -> None:
     with Session(store.engine) as s, s.begin():
-        x = store.images.put(s, make_image(color=(1, 2, 3)))
-        y = store.images.put(s, make_image(color=(4, 5, 6)))
+        x = store.images.put(s, make_image(color=(1, 2, 3)), owner=ANN)
+        y = store.images.put(s, make_image(color=(4, 5, 6)), owner=ANN)
         cid = _conv(s, ANN, [("look", "wrong", [x], "dislike", None),
                              ("and this one?", "A boat.", [y], None, None),
                              ("colour?", "Blue.", [], "like", None)])

@@ -19,10 +19,14 @@ from storage.images import (
     sanitize_image,
 )
 from storage.models import ImageRow
+from storage.repository import Owner
 from storagetest_support import make_image
 
 GPS_IFD = 0x8825
 ORIENTATION = 0x0112
+
+
+OWNER = Owner("session", "uploader")
 
 
 def _jpeg_with_exif(orientation: int) -> bytes:
@@ -92,12 +96,12 @@ def test_file_names_come_only_from_hashes(tmp_path) -> None:
 def test_same_picture_is_stored_once(store: Store) -> None:
     data = make_image(16, 16)
     with Session(store.engine) as s, s.begin():
-        a = store.images.put(s, data)
-        b = store.images.put(s, data)
+        a = store.images.put(s, data, owner=OWNER)
+        b = store.images.put(s, data, owner=OWNER)
         assert a is b
         sha = a.sha256
     with Session(store.engine) as s, s.begin():
-        c = store.images.put(s, data)  # new session, row already there
+        c = store.images.put(s, data, owner=OWNER)  # new session, row already there
         assert c.sha256 == sha
         assert s.scalar(select(func.count()).select_from(ImageRow)) == 1
         path = store.images.path(c)
@@ -116,7 +120,7 @@ def test_two_writers_storing_the_same_picture_at_once(store: Store) -> None:
 
     def first() -> None:
         with Session(store.engine) as s, s.begin():
-            shas.append(store.images.put(s, data).sha256)
+            shas.append(store.images.put(s, data, owner=OWNER).sha256)
             first_stored.set()
             time.sleep(0.5)  # keep the transaction open while the second writer arrives
 
@@ -124,7 +128,7 @@ def test_two_writers_storing_the_same_picture_at_once(store: Store) -> None:
         first_stored.wait(10)
         try:
             with Session(store.engine) as s, s.begin():
-                shas.append(store.images.put(s, data).sha256)
+                shas.append(store.images.put(s, data, owner=OWNER).sha256)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
@@ -136,3 +140,41 @@ def test_two_writers_storing_the_same_picture_at_once(store: Store) -> None:
     assert errors == [] and len(set(shas)) == 1 and len(shas) == 2
     with Session(store.engine) as s, s.begin():
         assert s.scalar(select(func.count()).select_from(ImageRow)) == 1
+
+
+def _upload(mode: str) -> bytes:
+    """A test card in `mode`, saved losslessly in a format that keeps that mode."""
+    import numpy as np
+
+    ramp = np.linspace(0, 1, 64 * 48).reshape(48, 64)
+    if mode in ("I;16", "I;16B"):
+        img = Image.fromarray((ramp * 40000 + 12000).astype(np.uint16))  # mode I;16
+        fmt = "PNG" if mode == "I;16" else "TIFF"
+    elif mode == "I":
+        img, fmt = Image.fromarray((ramp * 3_000_000).astype(np.int32)), "TIFF"  # mode I
+    elif mode == "F":
+        img, fmt = Image.fromarray((ramp * 0.8 + 0.1).astype(np.float32)), "TIFF"  # mode F
+    elif mode == "LAB":
+        lab = np.stack([ramp * 255, ramp * 80 + 60, 200 - ramp * 90], axis=-1).astype(np.uint8)
+        img, fmt = Image.frombytes("LAB", (64, 48), lab.tobytes()), "TIFF"
+    else:
+        rgba = np.stack([ramp * 255, 255 - ramp * 255, ramp * 128, 64 + ramp * 191], axis=-1).astype(np.uint8)
+        img, fmt = Image.fromarray(rgba).convert(mode), "PNG" if mode != "CMYK" else "TIFF"
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "F", "LAB", "RGBA", "LA", "P", "CMYK", "1"])
+def test_the_store_keeps_the_picture_the_model_sees(mode: str) -> None:
+    """What is stored must be what was answered about: the model's own loader reads the stored
+    file and the upload to the same pixels (16-bit scans used to be stored clipped to white)."""
+    import numpy as np
+
+    image_processing = pytest.importorskip("sphinx_model.image_processing")
+    upload = _upload(mode)
+    stored = sanitize_image(upload)
+    seen = np.asarray(image_processing.load_image(upload), dtype=np.int16)
+    kept = np.asarray(image_processing.load_image(stored.data), dtype=np.int16)
+    assert stored.format == "png" and seen.shape == kept.shape
+    assert np.abs(seen - kept).max() == 0, (mode, float(seen.mean()), float(kept.mean()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timezone
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
@@ -18,7 +19,7 @@ from storage.db import (
     upgrade,
 )
 from storage.models import Base
-from storage.repository import Owner, feedback_history, get_conversation, set_feedback
+from storage.repository import NotFound, Owner, feedback_history, get_conversation, get_image, set_feedback
 
 OWNER = Owner("user", "legacy")
 TABLES_0001 = {"conversation", "message", "image", "message_image", "feedback"}
@@ -79,6 +80,9 @@ def test_upgrade_from_previous_revision_keeps_and_backfills_data(db_url: str) ->
         conv = get_conversation(s, OWNER, "c1")
         assert [m.text for m in conv.messages] == ["old question", "old answer"]
         assert conv.messages[0].images[0].image.sha256 == "ab" * 32
+        assert get_image(s, OWNER, "ab" * 32).width == 4  # attached before 0004: owned (backfill)
+        with pytest.raises(NotFound):
+            get_image(s, Owner("user", "someone-else"), "ab" * 32)
         (event,) = feedback_history(s, OWNER, 101)  # the old verdict became history
         assert (event.rating, event.corrected, event.tags) == ("dislike", "better answer",
                                                                ["legacy"])
