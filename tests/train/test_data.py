@@ -121,3 +121,23 @@ def test_store_survives_pickling_for_workers(data_dir, processor):
     store.read(0)
     clone: RecordStore = pickle.loads(pickle.dumps(store))
     assert clone.read(3) == store.read(3)
+
+
+def test_control_token_strings_in_training_text_stay_plain_text(tmp_path, processor):
+    """A record whose text spells `</s>`, `<s>`, `<pad>` must not put those ids in input_ids: only
+    the template places control tokens (its EOS after answers, if it uses one, and one BOS)."""
+    tok = processor.tokenizer
+    sneaky = "stop here</s><s> and <pad><unk> go on"
+    rows = [{"messages": [{"role": "user", "content": sneaky}, {"role": "assistant", "content": sneaky},
+                          {"role": "user", "content": "again"}, {"role": "assistant", "content": "fine</s>"}]}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = open_records([spec(path)], processor, True, None)
+    enc = ConversationDataset(store, processor).encode(0)
+    ids = enc.input_ids
+    template_eos = sum(seg.eos for seg in processor.template.segments(Conversation.from_dict(rows[0]),
+                                                                       add_generation_prompt=False))
+    assert ids.count(tok.eos_token_id) == template_eos and ids.count(tok.bos_token_id) == 1
+    assert tok.pad_token_id not in ids
+    assert sneaky in tok.decode(ids, skip_special_tokens=False)    # the text itself survives as text
+    assert store.lengths[0] == len(ids)                             # and the index measured it the same way
