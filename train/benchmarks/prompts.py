@@ -98,7 +98,7 @@ HUB_TASKS: dict[str, TaskProfile] = {
            "refcocog_bbox_rec_val", "refcocog_bbox_rec_test"),
     **_rec("refcoco_grounding_test", "refcoco_grounding_testA", "refcoco_grounding_testB",
            "refcoco_plus_grounding_testA", "refcoco_plus_grounding_testB", "refcocog_grounding_test", boxes="pixels"),
-    **_short("pope", "pope_adv", "pope_pop", "pope_random", "pope_full", "textvqa_val", "textvqa_test",
+    **_short("pope", "pope_adv", "pope_pop", "pope_random", "textvqa_val", "textvqa_test",
              "docvqa_val", "docvqa_test", "chartqa", "gqa", field="question"),
     **{n: TaskProfile("multiple_choice") for n in ("mmbench_en_dev", "mmbench_en_test", "seedbench", "seedbench_ppl")},
 }
