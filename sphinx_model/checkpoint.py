@@ -92,6 +92,11 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
 
 def _locate(name_or_path: str | Path) -> tuple[Path, Path]:
     """(checkpoint folder, the root its files must resolve into)."""
+    from .released import is_released, resolve_released
+
+    if is_released(name_or_path):  # released:NAME -> its converted folder in the cache
+        folder = resolve_released(str(name_or_path))
+        return folder, folder
     path = Path(name_or_path)
     if path.is_dir():
         if not (path / CONFIG_FILE).exists():
@@ -193,16 +198,24 @@ def _is_tied(model: SphinxForCausalLM, key: str) -> bool:
 
 
 def from_pretrained(name_or_path: str | Path, device: str | torch.device | None = None,
-                    dtype: str | None = None, **config_overrides: Any
-                    ) -> tuple[SphinxForCausalLM, SphinxProcessor]:
-    """Load (model, processor) from a checkpoint folder or hub repo id.
+                    dtype: str | None = None, quantize: str | None = None,
+                    device_map: str | dict[str, Any] | None = None, max_memory: str | dict[Any, str] | None = None,
+                    **config_overrides: Any) -> tuple[SphinxForCausalLM, SphinxProcessor]:
+    """Load (model, processor) from a checkpoint folder, a hub repo id or `released:NAME`.
 
     `dtype` ("bfloat16", ...) and `config_overrides` (e.g. skip_tokens=False) adjust the
-    stored config; `device_map` in the stored LLM config dispatches across GPUs.
+    stored config. `quantize` ("8bit" / "4bit") quantises the LLM's linear layers with
+    bitsandbytes (the experts and projectors stay in `dtype`, bf16 by default); a checkpoint
+    saved quantised loads quantised. `device_map` ("auto", or the stored `llm.device_map`)
+    spreads the model over the GPUs and the CPU within `max_memory` (see placement.py).
     """
     from accelerate import init_empty_weights
 
-    device = resolve_device(device)
+    from .placement import parse_max_memory
+    from .quantize import check_mode
+
+    device, mode = resolve_device(device), check_mode(quantize)
+    max_memory = parse_max_memory(max_memory)
     folder, root = _locate(name_or_path)
     _check_folder(folder, root)
     _checked(root, folder, CONFIG_FILE)
@@ -210,6 +223,12 @@ def from_pretrained(name_or_path: str | Path, device: str | torch.device | None 
         config = SphinxConfig.load(folder)
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
+    stored = config.llm.quantize
+    if mode and stored and mode != stored:
+        raise CheckpointError(f"{folder} is stored quantised to {stored}; it cannot be loaded as {mode}")
+    mode = mode or stored
+    if dtype is None and mode and config.llm.dtype == "float32":
+        dtype = "bfloat16"  # quantised models compute in bf16; experts and projectors follow
     if dtype is not None:
         resolve_dtype(dtype)
         config = config.replace(llm={**config.llm.__dict__, "dtype": dtype})
@@ -221,26 +240,70 @@ def from_pretrained(name_or_path: str | Path, device: str | torch.device | None 
             model = SphinxForCausalLM(config, load_weights=False)
     except (ValueError, TypeError, KeyError, RuntimeError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"the config in {folder} does not build a model: {' '.join(str(e).split())[:300]}") from e
-    load_weights_into(model, _read_weights(files))
-    model = _place(model, device)
+    model = _load_and_place(model, _read_weights(files), device, mode, stored,
+                            device_map or config.llm.device_map, max_memory)
     try:
         tokenizer = load_tokenizer(str(folder), trust_remote_code=config.llm.trust_remote_code)
     except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exception for a damaged tokenizer.json
         raise CheckpointError(f"cannot load the tokenizer in {folder}: {' '.join(str(e).split())[:200]}") from e
-    return model.eval(), SphinxProcessor(config, tokenizer)
+    return model.eval(), SphinxProcessor(model.config, tokenizer)
 
 
-def _place(model: SphinxForCausalLM, device: str | torch.device | None) -> SphinxForCausalLM:
-    device_map = model.config.llm.device_map
-    if device_map:
-        from accelerate import dispatch_model, infer_auto_device_map
+def _load_and_place(model: SphinxForCausalLM, state: dict[str, torch.Tensor], device: torch.device | None,
+                    mode: str | None, stored: str | None, device_map: Any, max_memory: dict[Any, str] | None
+                    ) -> SphinxForCausalLM:
+    """Weights into the meta-device model, quantised if asked, each part on its device."""
+    from .placement import device_lookup, place, plan_device_map
+    from .quantize import special_dtypes
 
-        no_split = list(getattr(model.llm, "_no_split_modules", None) or [])
-        no_split += sorted({type(e).__name__ for e in model.experts})
-        if device_map in ("auto", "balanced", "sequential"):
-            device_map = infer_auto_device_map(model, no_split_module_classes=no_split, dtype=model.dtype)
-        return dispatch_model(model, device_map=device_map)
-    return model.to(device) if device is not None else model
+    try:
+        plan = plan_device_map(model, device_map, max_memory, special_dtypes(model, mode) if mode else None) \
+            if device_map else None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    if stored:
+        _load_quantized(model, state, stored, device_lookup(plan, device, "llm."))
+    else:
+        load_weights_into(model, state)
+        if mode:
+            quantize_model(model, mode, device_lookup(plan, device, "llm."))
+    return place(model, device, plan)
+
+
+def quantize_model(model: SphinxForCausalLM, mode: str, device_of: Any = None) -> SphinxForCausalLM:
+    """Quantise a loaded model's LLM in place (bitsandbytes; experts and projectors untouched);
+    `device_of(name inside the LLM)` says where each layer is quantised (default: CPU)."""
+    from .placement import device_lookup
+    from .quantize import check_mode, quantize_llm
+
+    check_mode(mode)
+    if model.config.llm.quantize:
+        raise ValueError(f"the model is already quantised ({model.config.llm.quantize})")
+    quantize_llm(model.llm, mode, model.dtype, device_of or device_lookup(None, None))
+    model.config = model.config.replace(llm={**model.config.llm.__dict__, "quantize": mode})
+    return model
+
+
+def _load_quantized(model: SphinxForCausalLM, state: dict[str, torch.Tensor], mode: str, device_of: Any) -> None:
+    """A checkpoint saved quantised: bitsandbytes modules filled from their saved statistics."""
+    from .quantize import load_quantized_state, swap_modules
+
+    swap_modules(model.llm, mode, model.dtype)
+    llm_state = {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")}
+    try:
+        rest = load_quantized_state(model.llm, llm_state, device_of)
+    except (KeyError, ValueError, RuntimeError, AssertionError) as e:
+        raise CheckpointError(f"the quantised weights do not fit the config ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]})") from e
+    rest = {**{f"llm.{k}": v for k, v in rest.items()}, **{k: v for k, v in state.items() if not k.startswith("llm.")}}
+    empty = {k for k, v in model.state_dict().items() if v.is_meta}
+    if set(rest) != empty:
+        raise CheckpointError(f"checkpoint does not fit the config: missing {sorted(empty - set(rest))[:8]}, "
+                              f"unexpected {sorted(set(rest) - empty)[:8]}")
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in rest.items()}, strict=False, assign=True)
+    for key in model.expert_keys:
+        getattr(model, key).requires_grad_(False)
 
 
 def build_from_config(config: SphinxConfig, load_weights: bool = False
@@ -257,16 +320,27 @@ def build_from_config(config: SphinxConfig, load_weights: bool = False
     return model, SphinxProcessor(config, tokenizer)
 
 
-def load_model(spec: str | Path, device: str | torch.device | None = None, dtype: str | None = None
-               ) -> tuple[SphinxForCausalLM, SphinxProcessor]:
-    """A preset name (weights from the hub where the preset names them), a folder, or a hub id."""
-    from .config import list_presets, get_preset
+def load_model(spec: str | Path, device: str | torch.device | None = None, dtype: str | None = None,
+               quantize: str | None = None, device_map: str | dict[str, Any] | None = None,
+               max_memory: str | dict[Any, str] | None = None) -> tuple[SphinxForCausalLM, SphinxProcessor]:
+    """A preset name (weights from the hub where the preset names them), a folder, a hub id, or
+    `released:NAME`; `quantize`, `device_map` and `max_memory` as in `from_pretrained`."""
+    from .config import get_preset, list_presets
+    from .placement import parse_max_memory
+    from .quantize import check_mode
 
     device = resolve_device(device)
     if str(spec) in list_presets() and not Path(spec).exists():
+        check_mode(quantize)
+        parse_max_memory(max_memory)
         config = get_preset(str(spec))
+        dtype = dtype or ("bfloat16" if quantize and config.llm.dtype == "float32" else None)
         if dtype is not None:
             config = config.replace(llm={**config.llm.__dict__, "dtype": dtype})
         model, processor = build_from_config(config, load_weights=config.llm.name_or_path is not None)
+        if quantize:
+            quantize_model(model, quantize)
+            processor = SphinxProcessor(model.config, processor.tokenizer)
         return (model.to(device) if device is not None else model).eval(), processor
-    return from_pretrained(spec, device=device, dtype=dtype)
+    return from_pretrained(spec, device=device, dtype=dtype, quantize=quantize, device_map=device_map,
+                           max_memory=max_memory)

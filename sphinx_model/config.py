@@ -32,6 +32,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 CONFIG_FILE = "sphinx_config.json"
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 PROJECTORS: tuple[str, ...] = ("linear_ln",)
+QUANTIZE_NAMES: tuple[str, ...] = ("8bit", "4bit")  # bitsandbytes modes (sphinx_model.quantize)
 MAX_CANVAS = 16384                  # pixels per side; the released models use 512 and 1024
 RESERVED_KEYS = frozenset({"llm", "visual_proj", "start_img", "end_img", "skip_img", "config", "expert_keys"})
 
@@ -70,10 +71,13 @@ class LLMConfig:
     attn_implementation: str | None = "sdpa"  # "sdpa", "eager", "flash_attention_2"
     device_map: str | dict[str, Any] | None = None  # e.g. "auto" for models larger than one GPU
     router_aux_loss_coef: float = 0.0      # MoE load-balancing loss weight (Mixtral: 0.01-0.1)
+    quantize: str | None = None            # "8bit" / "4bit": the stored LLM weights are bitsandbytes'
 
     def __post_init__(self) -> None:
         _check_types(self, "llm")
         _one_of(self.dtype, DTYPE_NAMES, "llm.dtype")
+        if self.quantize is not None:
+            _one_of(self.quantize, QUANTIZE_NAMES, "llm.quantize")
         _at_least(self.router_aux_loss_coef, 0, "llm.router_aux_loss_coef")
         if self.config is not None and not isinstance(self.config.get("model_type"), str):
             raise ConfigError("llm.config: an explicit transformers config needs a string 'model_type'")

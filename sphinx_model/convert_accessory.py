@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,12 +35,10 @@ from .accessory_shards import (_MOE_EXPERTS, PREFIX, SHARD_RE, find_shards, load
 from .checkpoint import CheckpointError, save_pretrained
 from .config import SphinxConfig, get_preset
 from .experts import get_expert_class
-from .files import check_regular_file
 from .modeling import DTYPES, SphinxForCausalLM
 from .processor import SphinxProcessor
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, sentencepiece_tokenizer
 
-GLUE_KEYS = re.compile(r"^(visual_proj\.\d+\.(weight|bias)|start_img|end_img)$")
 
 
 @dataclass(frozen=True)
@@ -50,16 +46,15 @@ class ReleasedType:
     """How one released `llama_type` maps onto our configs."""
 
     base_preset: str                     # supplies experts, canvas, grid, anchor, template
-    unsupported: str = ""                # why some of its keys cannot be mapped ("" = all can)
 
 
 RELEASED_TYPES: dict[str, ReleasedType] = {
-    "llama_ens_light": ReleasedType("sphinx-tiny"),
-    "llama_ens5_light": ReleasedType("sphinx-tiny-1k"),
-    "mixtral_sparse_ens": ReleasedType("sphinx-tiny", "SPHINX-MoE's Q-Former and CLIP-L experts are not "
-                                       "implemented in this project"),
-    "mixtral_sparse_ens5": ReleasedType("sphinx-tiny-1k", "SPHINX-MoE's Q-Former and CLIP-L experts are not "
-                                        "implemented in this project"),
+    "llama_ens_light": ReleasedType("sphinx-tiny"),              # SPHINX-Tiny
+    "llama_ens5_light": ReleasedType("sphinx-tiny-1k"),          # SPHINX-Tiny-1k
+    "llama_ens": ReleasedType("sphinx"),                         # SPHINX
+    "llama_ens5": ReleasedType("sphinx-1k"),                     # SPHINX-1k, SPHINX-v2-1k
+    "mixtral_sparse_ens": ReleasedType("sphinx-moe-released"),   # SPHINX-MoE
+    "mixtral_sparse_ens5": ReleasedType("sphinx-moe-1k"),        # SPHINX-MoE-1k
 }
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
@@ -212,60 +207,45 @@ def map_experts(sd: dict[str, torch.Tensor], config: SphinxConfig
         got, rest = cls.map_released_state_dict(own)
         mapped.update({pre + k: v for k, v in got.items()})
         used.update(pre + k for k in own if k not in rest)
-        ignored += [pre + k for k in rest if k in cls.unused_released_keys]
+        ignored += [pre + k for k in rest if cls.is_unused_released_key(k)]
     return mapped, used | set(ignored), ignored
 
 
+def glue_names(config: SphinxConfig) -> set[str]:
+    """Released keys that pass through unchanged: the projectors and the start/end embeddings."""
+    projectors = ["visual_proj"] + [f"{e.key}_proj" for e in config.experts if not get_expert_class(e.kind).fused]
+    return {"start_img", "end_img"} | {f"{p}.{i}.{w}" for p in projectors for i in (0, 1) for w in ("weight", "bias")}
+
+
 # --- conversion -----------------------------------------------------------------------------
-def _resolve_base(llama_type: str | None, base_preset: str | None) -> tuple[SphinxConfig, ReleasedType | None]:
+def _resolve_base(llama_type: Any, base_preset: str | None, base_config: SphinxConfig | None) -> SphinxConfig:
     if llama_type is not None and not isinstance(llama_type, str):
         raise CheckpointError(f"meta.json's llama_type must be a string, got {type(llama_type).__name__}")
+    if base_config is not None:
+        return base_config
     released = RELEASED_TYPES.get(llama_type or "")
     name = base_preset or (released.base_preset if released else None)
     if name is None:
         raise CheckpointError(f"unknown llama_type {llama_type!r} in meta.json (known: {sorted(RELEASED_TYPES)}); "
                               "pass base_preset (--base-preset NAME)")
     try:
-        return get_preset(name), released
+        return get_preset(name)
     except KeyError as e:
         raise CheckpointError(str(e.args[0])) from e
 
 
 def _tokenizer(src: Path, base: SphinxConfig, notes: list[str]):
+    """The release's tokenizer.model, run by sentencepiece itself (see tokenizer.SentencePieceTokenizer)."""
     model_file = src / "tokenizer.model"
-    if not model_file.is_file():
+    if not model_file.exists():
         if not base.tokenizer:
             raise CheckpointError(f"no tokenizer.model in {src}")
         notes.append(f"no tokenizer.model in the source; using the base preset's tokenizer {base.tokenizer!r}")
         return load_tokenizer(base.tokenizer)
-    from transformers import LlamaTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:  # the SentencePiece file alone, nothing else to misread
-        try:
-            check_regular_file(model_file, "tokenizer.model")
-            shutil.copy(model_file, Path(tmp) / "tokenizer.model")
-            tok = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
-        except Exception as e:  # noqa: BLE001 - sentencepiece raises plain RuntimeError/OSError for a bad model
-            raise CheckpointError(f"{model_file} is not a usable SentencePiece model "
-                                  f"({' '.join(str(e).split())[:160]})") from e
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token
-    for key in ("local_files_only", "is_local"):  # loading details of the temp folder, not settings
-        tok.init_kwargs.pop(key, None)
-    _check_tokenizer(model_file, tok, notes)
-    return tok
-
-
-def _check_tokenizer(model_file: Path, tok: Any, notes: list[str]) -> None:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    probe = "### Human: What is in  the image?\n### Assistant: A cat [0.12,0.30,0.55,0.91]. "
-    if sp.encode(probe) != tok.encode(probe, add_special_tokens=False):
-        notes.append("the transformers tokenizer splits a probe text differently from SentencePiece")
-    if (sp.bos_id(), sp.eos_id()) != (tok.bos_token_id, tok.eos_token_id):
-        notes.append(f"BOS/EOS ids differ: SentencePiece {sp.bos_id()}/{sp.eos_id()}, "
-                     f"transformers {tok.bos_token_id}/{tok.eos_token_id}")
+    try:
+        return sentencepiece_tokenizer(model_file)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -273,27 +253,33 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 def convert_accessory(src: str | Path, dst: str | Path, base_preset: str | None = None,
-                      dtype: str | None = None, allow_unmapped: bool = False) -> ConversionReport:
+                      dtype: str | None = None, allow_unmapped: bool = False,
+                      base_config: SphinxConfig | None = None, progress: bool = False) -> ConversionReport:
     """Convert a released LLaMA2-Accessory SPHINX folder into a `from_pretrained` folder.
 
-    Refuses (CheckpointError, nothing written) when a released key has no place in our model
-    or one of our tensors gets none, unless `allow_unmapped`; then the unfilled tensors keep
-    their random init and the report lists them.
+    The vision side (experts, canvas, grid, template) comes from `base_config`, else the
+    preset `base_preset`, else the preset of meta.json's `llama_type`; the LLM is read off
+    config.json and the tensors. Refuses (CheckpointError, nothing written) when a released
+    key has no place in our model or one of our tensors gets none, unless `allow_unmapped`;
+    then the unfilled tensors keep their random init and the report lists them. `progress`
+    shows a bar over the shards and the steps on stderr (a terminal only).
     """
     src, dst = Path(src), Path(dst)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     notes: list[str] = []
+    say = _stage_printer(progress)
     paths = find_shards(src)
     meta, args = read_json_object(src / "meta.json"), read_json_object(src / "config.json")
-    base, released = _resolve_base(meta.get("llama_type"), base_preset)
-    sd = merge_shards([load_shard(p) for p in paths], notes)
+    base = _resolve_base(meta.get("llama_type"), base_preset, base_config)
+    sd = merge_shards([load_shard(p) for p in _bar(paths, progress, "reading shards")], notes)
     if "tok_embeddings.weight" not in sd:
         raise CheckpointError(f"{paths[0].name} holds no {PREFIX}tok_embeddings.weight: "
                               "not a LLaMA-family checkpoint")
     tokenizer = _tokenizer(src, base, notes)
     config = _converted_config(src.resolve().name, base, args, sd, tokenizer, dtype, notes)
 
+    say(f"mapping {len(sd)} tensors onto {config.name} ({', '.join(e.kind for e in config.experts)})")
     state, unmapped = _map_all(sd, config, notes)
     model = _empty_model(config)
     own = model.state_dict()
@@ -302,13 +288,42 @@ def convert_accessory(src: str | Path, dst: str | Path, base_preset: str | None 
     state = {k: v for k, v in state.items() if k in own and k not in bad}
     report = ConversionReport(len(state), unmapped, sorted(set(own) - set(state)), notes)
     if (report.unmapped or report.missing) and not allow_unmapped:
-        raise CheckpointError(_refusal(report, released))
+        raise CheckpointError(_refusal(report))
     if report.missing:
         notes.append(f"{len(report.missing)} tensors of our model keep their random init")
         model = SphinxForCausalLM(config)
     _assign(model, state)
+    say(f"writing {dst}")
     save_pretrained(model, SphinxProcessor(config, tokenizer), dst)
+    _write_card(dst, src, meta.get("llama_type"), config, report)
     return report
+
+
+def _stage_printer(progress: bool):
+    """One line per conversion step on stderr, when asked for and stderr is a terminal."""
+    show = progress and sys.stderr.isatty()
+    return lambda text: print(text, file=sys.stderr, flush=True) if show else None
+
+
+def _bar(items: list[Path], progress: bool, what: str):
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=what, unit="shard", disable=None)  # disable=None: silent off a terminal
+
+
+def _write_card(dst: Path, src: Path, llama_type: Any, config: SphinxConfig, report: ConversionReport) -> None:
+    """A short model card, so a pushed folder says what it is and where it came from."""
+    experts = ", ".join(f"{e.kind} `{e.model_name}` @ {e.image_size}px" for e in config.experts)
+    text = (f"---\nlibrary_name: sphinx_model\ntags: [sphinx, multimodal, llama2-accessory]\n---\n\n"
+            f"# {config.name}\n\nConverted from the released LLaMA2-Accessory folder `{src.resolve().name}` "
+            f"(`llama_type` {llama_type!r}) with `python -m sphinx_model convert-accessory`; load it with "
+            f"`sphinx_model.checkpoint.from_pretrained`. The weights are the authors' (see their license).\n\n"
+            f"- LLM: {(config.llm.config or {}).get('model_type')}, {config.llm.dtype}\n- experts: {experts}\n"
+            f"- canvas {config.canvas_size}, grid {config.grid}, {config.tokens_per_view} tokens per view\n"
+            f"- conversion: {report.lines()[0]}\n")
+    (dst / "README.md").write_text(text, encoding="utf-8")
 
 
 def _converted_config(name: str, base: SphinxConfig, args: dict[str, Any], sd: dict[str, torch.Tensor],
@@ -332,7 +347,8 @@ def _map_all(sd: dict[str, torch.Tensor], config: SphinxConfig, notes: list[str]
     """All released tensors -> our keys; returns (state, released keys that found no place)."""
     state, used = map_llm(sd, config.llm.config or {})
     expert_state, expert_used, ignored = map_experts(sd, config)
-    glue = {k: v for k, v in sd.items() if GLUE_KEYS.match(k)}
+    passing = glue_names(config)
+    glue = {k: v for k, v in sd.items() if k in passing}
     state.update(expert_state)
     state.update(glue)
     used |= expert_used | set(glue)
@@ -341,11 +357,11 @@ def _map_all(sd: dict[str, torch.Tensor], config: SphinxConfig, notes: list[str]
     return state, sorted(PREFIX + k for k in sd if k not in used)
 
 
-def _refusal(report: ConversionReport, released: ReleasedType | None) -> str:
+def _refusal(report: ConversionReport) -> str:
     def shown(keys: list[str]) -> str:
         return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
 
-    parts = [f"{released.unsupported}"] if released and released.unsupported else []
+    parts = []
     if report.unmapped:
         parts.append(f"{len(report.unmapped)} released keys have no place in this model: {shown(report.unmapped)}")
     if report.missing:

@@ -3,8 +3,10 @@
 Tensors in, tensors out (the processor prepares them). Forward path:
 
     canvas (N, 3, C, C) --views--> per expert (N*V_kept, 3, s, s) --expert--> (N*V_kept, T, c_e)
-    --concat channels--> (N*V_kept, T, sum c_e) --projector--> (N*V_kept, T, d)
-    --layout per image--> [start, T tokens, end] per encoded view, one skip token per skipped view
+    --concat channels--> (N*V_kept, T, sum c_e) --visual_proj--> (N*V_kept, T, d)
+    [experts with fused = False (the Q-Former): (N*V_kept, Q, c_q) --{key}_proj--> (N*V_kept, Q, d),
+     placed before the fused tokens]
+    --layout per image--> [start, Q + T tokens, end] per encoded view, one skip token per skipped view
     --scatter into the placeholder positions of input_ids--> inputs_embeds (B, L, d) --> LLM
 
 The N images are those of all rows in order (a row may hold none, one or several); they
@@ -93,6 +95,28 @@ def extract_views(canvas: torch.Tensor, size: int, grid: int, keep: torch.Tensor
     return torch.stack(views)                                          # (K, 3, s, s)
 
 
+def _projector(in_dim: int, d: int, eps: float) -> nn.Sequential:
+    """Linear(in_dim, d) -> LayerNorm(d), the released projectors' shape."""
+    return nn.Sequential(nn.Linear(in_dim, d), nn.LayerNorm(d, eps=eps))
+
+
+def _check_token_layout(config: SphinxConfig, experts: list[nn.Module]) -> None:
+    """The fused experts agree on their token count; with the separate ones that is tokens_per_view."""
+    fused = [(c, e) for c, e in zip(config.experts, experts) if e.fused]
+    if not fused:
+        raise ValueError("at least one visual expert must be fused on channels (fused = True)")
+    counts = {(c.kind, c.model_name, c.image_size): e.num_tokens for c, e in fused}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"the fused experts give different token counts per view: {counts}")
+    separate = sum(e.num_tokens for e in experts if not e.fused)
+    total = separate + fused[0][1].num_tokens
+    if total != config.tokens_per_view:
+        where = f"{separate} separate + {fused[0][1].num_tokens} fused" if separate else f"{total}"
+        c = fused[0][0]
+        raise ValueError(f"expert {c.kind}/{c.model_name} at {c.image_size}px gives {where} tokens per view; "
+                         f"config says {config.tokens_per_view}")
+
+
 def _check_placeholders(per_row: list[int], per_image: list[int]) -> None:
     """Images are handed out to rows in order; each row's placeholders must take whole images.
 
@@ -124,19 +148,19 @@ class SphinxForCausalLM(nn.Module):
             self.llm.router_aux_loss_coef = config.llm.router_aux_loss_coef
         d = self.llm.config.hidden_size
         dtype = resolve_dtype(config.llm.dtype)
+        if config.projector.type != "linear_ln":
+            raise ValueError(f"unknown projector {config.projector.type!r}")
         # Experts live under their released attribute names (e.g. `openclip_convnext_xxl`).
         self.expert_keys: list[str] = []
         for ecfg in config.experts:
-            expert = build_expert(ecfg, load_weights=load_weights)
-            if expert.num_tokens != config.tokens_per_view:
-                raise ValueError(f"expert {ecfg.kind}/{ecfg.model_name} at {ecfg.image_size}px gives "
-                                 f"{expert.num_tokens} tokens per view; config says {config.tokens_per_view}")
-            self.add_module(ecfg.key, expert.to(dtype))
+            self.add_module(ecfg.key, build_expert(ecfg, load_weights=load_weights).to(dtype))
             self.expert_keys.append(ecfg.key)
-        in_dim = sum(e.out_dim for e in self.experts)
-        if config.projector.type != "linear_ln":
-            raise ValueError(f"unknown projector {config.projector.type!r}")
-        self.visual_proj = nn.Sequential(nn.Linear(in_dim, d), nn.LayerNorm(d, eps=config.projector.norm_eps))
+        _check_token_layout(config, self.experts)
+        in_dim = sum(e.out_dim for e in self.experts if e.fused)
+        self.visual_proj = _projector(in_dim, d, config.projector.norm_eps)
+        for key, expert in zip(self.expert_keys, self.experts):
+            if not expert.fused:  # e.g. `qformer_proj`, as released
+                self.add_module(f"{key}_proj", _projector(expert.out_dim, d, config.projector.norm_eps))
         self.start_img = nn.Parameter(torch.zeros(1, 1, d))
         self.end_img = nn.Parameter(torch.zeros(1, 1, d))
         self.skip_img = nn.Parameter(torch.zeros(1, 1, d)) if config.skip_tokens else None
@@ -163,15 +187,21 @@ class SphinxForCausalLM(nn.Module):
 
     # --- vision -------------------------------------------------------------------------
     def encode_views(self, pixel_values: torch.Tensor, view_skip: torch.Tensor) -> torch.Tensor:
-        """Encode only the views that are not skipped -> (N_kept_views, T, d)."""
+        """Encode only the views that are not skipped -> (N_kept_views, tokens_per_view, d)."""
         keep = ~view_skip.cpu()                                         # (N, V)
-        feats = []
-        for expert in self.experts:
-            views = extract_views(pixel_values, expert.image_size, self.config.grid, keep)  # (K, 3, s, s)
+        views: dict[int, torch.Tensor] = {}                             # one crop set per view size
+        first, fused = [], []
+        for key, expert in zip(self.expert_keys, self.experts):
+            if expert.image_size not in views:
+                views[expert.image_size] = extract_views(pixel_values, expert.image_size, self.config.grid, keep)
             with torch.no_grad():
-                feats.append(expert(views.to(self.dtype)))              # (K, T, c_e)
-        fused = torch.cat(feats, dim=-1)                                # (K, T, sum c_e)
-        return self.visual_proj(fused.to(self.dtype))                   # (K, T, d)
+                out = expert(views[expert.image_size].to(self.dtype))   # (K, T_e, c_e)
+            if expert.fused:
+                fused.append(out)
+            else:
+                first.append(getattr(self, f"{key}_proj")(out.to(self.dtype)))  # (K, Q, d)
+        fused_tokens = self.visual_proj(torch.cat(fused, dim=-1).to(self.dtype))  # (K, T, sum c_e) -> (K, T, d)
+        return torch.cat([*first, fused_tokens], dim=1)                 # (K, Q + T, d)
 
     def image_embeddings(self, pixel_values: torch.Tensor, view_skip: torch.Tensor) -> list[torch.Tensor]:
         """Per image: the full visual token sequence (start/view/end and skip tokens) -> (K_i, d)."""
@@ -205,7 +235,8 @@ class SphinxForCausalLM(nn.Module):
         visual = self.image_embeddings(pixel_values.to(self.device), view_skip)
         _check_placeholders(is_image.sum(dim=1).tolist(), [v.shape[0] for v in visual])
         embeds = embeds.clone()
-        embeds[is_image] = torch.cat(visual).to(embeds.dtype)  # row-major: row by row, images in sequence order
+        # row-major: row by row, images in sequence order; in the LLM's dtype (a quantised LLM computes in bf16)
+        embeds[is_image] = torch.cat(visual).to(device=embeds.device, dtype=embeds.dtype)
         return embeds
 
     # --- forward ------------------------------------------------------------------------

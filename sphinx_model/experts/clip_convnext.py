@@ -5,6 +5,12 @@ As released (SPHINX-Tiny / -MoE, key `openclip_convnext_xxl`): open_clip `convne
 map after the trunk's final 2-D LayerNorm `head.norm` is the output; token 0 is its mean.
 At 512 px: (N, 1 + 16*16, 3072).
 
+The four-expert members that see 224-px views (SPHINX, SPHINX-1k, SPHINX-v2-1k) resize each
+view to 256 px before the trunk (nearest-neighbour: the release calls `F.interpolate` without a
+mode) and repeat every cell of its 8 x 8 map twice along both axes to get a 16 x 16 grid like
+the other experts': options `run_size` (side fed to the trunk) and `upsample` (repeat factor).
+The mean token is the same before or after repeating.
+
 Only the trunk parts that make that map are kept (`stem`, `stages`, `head.norm`), so this
 module's state_dict keys are exactly the bare trunk keys and the released ones map 1:1.
 """
@@ -17,6 +23,7 @@ from typing import Any
 import open_clip
 import timm
 import torch
+import torch.nn.functional as F
 from huggingface_hub.errors import EntryNotFoundError
 from open_clip.factory import load_state_dict as load_open_clip_state_dict
 from open_clip.model import CLIPVisionCfg
@@ -40,13 +47,17 @@ class ClipConvNeXtExpert(VisualExpert):
     mean = CLIP_MEAN
     std = CLIP_STD
 
-    def __init__(self, trunk: ConvNeXt, image_size: int) -> None:
+    def __init__(self, trunk: ConvNeXt, image_size: int, run_size: int | None = None, upsample: int = 1) -> None:
         if not isinstance(trunk, ConvNeXt) or not isinstance(trunk.head, NormMlpClassifierHead):
             raise TypeError(f"expected a timm ConvNeXt with a norm head, got {type(trunk).__name__}")
         reduction = trunk.feature_info[-1]["reduction"]  # 32: stem /4, three downsamples /2
-        if image_size % reduction:
-            raise ValueError(f"clip_convnext image_size must be a multiple of {reduction}, got {image_size}")
-        super().__init__(image_size, out_dim=trunk.num_features, grid_size=image_size // reduction)
+        run_size = image_size if run_size is None else run_size
+        if run_size % reduction:
+            raise ValueError(f"clip_convnext run_size (default: image_size) must be a multiple of {reduction}, "
+                             f"got {run_size}")
+        super().__init__(image_size, out_dim=trunk.num_features, grid_size=run_size // reduction * upsample)
+        self.run_size = run_size    # side of the input the trunk sees (views are resized to it)
+        self.upsample = upsample    # each map cell repeated this often along both axes
         self.stem = trunk.stem
         self.stages = trunk.stages
         self.norm_pre = trunk.norm_pre  # Identity for norm-head ConvNeXts; kept for fidelity
@@ -54,19 +65,27 @@ class ClipConvNeXtExpert(VisualExpert):
 
     @classmethod
     def from_config(cls, cfg: ExpertConfig, load_weights: bool = False) -> "ClipConvNeXtExpert":
-        if cfg.options:
-            raise ValueError(f"clip_convnext takes no options, got {sorted(cfg.options)}")
-        checkpoint = _resolve_checkpoint(cfg) if load_weights else None  # fail fast, before building
-        expert = cls(build_trunk(cfg.model_name, cfg.image_size), cfg.image_size)
+        if unknown := sorted(set(cfg.options) - {"run_size", "upsample"}):
+            raise ValueError(f"clip_convnext takes the options run_size and upsample, got {unknown}")
+        run_size, upsample = cfg.options.get("run_size", cfg.image_size), cfg.options.get("upsample", 1)
+        for name, value in (("run_size", run_size), ("upsample", upsample)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"clip_convnext option {name} must be a positive integer, got {value!r}")
+        checkpoint = resolve_open_clip_checkpoint(cfg) if load_weights else None  # fail fast, before building
+        expert = cls(build_trunk(cfg.model_name, run_size), cfg.image_size, run_size, upsample)
         if checkpoint is not None:
             expert.load_state_dict(_read_trunk_state(checkpoint), strict=True)
         return expert
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         self.check_pixels(pixels)                # (N, 3, S, S), CLIP-normalised
-        x = self.stem(pixels)                    # (N, C0, S/4, S/4)
-        x = self.stages(x)                       # (N, C, g, g)
-        x = self.head["norm"](self.norm_pre(x))  # (N, C, g, g), LayerNorm over channels
+        if self.run_size != self.image_size:     # (N, 3, R, R): the 224-px members feed 256 px, nearest
+            pixels = F.interpolate(pixels, size=(self.run_size,) * 2, mode="nearest")
+        x = self.stem(pixels)                    # (N, C0, R/4, R/4)
+        x = self.stages(x)                       # (N, C, R/32, R/32)
+        x = self.head["norm"](self.norm_pre(x))  # (N, C, R/32, R/32), LayerNorm over channels
+        if self.upsample > 1:                    # (N, C, g, g): each cell repeated on both axes
+            x = x.repeat_interleave(self.upsample, dim=2).repeat_interleave(self.upsample, dim=3)
         grid = x.flatten(2).transpose(1, 2)      # (N, g*g, C), row-major
         return torch.cat([grid.mean(dim=1, keepdim=True), grid], dim=1)  # (N, 1 + g*g, C)
 
@@ -110,7 +129,7 @@ def build_trunk(model_name: str, image_size: int) -> ConvNeXt:
     return tower.trunk
 
 
-def _resolve_checkpoint(cfg: ExpertConfig) -> str:
+def resolve_open_clip_checkpoint(cfg: ExpertConfig) -> str:
     """Local path of the open_clip checkpoint `cfg.pretrained` names (a tag or a file)."""
     tag = cfg.pretrained
     if tag is None:

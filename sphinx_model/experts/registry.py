@@ -2,8 +2,11 @@
 them by `ExpertConfig.kind`.
 
 The model never names an encoder: it calls `build_expert(cfg)` for each `ExpertConfig` and
-concatenates the `(N, num_tokens, out_dim)` outputs on channels. A new encoder is one module
-with a `@register_expert("my_kind")` class; no model code changes.
+concatenates the `(N, num_tokens, out_dim)` outputs of the *fused* experts on channels (they
+all give the same global + grid tokens). An expert whose tokens are something else (the
+Q-Former's learned queries) sets `fused = False`: it gets its own projector `{key}_proj` and
+its tokens come first in each view. A new encoder is one module with a
+`@register_expert("my_kind")` class; no model code changes.
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ class VisualExpert(nn.Module, ABC):
       * input: pixels (N, 3, image_size, image_size) normalised with the CLIP mean/std
         (the released models feed every expert the same CLIP-normalised tensor; an expert
         whose native normalisation differs re-normalises inside `forward`);
-      * output: (N, 1 + grid_size**2, out_dim); token 0 is the global token, tokens 1..
-        the grid in row-major order;
+      * output: (N, num_tokens, out_dim). A fused expert (the default) gives
+        1 + grid_size**2 tokens: token 0 is the global token, tokens 1.. the grid in row-major
+        order; an expert with `fused = False` gives `num_tokens` tokens of its own kind;
       * frozen: `build_expert` turns off gradients, and `train()` never leaves eval mode,
         so a parent's `.train()` cannot switch on dropout / drop-path inside it.
     """
@@ -46,6 +50,7 @@ class VisualExpert(nn.Module, ABC):
     mean: ClassVar[tuple[float, float, float]]        # native input normalisation of the encoder
     std: ClassVar[tuple[float, float, float]]
     unused_released_keys: ClassVar[tuple[str, ...]] = ()  # released keys known to have no use here
+    fused: ClassVar[bool] = True  # tokens concatenated on channels with the other fused experts'
 
     def __init__(self, image_size: int, out_dim: int, grid_size: int) -> None:
         super().__init__()
@@ -65,6 +70,11 @@ class VisualExpert(nn.Module, ABC):
     @abstractmethod
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, T, C)
         """CLIP-normalised views -> global token + row-major grid tokens."""
+
+    @classmethod
+    def is_unused_released_key(cls, key: str) -> bool:
+        """A released key (prefix stripped) that this expert knows it has no use for."""
+        return key in cls.unused_released_keys
 
     @staticmethod
     def map_released_state_dict(

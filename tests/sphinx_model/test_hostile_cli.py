@@ -3,6 +3,7 @@
 import io
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -31,7 +32,6 @@ def cases(root):
     return {
         "no command": ([], "required: command"),
         "unknown command": (["serve"], "invalid choice"),
-        "no model": (["chat"], "required: --model"),
         "unknown flag": (MODEL + ["--colour", "red"], "unrecognized arguments"),
         "max-new-tokens not a number": (MODEL + ["--max-new-tokens", "many"], "invalid int value"),
         "max-new-tokens zero": (MODEL + ["--max-new-tokens", "0", "--prompt", "x"], "max_new_tokens must be >= 1"),
@@ -83,6 +83,14 @@ def test_foreseeable_failures_are_one_error_line_exit_2(files, capsys, case):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), out.err
     assert message in lines[0], lines[0]
     assert "Traceback" not in out.err
+
+
+@pytest.mark.skipif((Path(cli.__file__).resolve().parents[1] / "assets/demo/sphinx_config.json").is_file(),
+                    reason="the demo model is present: chat without --model uses it")
+def test_no_model_and_no_demo_model_is_one_line(capsys):
+    assert cli.main(["chat", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no --model given and no demo model at")
 
 
 def test_an_answer_still_works(files, capsys):

@@ -11,14 +11,14 @@ import pytest
 import sentencepiece as spm
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.image_processing import PAD_FILL, ImageError, load_image, pad_to_canvas, place_on_canvas
 from sphinx_model.processor import IMAGE_TOKEN_ID, SphinxProcessor
 from sphinx_model.text import TextError, control_ids, encode_text
 from sphinx_model.tiling import canvas_geometry
-from sphinx_model.tokenizer import byte_tokenizer
+from sphinx_model.tokenizer import byte_tokenizer, sentencepiece_tokenizer
 
 CORPUS = ["A chat between a curious human and an artificial intelligence assistant.",
           "### Human: What is in the image? ### Assistant: A red car on a road. Where is it?",
@@ -51,7 +51,7 @@ def sentencepiece(tmp_path_factory):
                                    minloglevel=2, num_threads=1)
     folder = tmp_path_factory.mktemp("spm")
     (folder / "tokenizer.model").write_bytes(buf.getvalue())
-    return LlamaTokenizer.from_pretrained(folder)
+    return sentencepiece_tokenizer(folder / "tokenizer.model")  # what convert-accessory gives a released model
 
 
 @pytest.fixture(scope="module", params=["bytes", "bpe", "sentencepiece"])

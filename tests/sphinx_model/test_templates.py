@@ -71,7 +71,8 @@ def test_turn_by_turn_ids_equal_a_whole_string_encode_with_sentencepiece(tmp_pat
     import io
 
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
+
+    from sphinx_model.tokenizer import sentencepiece_tokenizer
 
     text = ["A chat between a curious human and an artificial intelligence assistant.",
             "### Human: What is in the image? ### Assistant: A red car on a road. Where is it?"]
@@ -81,11 +82,12 @@ def test_turn_by_turn_ids_equal_a_whole_string_encode_with_sentencepiece(tmp_pat
                                    normalization_rule_name="identity", remove_extra_whitespaces=False,
                                    minloglevel=2, num_threads=1)
     (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
-    tok = LlamaTokenizer.from_pretrained(tmp_path)
+    tok = sentencepiece_tokenizer(tmp_path / "tokenizer.model")
     t = get_template("sphinx")
     segments = t.segments(conv2(), add_generation_prompt=False)
     ids, labels = tokenize_segments(segments, tok, 0, IMG)
-    whole = tok.encode("".join(s.text for s in segments), add_special_tokens=False)
+    whole = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model")).encode(
+        "".join(s.text for s in segments))
     assert ids[1:] == whole
     trained = tok.decode([i for i, l in zip(ids, labels) if l != IGNORE_INDEX])
     assert trained.lstrip() == "A red car.\n### On a road.\n###"   # SentencePiece drops a leading space
