@@ -4,7 +4,8 @@
               --tasks pope,refcoco_bbox_rec_val,... --batch_size 8
 
 `pretrained` is anything `sphinx_model.checkpoint.load_model` takes: a checkpoint folder of
-ours, a hub repo id, or a preset name. The chat template comes with the checkpoint (the
+ours, a hub repo id, or a preset name; `quantize=4bit|8bit` and `device_map=auto` go to that
+loader too (refused in one line by a loader that does not take them). The chat template comes with the checkpoint (the
 released "### Human / ### Assistant" one for released checkpoints, ours otherwise), as in
 every other entry point.
 
@@ -62,11 +63,12 @@ class SphinxX(lmms):
 
     def __init__(self, pretrained: str | None = None, device: str | None = None, dtype: str | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = None, quantize: str | None = None,
-                 prompts: str = "sphinx", max_new_tokens: int = 128, seed: int | None = None, **unknown: Any) -> None:
+                 device_map: str | None = None, prompts: str = "sphinx", max_new_tokens: int = 128,
+                 seed: int | None = None, **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"sphinx_x: unknown model_args {sorted(unknown)}; known: pretrained, device, dtype, "
-                             "batch_size, quantize, prompts, max_new_tokens, seed")
+                             "batch_size, quantize, device_map, prompts, max_new_tokens, seed")
         if not pretrained:
             raise ValueError("sphinx_x needs pretrained=PATH_OR_ID (a checkpoint folder, a hub id or a preset name)")
         if prompts not in ("sphinx", "task"):
@@ -79,7 +81,8 @@ class SphinxX(lmms):
         self.seed = seed
         self.bad_documents: list[dict[str, Any]] = []
         self._warned: set[str] = set()
-        self.model, self.processor = _load(str(pretrained), _device(device), dtype, quantize)
+        self.model, self.processor = _load(str(pretrained), _device(device), dtype,
+                                           {"quantize": quantize, "device_map": device_map})
         self._generators: dict[tuple[str, ...], Generator] = {}
         self._keep_logits = "logits_to_keep" in inspect.signature(self.model.llm.forward).parameters
 
@@ -301,12 +304,14 @@ def _device(device: str | None) -> str:
     return str(device)
 
 
-def _load(pretrained: str, device: str, dtype: str | None, quantize: str | None):
-    """(model, processor) through sphinx_model's one loader; quantisation where it offers it."""
+def _load(pretrained: str, device: str, dtype: str | None, options: dict[str, Any]):
+    """(model, processor) through sphinx_model's one loader; `quantize` / `device_map` are passed
+    only when given, and refused in one line where this sphinx_model's loader does not take them."""
     dtype = None if dtype in (None, "auto") else str(dtype)
-    if quantize is None:
-        return load_model(pretrained, device=device, dtype=dtype)
-    if "quantize" not in inspect.signature(load_model).parameters:
-        raise ValueError(f"sphinx_x: quantize={quantize} needs sphinx_model.checkpoint.load_model(..., quantize=), "
-                         "which this version of sphinx_model does not offer")
-    return load_model(pretrained, device=device, dtype=dtype, quantize=quantize)
+    given = {k: v for k, v in options.items() if v is not None}
+    accepted = inspect.signature(load_model).parameters
+    for name, value in given.items():
+        if name not in accepted:
+            raise ValueError(f"sphinx_x: {name}={value} needs sphinx_model.checkpoint.load_model(..., {name}=), "
+                             "which this version of sphinx_model does not offer")
+    return load_model(pretrained, device=device, dtype=dtype, **given)

@@ -3,8 +3,6 @@ forms of SEED-Bench (likelihood), TextVQA, RefCOCO and POPE, plus the demo world
 metrics come out, bad documents are reported, and the world's numbers are `train.evaluate`'s."""
 from __future__ import annotations
 
-import pytest
-
 from benchmark_helpers import FORMAT_TASKS, needs_lmms_eval
 
 pytestmark = needs_lmms_eval

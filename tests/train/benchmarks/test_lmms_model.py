@@ -3,6 +3,9 @@ entry point, batched answers equal one-by-one answers, likelihoods equal the LLM
 documents are reported and skipped, boxes are mapped through the geometry of the image it saw."""
 from __future__ import annotations
 
+import importlib.util
+import inspect
+
 import pytest
 import torch
 from PIL import Image
@@ -186,3 +189,19 @@ def test_a_missing_checkpoint_is_the_loaders_one_line_error(tmp_path):
 
     with pytest.raises(CheckpointError, match="local folder"):
         SphinxX(pretrained=str(tmp_path / "nope"), device="cpu")
+
+
+def test_quantize_reaches_the_loader_or_is_refused_in_one_line(tiny_checkpoint, images):
+    """Passed through when `sphinx_model`'s loader offers quantisation (bitsandbytes runs on CPU), else refused."""
+    from sphinx_model.checkpoint import load_model
+
+    if "quantize" not in inspect.signature(load_model).parameters:
+        with pytest.raises(ValueError, match="does not offer"):
+            SphinxX(pretrained=str(tiny_checkpoint), device="cpu", quantize="8bit")
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed")
+    lm8 = SphinxX(pretrained=str(tiny_checkpoint), device="cpu", quantize="8bit")
+    assert any(type(m).__module__.startswith("bitsandbytes") for m in lm8.model.llm.modules())
+    out = answers(lm8, docs_for(images)[:2], GREEDY, 2)
+    assert len(out) == 2 and all(isinstance(a, str) for a in out)
