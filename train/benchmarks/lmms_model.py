@@ -1,10 +1,10 @@
 """`sphinx_x`: SPHINX-X as an lmms-eval model (lmms-eval 0.7.3, the "simple" model protocol).
 
-    lmms-eval --model sphinx_x --model_args pretrained=PATH_OR_ID_OR_PRESET[,device=cuda,dtype=bfloat16]
+    lmms-eval --model sphinx_x --model_args pretrained=PATH_OR_ID[,quantize=4bit,device=cuda,dtype=bfloat16]
               --tasks pope,refcoco_bbox_rec_val,... --batch_size 8
 
 `pretrained` is anything `sphinx_model.checkpoint.load_model` takes: a checkpoint folder of
-ours, a hub repo id, or a preset name; `quantize=4bit|8bit` and `device_map=auto` go to that
+ours, a hub repo id, a preset name, or `released:NAME`; `quantize=4bit|8bit` and `device_map=auto` go to that
 loader too (refused in one line by a loader that does not take them). The chat template comes with the checkpoint (the
 released "### Human / ### Assistant" one for released checkpoints, ours otherwise), as in
 every other entry point.
