@@ -43,6 +43,7 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
 from sphinx_model.checkpoint import load_model
+from sphinx_model.conversation import Conversation, Message
 from sphinx_model.generation import GenerationSettings, Generator
 from sphinx_model.processor import Encoded
 from sphinx_model.templates import IGNORE_INDEX, encode_continuation
@@ -105,27 +106,32 @@ class SphinxX(lmms):
 
     # --- generate_until ---------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Answers in request order. Requests are grouped by decoding settings and sorted by prompt
+        length first (text only); images are read and processed batch by batch, so memory holds
+        one batch of pictures whatever the benchmark's size."""
         answers, reported = [""] * len(requests), len(self.bad_documents)
-        groups: dict[tuple, list[tuple[int, Prepared]]] = defaultdict(list)
+        groups: dict[tuple, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
-            ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
-            prepared = self._prepare(task, split, doc_id, ctx, doc_to_visual, gen_kwargs)
-            if prepared is None:
-                continue
-            settings, until = self._settings(prepared.options)
-            groups[(tuple(sorted(settings.to_dict().items())), until)].append((i, prepared))
+            settings, until = self._settings(split_kwargs(req.args[1] or {})[1])
+            groups[(tuple(sorted(settings.to_dict().items())), until)].append(i)
         batches = []
-        for key, items in groups.items():
-            items.sort(key=lambda x: -x[1].prompt_length)  # similar lengths share a batch: little padding
-            batches += [(key, items[s:s + self.batch_size]) for s in range(0, len(items), self.batch_size)]
-        for (settings_items, until), batch in tqdm(batches, desc="sphinx_x generate", disable=self.rank != 0):
-            settings = GenerationSettings(**dict(settings_items))
-            outs = self._generator(until).generate([p.conversation for _, p in batch],
-                                                   [p.images for _, p in batch], settings)
+        for key, idx in groups.items():
+            idx.sort(key=lambda i: -len(str(requests[i].args[0])))  # similar lengths share a batch: little padding
+            batches += [(key, idx[s:s + self.batch_size]) for s in range(0, len(idx), self.batch_size)]
+        for (settings_items, until), idx in tqdm(batches, desc="sphinx_x generate", disable=self.rank != 0):
+            batch = [(i, p) for i in idx if (p := self._prepare_generation(requests[i])) is not None]
+            if not batch:
+                continue
+            outs = self._generator(until).generate([p.conversation for _, p in batch], [p.images for _, p in batch],
+                                                   GenerationSettings(**dict(settings_items)))
             for (i, p), text in zip(batch, outs):
                 answers[i] = self._finish(text, p, until)
         self._summarise(reported, len(requests))
         return answers
+
+    def _prepare_generation(self, req: Instance) -> Prepared | None:
+        ctx, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
+        return self._prepare(task, split, doc_id, ctx, doc_to_visual, gen_kwargs)
 
     def _finish(self, text: str, prepared: Prepared, until: Sequence[str]) -> str:
         text = cut_at_stops(text, until)
@@ -168,34 +174,54 @@ class SphinxX(lmms):
         return [GenerationResult(text=pair) for pair in self.loglikelihood_pairs(requests)]  # type: ignore[arg-type]
 
     def loglikelihood_pairs(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """(mean NLL of the continuation, whether greedy decoding would produce it) per request."""
+        """(mean NLL of the continuation, whether greedy decoding would produce it) per request.
+
+        A document's choices share one prepared context (its images processed once); documents
+        go in order of context length and are scored `batch_size` sequences at a time, so memory
+        holds one batch. lmms-eval's unconditional requests (`acc_mutual_info`: a bare
+        (context, continuation) pair) score the continuation after an empty user turn.
+        """
         results: list[tuple[float, bool]] = [(math.inf, False)] * len(requests)
         reported = len(self.bad_documents)
-        contexts: dict[tuple, Prepared | None] = {}
-        items: list[tuple[int, Encoded, int]] = []
+        by_context: dict[tuple, list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
-            ctx, target, doc_to_visual, doc_id, task, split = req.args
-            key = (task, split, doc_id, ctx)
-            if key not in contexts:
-                contexts[key] = self._prepare(task, split, doc_id, ctx, doc_to_visual, {}, generation=False)
-            prepared = contexts[key]
+            args = req.args
+            by_context[(None, None, None, args[0]) if len(args) == 2 else (args[4], args[5], args[3], args[0])].append(i)
+        pending: list[tuple[int, Encoded, int]] = []
+
+        def flush() -> None:
+            for (i, _, _), scored in zip(pending, self._score([e for _, e, _ in pending], max(n for *_, n in pending))):
+                results[i] = scored
+            pending.clear()
+
+        for key in tqdm(sorted(by_context, key=lambda k: -len(str(k[3]))), desc="sphinx_x loglikelihood",
+                        disable=self.rank != 0):
+            task, split, doc_id, ctx = key
+            first = requests[by_context[key][0]].args
+            prepared = (self._unconditional() if task is None
+                        else self._prepare(task, split, doc_id, ctx, first[2], {}, generation=False))
             if prepared is None:
                 continue
-            continuation = target(self._doc(task, split, doc_id)) if callable(target) else target
-            cont_ids = self._continuation_ids(continuation)
-            if not cont_ids:
-                self._report(task, doc_id, "its continuation is empty")
-                continue
-            ids = prepared.input_ids + cont_ids
-            items.append((i, Encoded(ids, [IGNORE_INDEX] * len(prepared.input_ids) + cont_ids, prepared.images),
-                          len(cont_ids)))
-        items.sort(key=lambda x: -len(x[1].input_ids))
-        for s in tqdm(range(0, len(items), self.batch_size), desc="sphinx_x loglikelihood", disable=self.rank != 0):
-            batch = items[s:s + self.batch_size]
-            for (i, _, _), scored in zip(batch, self._score([e for _, e, _ in batch], max(n for *_, n in batch))):
-                results[i] = scored
+            for i in by_context[key]:
+                target = requests[i].args[1]
+                cont_ids = self._continuation_ids(target(self._doc(task, split, doc_id)) if callable(target) else target)
+                if not cont_ids:
+                    self._report(task or "unconditional", doc_id, "its continuation is empty")
+                    continue
+                labels = [IGNORE_INDEX] * prepared.prompt_length + cont_ids
+                pending.append((i, Encoded(prepared.input_ids + cont_ids, labels, prepared.images), len(cont_ids)))
+                if len(pending) >= self.batch_size:
+                    flush()
+        if pending:
+            flush()
         self._summarise(reported, len(requests))
         return results
+
+    def _unconditional(self) -> Prepared:
+        """An empty user turn (no image, no text) and the generation prompt: the context of P(continuation)."""
+        conv = Conversation([Message("user", ())])
+        encoded = self.processor.encode(conv, [], add_generation_prompt=True)
+        return Prepared(conv, [], list(encoded.input_ids), TaskProfile())
 
     def _continuation_ids(self, continuation: Any) -> list[int]:
         """The continuation tokenised as the assistant's answer begins (the template's " {text}")."""

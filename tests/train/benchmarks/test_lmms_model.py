@@ -91,6 +91,8 @@ def test_loglikelihood_batched_equals_single_and_equals_the_llm_loss(lm, images)
             for p in images[:3]]
     lm.task_dict = {TASK: {SPLIT: docs}}
     reqs = [request("loglikelihood", i, d["question"], " " + c) for i, d in enumerate(docs) for c in d["choices"]]
+    reqs += [Instance(request_type="loglikelihood", arguments=("", c), idx=0,        # acc_mutual_info's form
+                      metadata={"task": TASK, "doc_id": 0, "repeats": 1}) for c in ("red", "green")]
     lm._batch_size = 4
     wrapped = lm.loglikelihood(reqs)
     assert all(isinstance(r, GenerationResult) for r in wrapped)      # survives lmms-eval 0.7.3's unwrap
@@ -100,6 +102,7 @@ def test_loglikelihood_batched_equals_single_and_equals_the_llm_loss(lm, images)
     lm._batch_size = 4
     assert [g for _, g in batched] == [g for _, g in single]
     assert [n for n, _ in batched] == pytest.approx([n for n, _ in single], abs=1e-4)
+    assert all(0 < n < 50 for n, _ in single) and not lm.bad_documents
     # the first request, through the LLM's own cross-entropy
     prepared = prepare(lm.processor, docs[0], docs[0]["question"], doc_to_visual, TaskProfile(), lm.context_length)
     cont = lm._continuation_ids(" red")
