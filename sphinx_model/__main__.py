@@ -1,4 +1,4 @@
-"""Command line: `python -m sphinx_model chat ...` and `python -m sphinx_model convert-accessory SRC DST`.
+"""Command line: `python -m sphinx_model chat ...`, `convert-accessory SRC DST` and `push FOLDER REPO_ID`.
 
 Every failure a user can cause (a bad flag value, a missing or hostile file, a device this
 machine lacks, a prompt the model cannot take) prints one `error: ...` line on stderr and
@@ -32,7 +32,9 @@ def _chat_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p = sub.add_parser("chat", parents=[common],
                        help="answer questions about an image (one answer with --prompt, else interactive)")
     p.add_argument("--model", default=None,
-                   help="checkpoint folder, hub repo id, or preset name (default: the demo model in assets/demo)")
+                   help="checkpoint folder, hub repo id, preset name, or released:NAME (a released SPHINX folder, "
+                        "downloaded and converted once; e.g. released:SPHINX-Tiny) "
+                        "(default: the demo model in assets/demo)")
     p.add_argument("--image", help="image file (omit for a text-only chat)")
     p.add_argument("--prompt", help="ask one question, print the answer and exit")
     p.add_argument("--max-new-tokens", type=int, default=256, help="capped to the room the context leaves")
@@ -42,6 +44,21 @@ def _chat_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--boxes", action="store_true", help="also print boxes in the answer as image pixels")
+    p.add_argument("--quantize", choices=["8bit", "4bit"], default=None,
+                   help="bitsandbytes-quantise the LLM's linear layers (4bit: NF4, double quantisation, bf16 "
+                        "compute); the visual experts stay in --dtype (bf16 by default)")
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "sequential"],
+                   help="spread the model over the GPUs and the CPU; what does not fit --max-memory runs on the CPU")
+    p.add_argument("--max-memory", default=None, help="memory cap per device for --device-map, e.g. 0=20GiB,cpu=64GiB")
+
+
+def _push_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("push", parents=[common], help="publish a checkpoint folder as a Hugging Face Hub repo",
+                       description="Upload a checkpoint folder in this project's format to the Hugging Face Hub; "
+                                   "`--model USER/REPO` loads it back.")
+    p.add_argument("folder", help="checkpoint folder (e.g. the output of convert-accessory)")
+    p.add_argument("repo_id", help="hub repo to create or update, e.g. you/sphinx-tiny")
+    p.add_argument("--private", action="store_true", help="create the repo private")
 
 
 def _convert_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -107,7 +124,9 @@ def chat(args: argparse.Namespace) -> int:
     if args.prompt is not None and not check_text(args.prompt, "--prompt").strip():
         raise ValueError("--prompt is empty")
     device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, processor = load_model(args.model or _default_model(), device=device, dtype=args.dtype)
+    model, processor = load_model(args.model or _default_model(), device=None if args.device_map else device,
+                                  dtype=args.dtype, quantize=args.quantize, device_map=args.device_map,
+                                  max_memory=args.max_memory)
     pil = load_image(args.image, max_pixels=processor.config.max_pixels) if args.image else None
     image = processor.process_image(pil) if pil is not None else None
     gen = Generator(model, processor)
@@ -143,12 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _chat_parser(sub, common)
     _convert_parser(sub, common)
+    _push_parser(sub, common)
     args = parser.parse_args(argv)
     try:
         if args.command == "convert-accessory":
             from .convert_accessory import run_convert
 
             return run_convert(args)
+        if args.command == "push":
+            from .released import push_to_hub
+
+            print(push_to_hub(args.folder, args.repo_id, private=args.private))
+            return 0
         return chat(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -79,7 +79,8 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
 def _refused(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
     """The weights-only unpickler said no: the file is not a pickle of tensors alone (a class
     or function it names, an opcode it does not allow, or bytes that are no pickle at all)."""
-    return CheckpointError(f"{path.name} holds something other than tensors and was not loaded")
+    return CheckpointError(f"{path.name} holds something other than tensors and was not loaded: refused for "
+                           "safety, since unpickling it could run code (only tensors are read from a checkpoint)")
 
 
 def _unreadable(path: Path, error: Exception) -> CheckpointError:

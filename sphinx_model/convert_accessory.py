@@ -285,6 +285,7 @@ def convert_accessory(src: str | Path, dst: str | Path, base_preset: str | None 
     own = model.state_dict()
     bad = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
     unmapped += [f"{k} (shape {tuple(state[k].shape)}, ours {tuple(own[k].shape)})" for k in bad]
+    unmapped += [f"{k} (mapped, but our model has no such tensor)" for k in sorted(set(state) - set(own))]
     state = {k: v for k, v in state.items() if k in own and k not in bad}
     report = ConversionReport(len(state), unmapped, sorted(set(own) - set(state)), notes)
     if (report.unmapped or report.missing) and not allow_unmapped:
@@ -387,8 +388,8 @@ def _assign(model: SphinxForCausalLM, state: dict[str, torch.Tensor]) -> None:
 # --- CLI ------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The converter's command-line arguments (shared by `python -m sphinx_model convert-accessory`)."""
-    parser.add_argument("src", help="released folder: consolidated.*.model.pth, config.json, meta.json, "
-                                    "tokenizer.model")
+    parser.add_argument("src", help="released folder (consolidated.*.model.pth, config.json, meta.json, "
+                                    "tokenizer.model), or released:NAME to download it first (e.g. released:SPHINX-Tiny)")
     parser.add_argument("dst", help="output checkpoint folder")
     parser.add_argument("--base-preset", help="preset giving experts/canvas/template (default: from meta.json)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the checkpoint's)")
@@ -398,9 +399,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_convert(ns: argparse.Namespace) -> int:
     """Convert with parsed arguments; foreseeable failures print one `error:` line, exit 2."""
+    from .released import download_released, is_released
+
     try:
-        report = convert_accessory(ns.src, ns.dst, base_preset=ns.base_preset, dtype=ns.dtype,
-                                   allow_unmapped=ns.allow_unmapped)
+        src = download_released(ns.src) if is_released(ns.src) else ns.src
+        report = convert_accessory(src, ns.dst, base_preset=ns.base_preset, dtype=ns.dtype,
+                                   allow_unmapped=ns.allow_unmapped, progress=True)
     except (CheckpointError, OSError, ValueError, KeyError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {' '.join(str(message).split())}", file=sys.stderr)

@@ -92,6 +92,14 @@ class QFormerExpert(VisualExpert):
         out = self.qformer(query_embeds=queries, encoder_hidden_states=image, encoder_attention_mask=mask)
         return out.last_hidden_state                                      # (N, Q, C)
 
+    @staticmethod
+    def map_released_state_dict(
+        sd: dict[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """`Blip2Model`'s names are ours; the text-input FFN and anything else come back unmapped."""
+        mapped = {k: v for k, v in sd.items() if _OWN.match(k) and not _TEXT_FFN.match(k)}
+        return mapped, sorted(k for k in sd if k not in mapped)
+
     @classmethod
     def is_unused_released_key(cls, key: str) -> bool:
         return bool(_TEXT_FFN.match(key))

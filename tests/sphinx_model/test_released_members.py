@@ -1,0 +1,73 @@
+"""Every released llama_type, written in the authors' layout at tiny widths (one shard and two),
+converts with no unmapped and no missing key, and our logits equal the released maths computed
+independently (released_reference.py) to 1e-4."""
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+from PIL import Image
+
+from sphinx_model.checkpoint import from_pretrained
+from sphinx_model.conversation import Conversation, Message
+from sphinx_model.convert_accessory import convert_accessory, find_shards, load_shard, merge_shards
+from sphinx_model.processor import IMAGE_TOKEN_ID
+
+sys.path.insert(0, str(Path(__file__).parent))
+from released_reference import MEMBERS, reference_logits, tiny_config, write_released  # noqa: E402
+
+TEXT = ["A chat between a curious human and an artificial intelligence assistant.",
+        "### Human: What is in the image?", "### Assistant: A red square [0.12,0.30,0.55,0.91]."]
+
+
+@pytest.fixture(scope="module")
+def spm_file(tmp_path_factory):
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT * 20), model_writer=buf, vocab_size=300, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        minloglevel=2, num_threads=1)
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def _image() -> Image.Image:
+    image = Image.new("RGB", (90, 60))
+    image.putdata([((7 * i) % 256, (13 * i) % 256, (29 * i) % 256) for i in range(90 * 60)])
+    return image
+
+
+@pytest.mark.parametrize("llama_type", sorted(MEMBERS))
+def test_released_member_converts_and_matches_the_released_maths(tmp_path, spm_file, llama_type):
+    """One shard and two: the two-shard merge gives the one-shard tensors bit for bit, and the
+    conversion of the two-shard folder has no unmapped / missing key and the released logits."""
+    member = MEMBERS[llama_type]
+    sd = write_released(member, tmp_path / "one", spm_file, shards=1)
+    write_released(member, tmp_path / "two", spm_file, shards=2)
+    one = load_shard(find_shards(tmp_path / "one")[0])
+    notes = []
+    two = merge_shards([load_shard(p) for p in find_shards(tmp_path / "two")], notes)
+    assert set(one) == set(two) == set(sd) and not notes
+    assert all(torch.equal(one[k], two[k]) and torch.equal(one[k], sd[k]) for k in sd)
+
+    report = convert_accessory(tmp_path / "two", tmp_path / "ckpt", base_config=tiny_config(member))
+    assert report.unmapped == [] and report.missing == [], report.lines()
+    if member.four:  # the projection and text leftovers of CLIP, the Q-Former's text FFN, DINOv2's mask token
+        ignored = next(n for n in report.notes if n.startswith("ignored"))
+        assert "llma.clip.visual.proj" in ignored and "llma.clip.logit_scale" in ignored
+        assert "intermediate.dense" in ignored and "mask_token" in ignored
+
+    model, processor = from_pretrained(tmp_path / "ckpt")
+    conv = Conversation([Message.user("What is in the image?", image=True)])
+    batch = processor(conv, _image())
+    ids = batch["input_ids"][0].tolist()
+    image_words = ids.count(IMAGE_TOKEN_ID)
+    assert image_words == member.views * (member.tokens_per_view + 2)
+    with torch.no_grad():
+        ours = model(**batch).logits[0, image_words:]
+    want = reference_logits(member, sd, batch["pixel_values"], [i for i in ids if i != IMAGE_TOKEN_ID])
+    assert ours.shape == want.shape
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
