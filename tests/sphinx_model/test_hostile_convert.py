@@ -96,7 +96,7 @@ CASES = {
     "rope_theta NaN": (_set_arg("rope_theta", float("nan")), "'rope_theta' must be a finite number"),
     "norm_eps a list": (_set_arg("norm_eps", [1]), "'norm_eps' must be a finite number"),
     "max_seq_len a dict": (_set_arg("max_seq_len", {}), "'max_seq_len' must be an integer"),
-    "a pickle that would run code": (_malicious, "holds something other than tensors and was not loaded"),
+    "a pickle that would run code": (_malicious, "was not loaded: refused for safety, since unpickling it could run"),
     "a pickle of plain values": (_non_tensor_values, "holds something other than tensors and was not loaded"),
     "a truncated shard": (_shard_bytes(lambda p: p.read_bytes()[:1000]), "not a readable PyTorch checkpoint"),
     "an empty shard": (_shard_bytes(lambda p: b""), "not a readable PyTorch checkpoint"),
