@@ -17,6 +17,7 @@ bitsandbytes runs on the CPU too (slowly), so the tests exercise the path GPU us
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -84,8 +85,22 @@ def new_linear(in_features: int, out_features: int, bias: bool, mode: str, compu
     if mode == "4bit":
         return bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute_dtype,
                                  compress_statistics=True, quant_type="nf4", device=device)
+    _quiet_int8_cast_notice()
     return bnb.nn.Linear8bitLt(in_features, out_features, bias=bias, has_fp16_weights=False,
                                threshold=INT8_THRESHOLD, device=device)
+
+
+class _Int8CastNotice(logging.Filter):
+    """LLM.int8 always multiplies in fp16; bitsandbytes logs that on every forward of a bf16 model."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "MatMul8bitLt: inputs will be cast" not in str(record.msg)
+
+
+def _quiet_int8_cast_notice() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Int8CastNotice) for f in log.filters):
+        log.addFilter(_Int8CastNotice())
 
 
 def quantize_weight(module: nn.Module, weight: torch.Tensor, device: torch.device) -> None:
