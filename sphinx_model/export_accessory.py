@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .convert_accessory import (_HF_LAYER, _LAYER_NAMES, _MOE_EXPERTS, _TOP_NAMES, PREFIX, split_dim,
+from .convert_accessory import (_HF_LAYER, _LAYER_NAMES, _MOE_EXPERTS, _TOP_NAMES, PREFIX, glue_names, split_dim,
                                 unpermute_rotary)
 from .experts import get_expert_class
 from .modeling import SphinxForCausalLM
@@ -22,6 +22,9 @@ from .modeling import SphinxForCausalLM
 def export_accessory(model: SphinxForCausalLM, tokenizer_model: str | Path | None, dst: str | Path,
                      num_shards: int = 1, llama_type: str = "llama_ens_light") -> Path:
     """Write `model` in the released layout: `num_shards` tensor-parallel shards + config/meta json."""
+    if model.config.llm.quantize:
+        raise ValueError(f"the released layout holds full-precision weights; this model is quantised "
+                         f"({model.config.llm.quantize}): export the model it was quantised from")
     if model.skip_img is not None:
         raise ValueError("the released layout has no skip token; export a model with skip_tokens=False")
     hf = model.llm.config
@@ -34,8 +37,7 @@ def export_accessory(model: SphinxForCausalLM, tokenizer_model: str | Path | Non
         if set(cls.map_released_state_dict(out)[0]) != set(own):
             raise ValueError(f"cannot export expert {ecfg.key!r}: {cls.__name__} has no to_released_state_dict")
         released.update({f"{ecfg.key}.{k}": v for k, v in out.items()})
-    for name in ("visual_proj.0.weight", "visual_proj.0.bias", "visual_proj.1.weight", "visual_proj.1.bias",
-                 "start_img", "end_img"):
+    for name in sorted(glue_names(model.config)):  # projectors (the Q-Former's too) and start/end
         released[name] = state[name]
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ pickled ever runs, nothing is written."""
 import json
 import os
 import pickle
+import random
 import shutil
 from pathlib import Path
 
@@ -100,7 +101,10 @@ CASES = {
     "a pickle of plain values": (_non_tensor_values, "holds something other than tensors and was not loaded"),
     "a truncated shard": (_shard_bytes(lambda p: p.read_bytes()[:1000]), "not a readable PyTorch checkpoint"),
     "an empty shard": (_shard_bytes(lambda p: b""), "not a readable PyTorch checkpoint"),
-    "a shard of noise": (_shard_bytes(lambda p: os.urandom(5000)), "was not loaded"),
+    # noise (seeded: random bytes read either as a refused pickle or as a broken archive)
+    "a shard of noise": (_shard_bytes(lambda p: random.Random(0).randbytes(5000)), "was not loaded"),
+    "a shard of other noise": (_shard_bytes(lambda p: random.Random(2).randbytes(5000)),
+                               "not a readable PyTorch checkpoint"),
     "a FIFO shard": (_fifo_shard, "FIFO"),
     "a garbage tokenizer.model": (_set_json("tokenizer.model", "not sentencepiece"), "not a usable SentencePiece"),
 }

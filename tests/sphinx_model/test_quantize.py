@@ -128,3 +128,16 @@ def test_device_map_auto_on_this_machine_and_max_memory_parsing(saved):
     for bad in ("gpu0=1GiB", "0=lots", "0"):
         with pytest.raises(ValueError, match="max_memory"):
             parse_max_memory(bad)
+
+
+def test_quantize_names_are_checked_everywhere(saved):
+    from sphinx_model.config import ConfigError
+    from sphinx_model.export_accessory import export_accessory
+
+    with pytest.raises(ConfigError, match="llm.quantize must be one of"):
+        get_preset("sphinx-test-tiny").replace(llm={**get_preset("sphinx-test-tiny").llm.__dict__, "quantize": "3bit"})
+    with pytest.raises(ValueError, match="unknown quantisation '3bit'"):
+        from_pretrained(saved[0], quantize="3bit")
+    model, _ = from_pretrained(saved[0], quantize="4bit")
+    with pytest.raises(ValueError, match="this model is quantised"):
+        export_accessory(model, None, "unused")

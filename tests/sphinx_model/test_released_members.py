@@ -10,9 +10,11 @@ import sentencepiece as spm
 import torch
 from PIL import Image
 
-from sphinx_model.checkpoint import from_pretrained
+from sphinx_model.checkpoint import build_from_config, from_pretrained
+from sphinx_model.config import get_preset
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.convert_accessory import convert_accessory, find_shards, load_shard, merge_shards
+from sphinx_model.export_accessory import export_accessory
 from sphinx_model.processor import IMAGE_TOKEN_ID
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -71,3 +73,20 @@ def test_released_member_converts_and_matches_the_released_maths(tmp_path, spm_f
     want = reference_logits(member, sd, batch["pixel_values"], [i for i in ids if i != IMAGE_TOKEN_ID])
     assert ours.shape == want.shape
     torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_four_expert_model_exports_to_the_released_layout_and_back(tmp_path, spm_file):
+    member = MEMBERS["mixtral_sparse_ens5"]
+    torch.manual_seed(3)
+    model, processor = build_from_config(tiny_config(member).replace(llm={
+        **get_preset("sphinx-test-moe").llm.__dict__, "config": {**get_preset("sphinx-test-moe").llm.config,
+                                                                 "rope_theta": 1e6}}))
+    export_accessory(model.eval(), spm_file, tmp_path / "src", num_shards=2, llama_type=member.llama_type)
+    shard = load_shard(find_shards(tmp_path / "src")[0])
+    assert {"qformer_proj.0.weight", "clip.visual.conv1.weight", "qformer.query_tokens"} <= set(shard)
+    report = convert_accessory(tmp_path / "src", tmp_path / "ckpt", base_config=tiny_config(member))
+    assert report.unmapped == [] and report.missing == []
+    loaded, _ = from_pretrained(tmp_path / "ckpt")
+    batch = processor(Conversation([Message.user("What is in the image?", image=True)]), _image())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
