@@ -33,6 +33,7 @@ from PIL import Image, ImageOps
 
 from .experts.clip_convnext import CLIP_MEAN, CLIP_STD  # the canvas lives in CLIP's normalisation
 from .files import UnsafePathError, open_regular
+from .pixels import to_uint8
 from .tiling import Anchor, Canvas, canvas_geometry
 
 PAD_FILL = tuple(int(255 * m) for m in CLIP_MEAN)  # (122, 116, 104) as released: padding ~0 after normalising
@@ -131,7 +132,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB; transparency over white, high bit depths scaled."""
     mode = image.mode
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(image)), "L").convert("RGB")
+        return Image.fromarray(to_uint8(np.asarray(image)), "L").convert("RGB")
     if mode == "RGB" and "transparency" not in image.info:
         return image.copy()
     if mode == "LAB":
@@ -158,29 +159,7 @@ def _lab_to_rgb(image: Image.Image) -> Image.Image:
         raise ImageError("CIELAB images need Pillow with littlecms (ImageCms)") from e
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    """Scale a single-channel high-bit-depth array to 0..255 (scaled, never clipped).
 
-    Unsigned 16-bit data (Pillow's I;16*, and mode I that fits in 0..65535) maps by /257,
-    so 65535 -> 255. Mode I / F carry no bit depth, so their range decides: data already
-    in 0..255 (I) or 0..1 (F) keeps its meaning, anything else is min-max stretched.
-    """
-    x = values.astype(np.float64)
-    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-    if values.dtype.kind == "f":
-        if lo >= 0.0 and hi <= 1.0:
-            x = x * 255.0
-        elif not (lo >= 0.0 and hi <= 255.0):
-            x = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
-    elif values.dtype.itemsize <= 2 and values.dtype.kind == "u":
-        x = x / 257.0
-    elif lo >= 0 and hi <= 255:
-        pass
-    elif lo >= 0 and hi <= 65535:
-        x = x / 257.0
-    else:
-        x = (x - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def pad_to_canvas(image: Image.Image, canvas: Canvas, fill: tuple[int, int, int] = PAD_FILL) -> Image.Image:

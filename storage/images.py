@@ -24,6 +24,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from sphinx_model.pixels import to_uint8
+
 from .models import IMAGE_FORMATS, ImageOwnerRow, ImageRow
 from .repository import Owner
 
@@ -100,7 +102,7 @@ def _to_8bit(image: Image.Image, mode: str) -> Image.Image:
     white) and copy CIELAB channels as if they were RGB.
     """
     if image.mode in _HIGH_BIT_MODES:
-        return Image.fromarray(_scaled_to_uint8(np.asarray(image)), "L").convert("RGB")
+        return Image.fromarray(to_uint8(np.asarray(image)), "L").convert("RGB")
     if image.mode == "LAB":
         try:
             from PIL import ImageCms
@@ -112,25 +114,7 @@ def _to_8bit(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
-def _scaled_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Single-channel high bit depth -> 0..255, scaled, never clipped: unsigned 16-bit by /257;
-    mode I / F by their range (0..255 or 0..1 keep their meaning, else min-max stretched)."""
-    x = values.astype(np.float64)
-    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-    if values.dtype.kind == "f":
-        if lo >= 0.0 and hi <= 1.0:
-            x = x * 255.0
-        elif not (lo >= 0.0 and hi <= 255.0):
-            x = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
-    elif values.dtype.itemsize <= 2 and values.dtype.kind == "u":
-        x = x / 257.0
-    elif lo >= 0 and hi <= 255:
-        pass
-    elif lo >= 0 and hi <= 65535:
-        x = x / 257.0
-    else:
-        x = (x - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
 
 
 def image_filename(sha256: str, fmt: str) -> str:

@@ -33,5 +33,6 @@ def test_storage_uses_only_the_torch_free_schema():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sphinx_model"):
-                assert node.module in {"sphinx_model.conversation", "sphinx_model.boxes", "sphinx_model.tiling"}, \
+                assert node.module in {"sphinx_model.conversation", "sphinx_model.boxes", "sphinx_model.tiling",
+                                       "sphinx_model.pixels"}, \
                     f"{path.name} imports {node.module}"
