@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
 ALICE = "session:" + "a" * 32
@@ -21,3 +23,20 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def tiny_text_model(folder: Path) -> Path:
+    """The tiny random-init preset, saved as a checkpoint folder. Its output layer keeps only the
+    rows of printable ASCII bytes, so that its (random, unscripted) answers are text that
+    streams in many pieces and never ends early; everything else is the preset's random init."""
+    from sphinx_model.checkpoint import build_from_config, save_pretrained
+    from sphinx_model.config import get_preset
+
+    torch.manual_seed(0)
+    model, processor = build_from_config(get_preset("sphinx-test-tiny"))
+    keep = torch.zeros(model.llm.lm_head.weight.shape[0], dtype=torch.bool)
+    keep[[4 + b for b in range(32, 127)]] = True      # byte tokenizer: id = 4 + byte
+    with torch.no_grad():
+        model.llm.lm_head.weight[~keep] = 0.0
+    save_pretrained(model, processor, folder)
+    return folder

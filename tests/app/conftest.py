@@ -1,5 +1,5 @@
-"""Fixtures for the app's tests: a real model (the demo model when it has landed, else a tiny
-random one), a store in a temporary folder, and pictures made on the spot."""
+"""Fixtures for the app's tests: a real model (a tiny random one whose replies go on until
+stopped), a store in a temporary folder, and pictures made on the spot."""
 from __future__ import annotations
 
 import sys
@@ -14,34 +14,18 @@ if str(HERE) not in sys.path:  # the support module, with any pytest --import-mo
 
 from app.handlers.common import AppContext
 from app.service import ModelService
-from app.settings import DEMO_MODEL_DIR, AppSettings
+from app.settings import AppSettings
 from storage import open_store
 
-from apptest_support import scene  # noqa: E402
-
-
-def _tiny_text_model(folder: Path) -> Path:
-    """The tiny random-init preset, saved as a checkpoint folder. Its output layer keeps only the
-    rows of printable ASCII bytes, so that its (random, unscripted) answers are text that
-    streams in many pieces and never ends early; everything else is the preset's random init."""
-    from sphinx_model.checkpoint import build_from_config, save_pretrained
-    from sphinx_model.config import get_preset
-
-    torch.manual_seed(0)
-    model, processor = build_from_config(get_preset("sphinx-test-tiny"))
-    keep = torch.zeros(model.llm.lm_head.weight.shape[0], dtype=torch.bool)
-    keep[[4 + b for b in range(32, 127)]] = True      # byte tokenizer: id = 4 + byte
-    with torch.no_grad():
-        model.llm.lm_head.weight[~keep] = 0.0
-    save_pretrained(model, processor, folder)
-    return folder
+from apptest_support import scene, tiny_text_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if (DEMO_MODEL_DIR / "sphinx_config.json").is_file():
-        return DEMO_MODEL_DIR
-    return _tiny_text_model(tmp_path_factory.mktemp("model") / "tiny-text")
+    # Stop, cancel and queue tests need replies that go on until stopped; the demo model ends its
+    # answers after a few tokens, so these tests run the tiny random model (unscripted, real).
+    # The demo model itself is exercised through the service in test_service.py.
+    return tiny_text_model(tmp_path_factory.mktemp("model") / "tiny-text")
 
 
 @pytest.fixture(scope="session")

@@ -67,3 +67,23 @@ def test_model_failures_reach_the_user_and_the_app_keeps_serving(ctx, monkeypatc
     monkeypatch.setattr(ctx.service.generator, "stream", real)
     state = chat.submit(ctx, views[-1].state, ALICE, "Hi again", [])
     assert list(chat.respond(ctx, state, ALICE, generation_settings(0, 1, 8, 512)))[-1].state.turns[-1].answer
+
+
+def test_the_demo_model_answers_a_world_question_through_the_service(tmp_path):
+    """The app's default model, loaded by the service: a grounding question about a scene of its
+    world gets one box back, which the app maps to the picture's pixels."""
+    from app.settings import DEMO_MODEL_DIR
+    from sphinx_model.boxes import canvas_to_pixels, parse_regions
+    from train.world.scene import render_scene
+
+    demo = ModelService.load(str(DEMO_MODEL_DIR), device="cpu")
+    scene, picture = render_scene(4242, 1)
+    path = tmp_path / "scene.png"
+    picture.save(path)
+    obj = scene.objects[0]
+    question = f"Please provide the bounding box coordinate of the region this sentence describes: the {obj.colour} {obj.shape}."
+    request = GenerationRequest(Conversation([Message.user(question, image=True)]), [str(path)],
+                                GenerationSettings(max_new_tokens=24))
+    (region,) = parse_regions(demo.generate(request))
+    x0, y0, x1, y1 = canvas_to_pixels(region.coords, demo.geometry(*picture.size))
+    assert 0 <= x0 < x1 <= picture.width and 0 <= y0 < y1 <= picture.height

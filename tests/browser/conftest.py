@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
+if str(HERE.parent / "app") not in sys.path:  # the app tests' support module (tiny_text_model)
+    sys.path.insert(0, str(HERE.parent / "app"))
 SCREENSHOTS = HERE / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -67,9 +70,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))   # uploads land here, not in /tmp/gradio
         mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        settings = AppSettings(data_dir=tmp / "data", browser_secret="browser-test-secret",
+        from apptest_support import tiny_text_model
+
+        # replies that stream until stopped: the demo model answers in a few tokens
+        model = tiny_text_model(tmp / "tiny-text")
+        settings = AppSettings(model=str(model), data_dir=tmp / "data", browser_secret="browser-test-secret",
                                max_new_tokens=MAX_NEW_TOKENS, task_max_new_tokens=TASK_MAX_NEW_TOKENS)
-        ctx = build_context(settings)        # the app's default model: assets/demo, else the tiny preset
+        ctx = build_context(settings)
         pace = Pace()
         hook = ctx.service.generator.model.llm.register_forward_pre_hook(pace)
         running = serve_in_background(settings, ctx)

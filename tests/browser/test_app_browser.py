@@ -100,7 +100,7 @@ def shoot(page: Page, folder: Path, name: str) -> None:
 # --- the test -----------------------------------------------------------------------------
 def test_a_visitor_chats_uses_every_tab_and_finds_it_all_in_history_and_the_store(served, page, screenshots):
     page.goto(served.url)
-    expect(page.locator("#model-info")).to_contain_text(served.context.service.info.name)
+    expect(page.locator("#model-info")).to_contain_text(served.context.service.info.name, timeout=30_000)
 
     # Chat: an image and a question; the reply streams in pieces
     served.pace.seconds = STREAM_PACE_S
