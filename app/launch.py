@@ -35,7 +35,7 @@ def build_context(settings: AppSettings) -> AppContext:
         raise StorageError(f"cannot open the store at {where}: {first}") from e
     try:
         service = ModelService.load(settings.model_spec, device=settings.device, dtype=settings.dtype,
-                                    seed=settings.seed)
+                                    seed=settings.seed, quantize=settings.quantize)
     except BaseException:
         store.dispose()
         raise

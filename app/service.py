@@ -100,21 +100,21 @@ class ModelService:
     # --- loading ---------------------------------------------------------------------
     @classmethod
     def load(cls, spec: str, device: str | None = None, dtype: str | None = None,
-             seed: int = 0) -> "ModelService":
+             seed: int = 0, quantize: str | None = None) -> "ModelService":
         """A checkpoint folder, a hub repo id or a preset name; ServiceError if it cannot load."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             if spec in list_presets() and not Path(spec).exists():
                 torch.manual_seed(seed)  # a random-init preset is the same noise on every start
-                model, processor = load_model(spec, device=device, dtype=dtype)
+                model, processor = load_model(spec, device=device, dtype=dtype, quantize=quantize)
                 config = get_preset(spec)
                 random = config.llm.name_or_path is None
                 version = f"random-init seed {seed}" if random else "preset"
                 info = _info(spec, version, processor, card_url=None, card_path=None, random=random)
             else:
                 folder = resolve_checkpoint(spec)
-                model, processor = from_pretrained(folder, device=device, dtype=dtype)
-                is_hub = not Path(spec).exists()
+                model, processor = from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
+                is_hub = not Path(spec).exists() and not spec.startswith("released:")
                 card = folder / "README.md"
                 info = _info(spec, _folder_version(folder, is_hub), processor,
                              card_url=HUB_URL + spec if is_hub else None,

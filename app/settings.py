@@ -19,6 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_DIR = REPO_ROOT / "assets" / "demo"
 FALLBACK_PRESET = "sphinx-test-tiny"
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("8bit", "4bit")
 SECRET_FILE = "browser_secret"
 
 
@@ -36,6 +37,7 @@ class AppSettings:
     share: bool = False
     device: str | None = None         # cpu, cuda, cuda:1 ... (None: cuda when available)
     dtype: str | None = None          # float32 / bfloat16 / float16 (None: the checkpoint's)
+    quantize: str | None = None       # 8bit / 4bit: the LLM's linear layers through bitsandbytes
     queue_size: int = 32              # requests waiting for the model; more get a clear "queue full"
     max_new_tokens: int = 512         # the highest the sliders allow
     task_max_new_tokens: int = 384    # answers of Grounding / Set-of-Mark / OCR (lists of boxes are long)
@@ -88,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", default=None, help="a public gradio.live link [SPHINX_SHARE]")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... [SPHINX_DEVICE; default: cuda if available]")
     p.add_argument("--dtype", help=f"one of {', '.join(DTYPES)} [SPHINX_DTYPE; default: the checkpoint's]")
+    p.add_argument("--quantize", help=f"one of {', '.join(QUANTIZE)}: the LLM's linear layers with bitsandbytes "
+                   "[SPHINX_QUANTIZE; default: none]")
     p.add_argument("--queue-size", help="most requests waiting for the model [SPHINX_QUEUE_SIZE; default: 32]")
     p.add_argument("--max-pdf-pages", help="pages of a PDF that can be read [SPHINX_MAX_PDF_PAGES; default: 30]")
     return p
@@ -95,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 _ENV = {"model": "SPHINX_MODEL", "db_url": "SPHINX_DB_URL", "data_dir": "SPHINX_DATA_DIR",
         "host": "SPHINX_HOST", "port": "SPHINX_PORT", "share": "SPHINX_SHARE", "device": "SPHINX_DEVICE",
-        "dtype": "SPHINX_DTYPE", "queue_size": "SPHINX_QUEUE_SIZE", "max_pdf_pages": "SPHINX_MAX_PDF_PAGES"}
+        "dtype": "SPHINX_DTYPE", "quantize": "SPHINX_QUANTIZE", "queue_size": "SPHINX_QUEUE_SIZE", "max_pdf_pages": "SPHINX_MAX_PDF_PAGES"}
 
 
 def _int(name: str, value: str, low: int, high: int) -> int:
@@ -127,11 +131,14 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
     dtype = raw["dtype"] or None
     if dtype is not None and dtype not in DTYPES:
         raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    quantize = raw["quantize"] or None
+    if quantize is not None and quantize not in QUANTIZE:
+        raise SettingsError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
     share = raw["share"] if isinstance(raw["share"], bool) else _bool("SPHINX_SHARE", raw["share"] or "")
     return AppSettings(
         model=raw["model"] or None, db_url=raw["db_url"] or None,
         data_dir=Path(raw["data_dir"] or "data"), host=host, port=_int("--port", port, 1, 65535),
-        share=share, device=raw["device"] or None, dtype=dtype,
+        share=share, device=raw["device"] or None, dtype=dtype, quantize=quantize,
         queue_size=_int("--queue-size", raw["queue_size"] or "32", 1, 10_000),
         max_pdf_pages=_int("--max-pdf-pages", raw["max_pdf_pages"] or "30", 1, 1000),
         on_space=on_space, browser_secret=env.get("SPHINX_BROWSER_SECRET") or None)

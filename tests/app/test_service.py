@@ -87,3 +87,10 @@ def test_the_demo_model_answers_a_world_question_through_the_service(tmp_path):
     (region,) = parse_regions(demo.generate(request))
     x0, y0, x1, y1 = canvas_to_pixels(region.coords, demo.geometry(*picture.size))
     assert 0 <= x0 < x1 <= picture.width and 0 <= y0 < y1 <= picture.height
+
+
+def test_an_8bit_service_quantises_the_llm_and_still_answers(model_dir):
+    quantised = ModelService.load(str(model_dir), device="cpu", quantize="8bit")
+    names = {type(m).__name__ for m in quantised.generator.model.llm.modules()}
+    assert "Linear8bitLt" in names
+    assert quantised.generate(_request(n=4))

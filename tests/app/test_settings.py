@@ -32,8 +32,15 @@ def test_the_default_model_is_the_demo_folder_or_the_tiny_preset(monkeypatch, tm
     assert parse_settings([], {}).model_spec == str(tmp_path / "demo")
 
 
+def test_quantize_flag_and_its_twin():
+    assert parse_settings(["--quantize", "8bit"], {}).quantize == "8bit"
+    assert parse_settings([], {"SPHINX_QUANTIZE": "4bit"}).quantize == "4bit"
+    assert parse_settings([], {}).quantize is None
+
+
 @pytest.mark.parametrize("argv, env", [(["--port", "http"], {}), ([], {"SPHINX_PORT": "70000"}),
-                                      (["--dtype", "int3"], {}), ([], {"SPHINX_SHARE": "maybe"})])
+                                      (["--dtype", "int3"], {}), ([], {"SPHINX_SHARE": "maybe"}),
+                                      (["--quantize", "3bit"], {}), ([], {"SPHINX_QUANTIZE": "fp4"})])
 def test_bad_values_are_refused(argv, env):
     with pytest.raises(SettingsError):
         parse_settings(argv, env)
