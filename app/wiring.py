@@ -2,11 +2,12 @@
 options, and how errors reach the user (`soft` for UI events, `guard` for API endpoints)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
@@ -30,34 +31,34 @@ def _message(e: BaseException) -> str:
     return html.escape(line, quote=False)
 
 
+@contextlib.contextmanager
+def _as_gr_error(name: str) -> Iterator[None]:
+    """User errors become a one-line gr.Error; anything else is logged, then reported in one line."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (*USER_ERRORS, DocumentError) as e:
+        raise gr.Error(_message(e), print_exception=False) from e
+    except Exception as e:  # noqa: BLE001
+        log.exception("unexpected error in %s", name)
+        raise gr.Error(f"unexpected error: {_message(e)}", print_exception=False) from e
+
+
 def guard(fn: Callable) -> Callable:
     """For API endpoints: user errors become a gr.Error (the client raises it, one line);
     anything else is logged and reported in one line too, and the app keeps serving."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args: Any, **kwargs: Any):
-            try:
+            with _as_gr_error(fn.__name__):
                 yield from fn(*args, **kwargs)
-            except gr.Error:
-                raise
-            except (*USER_ERRORS, DocumentError) as e:
-                raise gr.Error(_message(e), print_exception=False) from e
-            except Exception as e:  # noqa: BLE001
-                log.exception("unexpected error in %s", fn.__name__)
-                raise gr.Error(f"unexpected error: {_message(e)}", print_exception=False) from e
         return gen_wrapper
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any):
-        try:
+        with _as_gr_error(fn.__name__):
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except (*USER_ERRORS, DocumentError) as e:
-            raise gr.Error(_message(e), print_exception=False) from e
-        except Exception as e:  # noqa: BLE001
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"unexpected error: {_message(e)}", print_exception=False) from e
     return wrapper
 
 

@@ -220,7 +220,6 @@ def generate_answers(model_path: str, questions: list[Question], batch_size: int
     model, processor = from_pretrained(model_path, device=device)
     gen = Generator(model, processor)
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    answers: list[str] = []
     order = sorted(range(len(questions)), key=lambda i: questions[i].metric)  # similar lengths batch together
     by_index: dict[int, str] = {}
     for start in tqdm(range(0, len(order), batch_size), desc="evaluate"):
@@ -228,8 +227,7 @@ def generate_answers(model_path: str, questions: list[Question], batch_size: int
         convs = [Conversation([Message.user(questions[i].prompt, image=True)]) for i in idx]
         outs = gen.generate(convs, [str(questions[i].image) for i in idx], settings)
         by_index.update(zip(idx, outs))
-    answers = [by_index[i] for i in range(len(questions))]
-    return answers
+    return [by_index[i] for i in range(len(questions))]
 
 
 CARD_BEGIN, CARD_END = "<!-- eval:begin -->", "<!-- eval:end -->"

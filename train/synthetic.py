@@ -18,6 +18,7 @@ import json
 import os
 import random
 import sys
+from contextlib import nullcontext
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -61,18 +62,12 @@ def write_world(out: Path, n: int, seed: int, renderer: str = "train", anchor: s
     (out / "images").mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), seed, i, renderer, anchor, max_turns) for i in range(start, start + n)]
     tmp_scenes, tmp_data = out / "scenes.jsonl.tmp", out / "data.jsonl.tmp"
-    with open(tmp_scenes, "w", encoding="utf-8") as fs, open(tmp_data, "w", encoding="utf-8") as fd:
-        if workers > 1:
-            with get_context("fork").Pool(workers) as pool:
-                results = pool.imap(_one, jobs, chunksize=16)
-                for scene_row, rows in tqdm(results, total=n, disable=not progress, desc="scenes"):
-                    fs.write(scene_row + "\n")
-                    fd.writelines(r + "\n" for r in rows)
-        else:
-            for job in tqdm(jobs, disable=not progress, desc="scenes"):
-                scene_row, rows = _one(job)
-                fs.write(scene_row + "\n")
-                fd.writelines(r + "\n" for r in rows)
+    with open(tmp_scenes, "w", encoding="utf-8") as fs, open(tmp_data, "w", encoding="utf-8") as fd, \
+            (get_context("fork").Pool(workers) if workers > 1 else nullcontext()) as pool:
+        results = pool.imap(_one, jobs, chunksize=16) if pool is not None else map(_one, jobs)
+        for scene_row, rows in tqdm(results, total=n, disable=not progress, desc="scenes"):
+            fs.write(scene_row + "\n")
+            fd.writelines(r + "\n" for r in rows)
     os.replace(tmp_scenes, out / "scenes.jsonl")
     os.replace(tmp_data, out / "data.jsonl")
     return out

@@ -39,10 +39,7 @@ PROMPTS: dict[str, tuple[str, ...]] = {
 
 
 def reading_order(boxes: list) -> list[int]:
-    """Indices sorted top to bottom, then left to right (rows of about one object height)."""
-    def key(i: int) -> tuple[int, float]:
-        x0, y0, x1, y1 = boxes[i]
-        return (int((y0 + y1) / 2 // max(1.0, (y1 - y0))), x0)
+    """Indices sorted by vertical centre, then by left edge (placed items never overlap)."""
     return sorted(range(len(boxes)), key=lambda i: ((boxes[i][1] + boxes[i][3]) / 2, boxes[i][0]))
 
 
