@@ -205,7 +205,7 @@ class Generator:
                 if new is None:
                     break
                 ids += new
-                text, done = self._visible_text(ids)
+                text, done = self.visible_text(ids)
                 if len(text) > emitted:
                     yield text[emitted:]
                     emitted = len(text)
@@ -217,11 +217,11 @@ class Generator:
             thread.join()
         if errors:
             raise errors[0]
-        tail = self._visible_text(ids, final_piece=True)[0]
+        tail = self.visible_text(ids, final_piece=True)[0]
         if len(tail) > emitted:
             yield tail[emitted:]
 
-    def _visible_text(self, ids: list[int], final_piece: bool = False) -> tuple[str, bool]:
+    def visible_text(self, ids: list[int], final_piece: bool = False) -> tuple[str, bool]:
         """(text safe to show so far, whether a stop was reached)."""
         eos = self.tokenizer.eos_token_id
         done = eos in ids

@@ -224,15 +224,21 @@ class SphinxForCausalLM(nn.Module):
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                      view_skip: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the image placeholders filled -> (B, L, d)."""
+        if pixel_values is None:
+            return self.fill_image_tokens(input_ids, [])
+        if view_skip is None:
+            view_skip = torch.zeros(pixel_values.shape[0], self.config.num_views, dtype=torch.bool)
+        return self.fill_image_tokens(input_ids, self.image_embeddings(pixel_values.to(self.device), view_skip))
+
+    def fill_image_tokens(self, input_ids: torch.Tensor, visual: list[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with the placeholders filled by `visual` (per image (K_i, d), row by
+        row, each row's in sequence order) -> (B, L, d). The serving engine passes cached ones."""
         is_image = input_ids == IMAGE_TOKEN_ID
         embeds = self.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
-        if pixel_values is None:
+        if not visual:
             if is_image.any():
                 raise ValueError("input_ids hold image placeholders but no pixel_values were given")
             return embeds
-        if view_skip is None:
-            view_skip = torch.zeros(pixel_values.shape[0], self.config.num_views, dtype=torch.bool)
-        visual = self.image_embeddings(pixel_values.to(self.device), view_skip)
         _check_placeholders(is_image.sum(dim=1).tolist(), [v.shape[0] for v in visual])
         embeds = embeds.clone()
         # row-major: row by row, images in sequence order; in the LLM's dtype (a quantised LLM computes in bf16)

@@ -50,10 +50,10 @@ def test_sampling_is_seeded(gen, make_image):
 def test_stop_string_is_cut_and_held_back(gen):
     tok = gen.tokenizer
     ids = tok.encode("A red car.\n### Human: next", add_special_tokens=False)
-    text, done = gen._visible_text(ids)
+    text, done = gen.visible_text(ids)
     assert (text, done) == ("A red car.", True)
     partial = tok.encode("A red car.\n#", add_special_tokens=False)
-    assert gen._visible_text(partial) == ("A red car.", False)   # "\n#" may begin "\n###": held back
+    assert gen.visible_text(partial) == ("A red car.", False)   # "\n#" may begin "\n###": held back
     from sphinx_model.generation import StopOnStrings
     crit = StopOnStrings(tok, ["\n###"], prompt_len=0)
     stopped = tok.encode("A red car.\n###", add_special_tokens=False)   # checked after every new token

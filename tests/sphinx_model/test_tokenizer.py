@@ -71,7 +71,7 @@ def test_invalid_byte_runs_keep_the_valid_bytes_and_the_stop(pair):
     assert tok.decode([_byte(sp, 0x20)] + sp.encode("x")) == sp.decode([_byte(sp, 0x20)] + sp.encode("x"))
     model, _ = build_from_config(get_preset("sphinx-test-released"))
     processor = SphinxProcessor(get_preset("sphinx-test-released"), tok)
-    shown, stopped = Generator(model, processor)._visible_text(sp.encode("A cat.") + ids)
+    shown, stopped = Generator(model, processor).visible_text(sp.encode("A cat.") + ids)
     assert stopped and shown == "A cat.\ufffd\ufffd"
 
 

@@ -1,0 +1,391 @@
+"""Continuous (iteration-level) batching of concurrent requests, with image and prefix caches.
+
+One scheduler thread owns the model. Requests wait in a queue; each iteration of the thread
+
+    admit   while fewer than `max_batch` rows decode: take a waiting job, get its images'
+            visual tokens (image cache, else the experts + projector), reuse the KV of the
+            longest known prefix of its prompt (prefix cache), prefill only the rest (alone:
+            batch 1, no padding), pick its first token, join the batch;
+    step    one LLM forward for every row of the batch (each row's last token, its own
+            position, the batch's padding mask), one token per row, picked with the row's
+            own settings (greedy, or sampled from the row's own seeded torch.Generator);
+    leave   rows that hit EOS, a stop string, their token budget or a cancel leave the batch
+            (`DynamicCache.batch_select_indices`); their KV goes to the prefix cache.
+
+so a request that arrives while others decode starts at the next step instead of waiting for
+the batch to finish, and each request streams its own text (stop strings held back as in
+`Generator.stream`).
+
+Why not transformers' own continuous batching (`ContinuousBatchingManager`, `generate_batch`,
+the paged cache; transformers 5.24): a request there is a list of token ids
+(`add_request(input_ids: list[int], ...)`), its model runner calls `model(**batch_data)` with
+`input_ids` it builds from those lists, and its prefix sharing hashes token ids. Our prompts
+are `inputs_embeds` (visual tokens scattered into the text embeddings) and every image
+placeholder is the same id, so neither the images nor which image it is can reach the model
+through it. What this module uses from transformers instead: the LLM's forward with explicit
+`attention_mask` / `position_ids` / cache, `DynamicCache` (its layers, `batch_select_indices`
+to drop rows, `crop`-style slicing for prefixes) and its logits processors for sampling. What
+it adds is what DynamicCache lacks: left-padding a new row's cache (or the batch's) to a
+common length and joining them on the batch dimension, and trimming columns no row uses.
+
+A backbone whose cache is not plain full-attention `DynamicLayer`s (sliding windows, linear
+attention) runs one request at a time and without prefix reuse: cut or padded, its cache
+would not mean the same positions.
+"""
+from __future__ import annotations
+
+import collections
+import inspect
+import queue
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+from .caches import ImageCache, PrefixCache, cacheable, image_key, position_keys, vision_fingerprint
+from .conversation import Conversation
+from .generation import GenerationSettings, Generator
+from .processor import ProcessedImage
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8                          # rows decoding together
+    image_cache_bytes: int = 256 * MIB          # visual tokens kept (0: no image cache)
+    prefix_cache_bytes: int = 512 * MIB         # prefix KV kept (0: no prefix reuse)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.image_cache_bytes < 0 or self.prefix_cache_bytes < 0:
+            raise ValueError("max_batch must be >= 1 and cache sizes >= 0")
+
+
+class Job:
+    """One request inside the engine. Its `events` queue gets ("piece", text) ..., then one
+    ("end", reason) with reason eos / stop / length / cancelled, or one ("error", exception)."""
+
+    def __init__(self, ids: list[int], images: list[ProcessedImage], image_keys: list[str],
+                 keys: tuple, settings: GenerationSettings, budget: int, cancel: threading.Event | None):
+        self.ids, self.images, self.image_keys, self.keys = ids, images, image_keys, keys  # keys: per position
+        self.settings, self.budget = settings, budget
+        self.cancel = cancel or threading.Event()
+        self.events: queue.Queue = queue.Queue()
+        self.generated: list[int] = []
+        self.emitted = 0
+        self.done = False
+        self.reason: str | None = None
+        self.penalty = LogitsProcessorList()
+        if settings.repetition_penalty != 1.0:
+            self.penalty.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+        self.warpers = LogitsProcessorList()
+        self.rng: torch.Generator | None = None
+
+    @property
+    def sampling(self) -> bool:
+        return self.settings.temperature > 0
+
+    def finish(self, reason: str) -> None:
+        if not self.done:
+            self.done, self.reason = True, reason
+            self.events.put(("end", reason))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done, self.reason = True, "error"
+            self.events.put(("error", error))
+
+
+class ContinuousBatcher:
+    """`prepare` (any thread: tokenise, check) -> `submit` -> read the job's events (`read`)."""
+
+    def __init__(self, generator: Generator, config: EngineConfig = EngineConfig(),
+                 wrap: Callable[[Callable], Callable] | None = None):
+        self.generator, self.model, self.llm = generator, generator.model, generator.model.llm
+        self.processor, self.tokenizer = generator.processor, generator.tokenizer
+        self.config = config
+        self.images = ImageCache(config.image_cache_bytes)
+        self.prefixes = PrefixCache(config.prefix_cache_bytes)
+        self.fingerprint = vision_fingerprint(self.processor.config)
+        self.stats: collections.Counter = collections.Counter()
+        self._wrap = wrap or (lambda fn: fn)     # e.g. ZeroGPU's spaces.GPU around a burst of work
+        params = inspect.signature(self.llm.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" in params
+        self._batchable: bool | None = None      # decided by the first prefill's cache
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._rows: list[Job] = []               # the batch; only the scheduler thread touches it
+        self._cache: DynamicCache | None = None  # (rows, heads, width, head_dim) per layer
+        self._mask: torch.Tensor | None = None   # (rows, width), 0 = left padding
+
+    # --- the callers' side ----------------------------------------------------------------
+    def prepare(self, conversation: Conversation, images: Sequence[Any] | None,
+                settings: GenerationSettings, cancel: threading.Event | None = None) -> Job:
+        """Tokenise and check in the caller's thread; raises PromptTooLongError / ImageError / ValueError."""
+        enc = self.processor.encode(conversation, list(images or []), add_generation_prompt=True)
+        budget = self.generator.new_token_budget(len(enc.input_ids), settings)
+        keys = [image_key(im, self.fingerprint) for im in enc.images]
+        counts = [self.processor.num_visual_tokens(im) for im in enc.images]
+        job = Job(enc.input_ids, enc.images, keys, position_keys(enc.input_ids, keys, counts),
+                  settings, budget, cancel)
+        if job.sampling:
+            s = settings
+            job.warpers.append(TemperatureLogitsWarper(s.temperature))
+            if s.top_k > 0:
+                job.warpers.append(TopKLogitsWarper(s.top_k))
+            if s.top_p < 1.0:
+                job.warpers.append(TopPLogitsWarper(s.top_p))
+            job.rng = torch.Generator(device=self.model.device)
+            job.rng.manual_seed(s.seed if s.seed is not None else random.getrandbits(63))
+        return job
+
+    def submit(self, *jobs: Job) -> None:
+        """Queue jobs (together: they are admitted in this order at the same iteration)."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the serving engine is closed")
+            self._waiting.extend(jobs)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="sphinx-batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def read(self, job: Job, timeout: float | None = None) -> Iterator[str]:
+        """The job's pieces; raises its error; queue.Empty if nothing comes for `timeout` s."""
+        while True:
+            kind, value = job.events.get(timeout=timeout)
+            if kind == "piece":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+
+    def stream(self, job: Job) -> Iterator[str]:
+        """Submit, then the pieces; closing the iterator early cancels the job."""
+        self.submit(job)
+        try:
+            yield from self.read(job)
+        finally:
+            job.cancel.set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the scheduler thread; jobs not finished get an error."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # --- the scheduler thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._rows and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    for job in [*self._waiting, *self._rows]:
+                        job.fail(RuntimeError("the serving engine is closed"))
+                    self._waiting.clear()
+                    return
+            self._wrap(self._burst)()
+
+    def _burst(self) -> None:
+        """Admit and step until nothing is waiting or decoding."""
+        with torch.inference_mode():
+            while not self._closed:
+                self._drop_cancelled_waiting()
+                self._admit()
+                if self._rows:
+                    self._step()
+                elif not self._waiting:
+                    return
+
+    def _drop_cancelled_waiting(self) -> None:
+        with self._cond:
+            for job in [j for j in self._waiting if j.cancel.is_set()]:
+                self._waiting.remove(job)
+                job.finish("cancelled")
+
+    def _max_rows(self) -> int:
+        return self.config.max_batch if self._batchable is not False else 1
+
+    def _admit(self) -> None:
+        while len(self._rows) < self._max_rows():
+            with self._cond:
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
+            if job.cancel.is_set():
+                job.finish("cancelled")
+                continue
+            try:
+                cache, logits = self._prefill(job)
+                self._accept(job, self._pick(job, logits))
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                job.fail(e)
+                continue
+            if job.done:
+                self._remember(job, cache, 0)
+            else:
+                self._join(job, cache)
+
+    def _forward(self, cache: DynamicCache, **inputs: Any) -> torch.Tensor:
+        kw = {self._cache_kw: cache, "use_cache": True, **inputs}
+        if self._keep_kw:
+            kw["logits_to_keep"] = 1
+        return self.llm(**kw).logits[:, -1, :]                         # (B, V)
+
+    def _prefill(self, job: Job) -> tuple[DynamicCache, torch.Tensor]:
+        device, n = self.model.device, len(job.ids)
+        visual = [self._visual(im, key) for im, key in zip(job.images, job.image_keys)]
+        reused, cache = 0, None
+        if self._batchable and self.config.prefix_cache_bytes:
+            reused, cache = self.prefixes.longest(job.keys, most=n - 1)   # at least one position to run
+        ids = torch.tensor([job.ids], device=device)
+        embeds = self.model.fill_image_tokens(ids, visual)[:, reused:]    # (1, n - reused, d)
+        cache = cache if cache is not None else DynamicCache(config=self.llm.config)
+        logits = self._forward(cache, inputs_embeds=embeds,
+                               attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
+                               position_ids=torch.arange(reused, n, device=device)[None])
+        if self._batchable is None:
+            self._batchable = cacheable(cache)
+        self.stats["prefilled"] += n - reused
+        self.stats["reused"] += reused
+        return cache, logits
+
+    def _visual(self, image: ProcessedImage, key: str) -> torch.Tensor:
+        """The image's visual tokens (K, d): from the cache, else encoded once and kept."""
+        tokens = self.images.get(key) if self.config.image_cache_bytes else None
+        if tokens is None:
+            skip = torch.tensor([image.skipped], dtype=torch.bool)
+            tokens = self.model.image_embeddings(image.pixels[None].to(self.model.device), skip)[0]
+            self.stats["images_encoded"] += 1
+            if self.config.image_cache_bytes:
+                self.images.put_tokens(key, tokens)
+        return tokens
+
+    def _pick(self, job: Job, logits: torch.Tensor) -> int:
+        """The next token from (1, V) logits, with the job's own settings."""
+        scores = logits.float()
+        if job.penalty or job.sampling:
+            seen = torch.tensor([job.generated], dtype=torch.long, device=scores.device)   # (1, k)
+            scores = job.penalty(seen, scores)
+            if job.sampling:
+                probs = torch.softmax(job.warpers(seen, scores), dim=-1)
+                return int(torch.multinomial(probs, 1, generator=job.rng))
+        return int(scores.argmax(dim=-1))
+
+    def _accept(self, job: Job, token: int) -> None:
+        """Append a token, stream what became visible, finish the job where it ends."""
+        job.generated.append(token)
+        self.stats["tokens"] += 1
+        text, stopped = self.generator.visible_text(job.generated)
+        reason = ("eos" if token == self.tokenizer.eos_token_id else "stop" if stopped
+                  else "length" if len(job.generated) >= job.budget else None)
+        if reason == "length":
+            text = self.generator.visible_text(job.generated, final_piece=True)[0]
+        if len(text) > job.emitted:
+            job.events.put(("piece", text[job.emitted:]))
+            job.emitted = len(text)
+        if reason:
+            job.finish(reason)
+
+    def _step(self) -> None:
+        """One token for every row of the batch."""
+        for job in self._rows:
+            if job.cancel.is_set():
+                job.finish("cancelled")
+        self._leave()
+        if not self._rows:
+            return
+        device, rows = self.model.device, self._rows
+        last = torch.tensor([[j.generated[-1]] for j in rows], device=device)                 # (B, 1)
+        pos = torch.tensor([[len(j.ids) + len(j.generated) - 1] for j in rows], device=device)  # (B, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)       # (B, W + 1)
+        try:
+            logits = self._forward(self._cache, input_ids=last, attention_mask=self._mask, position_ids=pos)
+            for r, job in enumerate(rows):
+                self._accept(job, self._pick(job, logits[r:r + 1]))
+        except Exception as e:  # noqa: BLE001 - the batch is lost; the engine keeps serving
+            for job in rows:
+                job.fail(e)
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        self.stats["steps"] += 1
+        self.stats["row_steps"] += len(rows)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
+        self._leave()
+
+    # --- the batch's cache ----------------------------------------------------------------
+    def _join(self, job: Job, cache: DynamicCache) -> None:
+        """Add a prefilled row: left-pad its cache or the batch's to one width, stack on rows."""
+        n = cache.get_seq_length()
+        device = self.model.device
+        if not self._rows:
+            self._rows, self._cache = [job], cache
+            self._mask = torch.ones(1, n, dtype=torch.long, device=device)
+            return
+        width = self._mask.shape[1]
+        if n < width:
+            _pad_left(cache, width - n)
+        elif n > width:
+            _pad_left(self._cache, n - width)
+            self._mask = F.pad(self._mask, (n - width, 0))
+        row = F.pad(torch.ones(1, n, dtype=torch.long, device=device), (max(width - n, 0), 0))
+        for mine, theirs in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self._mask = torch.cat([self._mask, row])
+        self._rows.append(job)
+
+    def _leave(self) -> None:
+        """Drop finished rows (keeping their KV as prefixes) and the columns no row uses."""
+        done = [r for r, j in enumerate(self._rows) if j.done]
+        if not done:
+            return
+        for r in done:
+            self._remember(self._rows[r], self._cache, r)
+        keep = [r for r, j in enumerate(self._rows) if not j.done]
+        if not keep:
+            self._rows, self._cache, self._mask = [], None, None
+            return
+        index = torch.tensor(keep, device=self._mask.device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        self._rows = [self._rows[r] for r in keep]
+        first = int(self._mask.any(dim=0).to(torch.int8).argmax())      # leftmost column in use
+        if first:
+            self._mask = self._mask[:, first:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def _remember(self, job: Job, cache: DynamicCache, row: int) -> None:
+        """Keep a finished row's KV (its prompt and all but its last token) for later turns."""
+        if not (self._batchable and self.config.prefix_cache_bytes):
+            return
+        n = len(job.ids) + len(job.generated) - 1                        # positions in the cache
+        kv = [(layer.keys[row:row + 1, :, -n:], layer.values[row:row + 1, :, -n:]) for layer in cache.layers]
+        self.prefixes.store(job.keys + tuple(job.generated[:-1]), kv)
+
+
+def _pad_left(cache: DynamicCache, n: int) -> None:
+    """n zero positions before every row's keys and values (masked out by the caller)."""
+    for layer in cache.layers:
+        layer.keys = F.pad(layer.keys, (0, 0, n, 0))
+        layer.values = F.pad(layer.values, (0, 0, n, 0))
