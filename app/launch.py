@@ -15,7 +15,7 @@ from storage import StorageError, open_store
 
 from .examples import EXAMPLES_DIR
 from .handlers.common import AppContext
-from .service import ModelService
+from .service import ModelService, ServingLimits
 from .settings import AppSettings
 
 MAX_UPLOAD = "50mb"
@@ -35,11 +35,19 @@ def build_context(settings: AppSettings) -> AppContext:
         raise StorageError(f"cannot open the store at {where}: {first}") from e
     try:
         service = ModelService.load(settings.model_spec, device=settings.device, dtype=settings.dtype,
-                                    seed=settings.seed, quantize=settings.quantize)
+                                    seed=settings.seed, quantize=settings.quantize, limits=serving_limits(settings))
     except BaseException:
         store.dispose()
         raise
     return AppContext(service, store, settings)
+
+
+def serving_limits(settings: AppSettings) -> ServingLimits:
+    """The service's batch, queue, time and cache limits from the app's settings; the service's
+    global bound on waiting requests is the app's queue size."""
+    return ServingLimits(max_batch=settings.max_batch, max_waiting=settings.queue_size,
+                         per_user=settings.user_queue, timeout_s=float(settings.request_timeout),
+                         image_cache_mb=settings.image_cache_mb, prefix_cache_mb=settings.prefix_cache_mb)
 
 
 def _allowed_paths(ctx: AppContext) -> list[str]:

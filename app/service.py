@@ -2,10 +2,15 @@
 
 Load once; then requests in, text out: `stream(request)` yields the answer piece by piece,
 `generate(request)` returns it whole, `cancel(request_id)` stops a request wherever it is
-(waiting, prefilling or decoding: the decoding thread ends and what was generated so far
-stays with the request). Handlers build a `GenerationRequest` and never see tensors, so
-the serving work (batching concurrent requests, caching images and prefixes) can happen
-behind this interface without touching them.
+(waiting, prefilling or decoding; what was generated so far stays with the request).
+Handlers build a `GenerationRequest` and never see tensors.
+
+Behind this interface concurrent requests are served together: the continuous-batching
+engine (`sphinx_model.serving`) decodes every running request in one batch, lets a new one
+join at the next step, reuses each image's visual tokens and each conversation's known
+prefix. The service adds what protects it: a per-user cap on requests waiting or running,
+a global bound on those waiting, and a per-request time limit; each ends in a one-line
+ServiceError for the user, never a hang.
 
 Images travel as a list per request, one per image part of the conversation, in order (a
 new image may come at any turn; text-only turns keep the earlier ones); `_model_images` is
@@ -14,12 +19,13 @@ the one place that turns that list into what the model core takes.
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,12 +38,12 @@ from sphinx_model.conversation import Conversation, SchemaError
 from sphinx_model.generation import GenerationSettings, Generator
 from sphinx_model.image_processing import ImageError
 from sphinx_model.processor import PromptTooLongError, SphinxProcessor
+from sphinx_model.serving import MIB, ContinuousBatcher, EngineConfig, Job
 from sphinx_model.tiling import Canvas
 
 from .zerogpu import gpu
 
 HUB_URL = "https://huggingface.co/"
-BUSY_TIMEOUT_S = 600.0   # a request waits at most this long for the model (the queue sits in front)
 _EARLY_CANCELS = 1024    # cancels remembered for requests that have not started yet
 
 
@@ -64,6 +70,22 @@ class ModelInfo:
     max_length: int
 
 
+@dataclass(frozen=True)
+class ServingLimits:
+    """How many requests the service takes at once, and for how long (see app/settings.py)."""
+
+    max_batch: int = 8           # requests decoding together (the engine's batch)
+    max_waiting: int = 32        # requests waiting for a place in the batch; more: "busy"
+    per_user: int = 4            # requests one user may have waiting or running
+    timeout_s: float = 300.0     # the longest one request may take, waiting included
+    image_cache_mb: int = 256    # visual tokens of recent images
+    prefix_cache_mb: int = 512   # KV caches of recent conversation prefixes
+
+    def engine(self) -> EngineConfig:
+        return EngineConfig(max_batch=self.max_batch, image_cache_bytes=self.image_cache_mb * MIB,
+                            prefix_cache_bytes=self.prefix_cache_mb * MIB)
+
+
 @dataclass
 class GenerationRequest:
     """One answer to produce. Timing fields are filled in by the service as it runs."""
@@ -72,7 +94,8 @@ class GenerationRequest:
     images: Sequence[Any] = ()            # one per image part, in order (paths / PIL images)
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    started_at: float | None = None       # time.perf_counter() when the model began
+    user: str | None = None               # the owner key; the per-user cap counts by it
+    started_at: float | None = None       # time.perf_counter() when it went to the model's queue
     first_piece_at: float | None = None
     finished_at: float | None = None
     cancelled: bool = False               # cancel() was called for it
@@ -86,21 +109,25 @@ class GenerationRequest:
 
 
 class ModelService:
-    """Load once, then stream / generate / cancel requests; one request on the model at a time."""
+    """Load once, then stream / generate / cancel requests; concurrent ones decode together."""
 
-    def __init__(self, model: Any, processor: SphinxProcessor, info: ModelInfo):
+    def __init__(self, model: Any, processor: SphinxProcessor, info: ModelInfo,
+                 limits: ServingLimits | None = None):
         self.generator = Generator(model, processor)
         self.processor = processor
         self.info = info
-        self._lock = threading.Lock()        # the one accelerator: one request decodes at a time
+        self.limits = limits or ServingLimits()
+        self.engine = ContinuousBatcher(self.generator, self.limits.engine(), wrap=gpu)
         self._running: dict[str, tuple[GenerationRequest, threading.Event]] = {}
         self._early: OrderedDict[str, None] = OrderedDict()
         self._registry_lock = threading.Lock()
+        self._admitted: Counter[str] = Counter()   # requests per user, waiting or running
+        self._in_service = 0
 
     # --- loading ---------------------------------------------------------------------
     @classmethod
     def load(cls, spec: str, device: str | None = None, dtype: str | None = None,
-             seed: int = 0, quantize: str | None = None) -> "ModelService":
+             seed: int = 0, quantize: str | None = None, limits: ServingLimits | None = None) -> "ModelService":
         """A checkpoint folder, a hub repo id or a preset name; ServiceError if it cannot load."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -121,7 +148,20 @@ class ModelService:
                              card_path=card if card.is_file() else None, random=False)
         except (CheckpointError, KeyError, ValueError, OSError) as e:
             raise ServiceError(f"cannot load model {spec!r}: {e}") from e
-        return cls(model, processor, info)
+        return cls(model, processor, info, limits)
+
+    def close(self) -> None:
+        """Stop the engine's thread (requests still running get an error)."""
+        self.engine.close()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether, within `timeout` s, no request is in the service and the batch is empty."""
+        end = time.perf_counter() + timeout
+        while self._in_service or not self.engine.idle:
+            if time.perf_counter() > end:
+                return False
+            time.sleep(0.01)
+        return True
 
     # --- geometry (for mapping boxes back to pixels) -------------------------------------
     def geometry(self, width: int, height: int) -> Canvas:
@@ -151,23 +191,69 @@ class ModelService:
             if request.cancelled:
                 return
             images = self._model_images(request.conversation, request.images)
-            if not self._lock.acquire(timeout=BUSY_TIMEOUT_S):
-                raise ServiceError("the model is busy; try again in a moment")
             try:
+                job = self.engine.prepare(request.conversation, images, request.settings, cancel=event)
+            except Exception as e:  # noqa: BLE001 - mapped to a message, or raised as it is
+                _raise_for_user(e)
+            with self._admission(request):
                 request.started_at = time.perf_counter()
-                with closing(_run_stream(self.generator, request.conversation, images,
-                                         request.settings, event)) as pieces:
-                    for piece in _translate_errors(pieces):
+                try:
+                    self.engine.submit(job)
+                    for piece in self._pieces(job, request.started_at + self.limits.timeout_s):
                         if request.first_piece_at is None:
                             request.first_piece_at = time.perf_counter()
                         request.text += piece
                         yield piece
-            except GeneratorExit:   # the consumer went away (a client cancelled): that is a stop too
-                request.cancelled = True
-                raise
-            finally:
-                request.finished_at = time.perf_counter()
-                self._lock.release()
+                except GeneratorExit:   # the consumer went away (a client cancelled): that is a stop too
+                    request.cancelled = True
+                    raise
+                finally:
+                    event.set()         # a no-op for a finished job; stops one left behind
+                    request.finished_at = time.perf_counter()
+                    request.cancelled = request.cancelled or job.reason == "cancelled"
+
+    def _pieces(self, job: Job, deadline: float) -> Iterator[str]:
+        """The job's pieces until it ends; a ServiceError when it fails or runs past `deadline`."""
+        while True:
+            try:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise queue.Empty
+                kind, value = job.events.get(timeout=left)
+            except queue.Empty:
+                job.cancel.set()
+                raise ServiceError(f"the answer took longer than {self.limits.timeout_s:g} s and was "
+                                   "stopped; the model is busy, try again in a moment") from None
+            if kind == "piece":
+                yield value
+            elif kind == "error":
+                _raise_for_user(value)
+            else:
+                return
+
+    @contextmanager
+    def _admission(self, request: GenerationRequest) -> Iterator[None]:
+        """The global bound on waiting requests and the per-user cap; ServiceError when over."""
+        lim = self.limits
+        with self._registry_lock:
+            if self._in_service >= lim.max_batch + lim.max_waiting:
+                raise ServiceError(f"the model is busy ({self._in_service - lim.max_batch} requests are "
+                                   "waiting); try again in a moment")
+            if request.user is not None and self._admitted[request.user] >= lim.per_user:
+                raise ServiceError(f"you already have {lim.per_user} request{'s' * (lim.per_user != 1)} "
+                                   "waiting or running; wait for one to finish or stop it")
+            self._in_service += 1
+            if request.user is not None:
+                self._admitted[request.user] += 1
+        try:
+            yield
+        finally:
+            with self._registry_lock:
+                self._in_service -= 1
+                if request.user is not None:
+                    self._admitted[request.user] -= 1
+                    if not self._admitted[request.user]:
+                        del self._admitted[request.user]
 
     def check(self, request: GenerationRequest) -> None:
         """Raise ServiceError now if the request cannot run (too long, too many images), so the
@@ -175,11 +261,8 @@ class ModelService:
         images = self._model_images(request.conversation, request.images)
         try:
             self.processor.encode(request.conversation, images, add_generation_prompt=True)
-        except PromptTooLongError as e:
-            raise ServiceError(f"the conversation is too long for this model ({e}); "
-                               "clear the chat or shorten the prompt") from e
-        except (ImageError, SchemaError, ValueError) as e:
-            raise ServiceError(str(e)) from e
+        except Exception as e:  # noqa: BLE001 - mapped to a message, or raised as it is
+            _raise_for_user(e)
 
     def generate(self, request: GenerationRequest) -> str:
         """The whole answer (what was generated before a cancel, if cancelled)."""
@@ -217,28 +300,31 @@ class ModelService:
         return list(images) if images else None
 
 
-@gpu
-def _run_stream(generator: Generator, conversation: Conversation, images: Any,
-                settings: GenerationSettings, cancel: threading.Event) -> Iterator[str]:
-    yield from generator.stream(conversation, images, settings, cancel=cancel)
+def _raise_for_user(e: BaseException) -> None:
+    err = _service_error(e)
+    if err is e:
+        raise e
+    raise err from e
 
 
-def _translate_errors(pieces: Iterator[str]) -> Iterator[str]:
-    """Model-side failures as one line for the user; the service keeps serving."""
-    try:
-        yield from pieces
-    except PromptTooLongError as e:
-        raise ServiceError(f"the conversation is too long for this model ({e}); "
-                           "clear the chat or shorten the prompt") from e
-    except (ImageError, SchemaError) as e:
-        raise ServiceError(str(e)) from e
-    except torch.OutOfMemoryError as e:
-        raise ServiceError("the model ran out of memory; try a smaller image, fewer new tokens "
-                           "or a shorter conversation") from e
-    except ValueError as e:   # e.g. too many images for the model core
-        raise ServiceError(str(e)) from e
-    except RuntimeError as e:
-        raise ServiceError(f"the model failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+def _service_error(e: BaseException) -> BaseException:
+    """Model-side failures as one line for the user (the service keeps serving); anything that
+    is not a model failure comes back unchanged, to be raised as it is."""
+    if isinstance(e, ServiceError):
+        return e
+    if isinstance(e, PromptTooLongError):
+        return ServiceError(f"the conversation is too long for this model ({e}); "
+                            "clear the chat or shorten the prompt")
+    if isinstance(e, (ImageError, SchemaError)):
+        return ServiceError(str(e))
+    if isinstance(e, torch.OutOfMemoryError):
+        return ServiceError("the model ran out of memory; try a smaller image, fewer new tokens "
+                            "or a shorter conversation")
+    if isinstance(e, ValueError):   # e.g. too many images for the model core
+        return ServiceError(str(e))
+    if isinstance(e, RuntimeError):
+        return ServiceError(f"the model failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return e
 
 
 def _info(spec: str, version: str, processor: SphinxProcessor, *, card_url: str | None,

@@ -39,6 +39,11 @@ class AppSettings:
     dtype: str | None = None          # float32 / bfloat16 / float16 (None: the checkpoint's)
     quantize: str | None = None       # 8bit / 4bit: the LLM's linear layers through bitsandbytes
     queue_size: int = 32              # requests waiting for the model; more get a clear "queue full"
+    max_batch: int = 8                # requests decoding together (batched serving); the app lets this many in
+    user_queue: int = 4               # requests one user may have waiting or running at once
+    request_timeout: int = 300        # seconds one request may take, waiting included; then a clear message
+    image_cache_mb: int = 256         # visual tokens of recent images, reused by later turns and tabs (0: off)
+    prefix_cache_mb: int = 512        # KV caches of recent conversation prefixes, reused next turn (0: off)
     max_new_tokens: int = 512         # the highest the sliders allow
     task_max_new_tokens: int = 384    # answers of Grounding / Set-of-Mark / OCR (lists of boxes are long)
     max_pdf_pages: int = 30           # pages of a PDF the OCR tab will render
@@ -93,13 +98,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", help=f"one of {', '.join(QUANTIZE)}: the LLM's linear layers with bitsandbytes "
                    "[SPHINX_QUANTIZE; default: none]")
     p.add_argument("--queue-size", help="most requests waiting for the model [SPHINX_QUEUE_SIZE; default: 32]")
+    p.add_argument("--max-batch", help="requests decoding together [SPHINX_MAX_BATCH; default: 8]")
+    p.add_argument("--user-queue", help="requests one user may have waiting or running [SPHINX_USER_QUEUE; default: 4]")
+    p.add_argument("--request-timeout", help="seconds one request may take, waiting included "
+                   "[SPHINX_REQUEST_TIMEOUT; default: 300]")
+    p.add_argument("--image-cache-mb", help="MiB of cached visual tokens, 0 = off [SPHINX_IMAGE_CACHE_MB; default: 256]")
+    p.add_argument("--prefix-cache-mb", help="MiB of cached conversation prefixes (KV), 0 = off "
+                   "[SPHINX_PREFIX_CACHE_MB; default: 512]")
     p.add_argument("--max-pdf-pages", help="pages of a PDF that can be read [SPHINX_MAX_PDF_PAGES; default: 30]")
     return p
 
 
 _ENV = {"model": "SPHINX_MODEL", "db_url": "SPHINX_DB_URL", "data_dir": "SPHINX_DATA_DIR",
         "host": "SPHINX_HOST", "port": "SPHINX_PORT", "share": "SPHINX_SHARE", "device": "SPHINX_DEVICE",
-        "dtype": "SPHINX_DTYPE", "quantize": "SPHINX_QUANTIZE", "queue_size": "SPHINX_QUEUE_SIZE", "max_pdf_pages": "SPHINX_MAX_PDF_PAGES"}
+        "dtype": "SPHINX_DTYPE", "quantize": "SPHINX_QUANTIZE", "queue_size": "SPHINX_QUEUE_SIZE", "max_pdf_pages": "SPHINX_MAX_PDF_PAGES",
+        "max_batch": "SPHINX_MAX_BATCH", "user_queue": "SPHINX_USER_QUEUE", "request_timeout": "SPHINX_REQUEST_TIMEOUT",
+        "image_cache_mb": "SPHINX_IMAGE_CACHE_MB", "prefix_cache_mb": "SPHINX_PREFIX_CACHE_MB"}
 
 
 def _int(name: str, value: str, low: int, high: int) -> int:
@@ -141,4 +155,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
         share=share, device=raw["device"] or None, dtype=dtype, quantize=quantize,
         queue_size=_int("--queue-size", raw["queue_size"] or "32", 1, 10_000),
         max_pdf_pages=_int("--max-pdf-pages", raw["max_pdf_pages"] or "30", 1, 1000),
+        max_batch=_int("--max-batch", raw["max_batch"] or "8", 1, 256),
+        user_queue=_int("--user-queue", raw["user_queue"] or "4", 1, 10_000),
+        request_timeout=_int("--request-timeout", raw["request_timeout"] or "300", 1, 86_400),
+        image_cache_mb=_int("--image-cache-mb", raw["image_cache_mb"] or "256", 0, 1 << 20),
+        prefix_cache_mb=_int("--prefix-cache-mb", raw["prefix_cache_mb"] or "512", 0, 1 << 20),
         on_space=on_space, browser_secret=env.get("SPHINX_BROWSER_SECRET") or None)

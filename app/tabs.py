@@ -9,7 +9,7 @@ import gradio as gr
 from .handlers import chat, grounding, history, ocr, som
 from .handlers.common import AppContext, generation_settings
 from .regions import TABLE_HEADERS, regions_table
-from .wiring import CHEAP, PRIVATE, QUEUED, soft
+from .wiring import CHEAP, PRIVATE, queued, soft
 
 
 # --- Chat ------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
 
     sub = box.submit(do_submit, [state, owner, box], [state, bot, box, status], **CHEAP)
     respond_args = dict(fn=do_respond, inputs=[state, owner, temperature, top_p, max_new], outputs=outputs,
-                        **QUEUED)
+                        **queued(ctx))
     answered = [sub.success(**respond_args)]
     stop_btn.click(soft(1, 0)(lambda st: chat.stop(ctx, st)), [state], [status], **CHEAP)
     regen = regen_btn.click(do_regenerate, [state], [state, bot, status], **CHEAP)
@@ -150,13 +150,13 @@ def grounding_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
         return go
 
     outs = [output, table, download, answer, status]
-    find.click(run(False), [owner, image, phrase], outs, **QUEUED)
-    phrase.submit(run(False), [owner, image, phrase], outs, **QUEUED)
-    detect.click(run(True), [owner, image, phrase], outs, **QUEUED)
+    find.click(run(False), [owner, image, phrase], outs, **queued(ctx))
+    phrase.submit(run(False), [owner, image, phrase], outs, **queued(ctx))
+    detect.click(run(True), [owner, image, phrase], outs, **queued(ctx))
     if examples.grounding:
         ex = gr.Examples(examples.grounding, inputs=[image, phrase], elem_id="ground-examples",
                          label="Examples (click one to find the phrase)", preload=False, **PRIVATE)
-        ex.load_input_event.then(run(False), [owner, image, phrase], outs, **QUEUED)
+        ex.load_input_event.then(run(False), [owner, image, phrase], outs, **queued(ctx))
 
 
 # --- Set-of-Mark -------------------------------------------------------------------------
@@ -216,18 +216,18 @@ def som_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
         return st, res.marked, res.shot.text, f"Marks named in the answer: {named}."
 
     image.change(do_load, [owner, image], [state, canvas, status], **CHEAP)
-    auto.click(do_auto, [owner, state, source], [state, canvas, status], **QUEUED)
+    auto.click(do_auto, [owner, state, source], [state, canvas, status], **queued(ctx))
     canvas.select(do_click, [state, mode], [state, canvas, status], **CHEAP)
     clear.click(do_clear, [state], [state, canvas, status], **CHEAP)
-    ask.click(do_ask, [owner, state, question], [state, canvas, answer, status], **QUEUED)
-    question.submit(do_ask, [owner, state, question], [state, canvas, answer, status], **QUEUED)
+    ask.click(do_ask, [owner, state, question], [state, canvas, answer, status], **queued(ctx))
+    question.submit(do_ask, [owner, state, question], [state, canvas, answer, status], **queued(ctx))
     if examples.som:
         ex = gr.Examples(examples.som, inputs=[image, question], elem_id="som-examples",
                          label="Examples (click one: marks are placed, then the question is asked)",
                          preload=False, **PRIVATE)
         ex.load_input_event.then(do_load, [owner, image], [state, canvas, status], **CHEAP).then(
-            do_auto, [owner, state, source], [state, canvas, status], **QUEUED).then(
-            do_ask, [owner, state, question], [state, canvas, answer, status], **QUEUED)
+            do_auto, [owner, state, source], [state, canvas, status], **queued(ctx)).then(
+            do_ask, [owner, state, question], [state, canvas, answer, status], **queued(ctx))
 
 
 # --- Document OCR ------------------------------------------------------------------------
@@ -269,12 +269,12 @@ def ocr_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
 
     upload.change(do_open, [upload], [doc, note, page], **CHEAP)
     outs = [page_image, text, download, words, embedded, score, status]
-    run.click(do_read, [owner, doc, page, mode], outs, **QUEUED)
+    run.click(do_read, [owner, doc, page, mode], outs, **queued(ctx))
     if examples.ocr:
         ex = gr.Examples(examples.ocr, inputs=[upload], elem_id="ocr-examples",
                          label="Examples (click one to read it)", preload=False, **PRIVATE)
         ex.load_input_event.then(do_open, [upload], [doc, note, page], **CHEAP).then(
-            do_read, [owner, doc, page, mode], outs, **QUEUED)
+            do_read, [owner, doc, page, mode], outs, **queued(ctx))
 
 
 # --- History -----------------------------------------------------------------------------

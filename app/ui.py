@@ -18,7 +18,8 @@ Stable `elem_id`s (for browser tests; `#ID textarea`, `#ID input[type=file]`, ..
 
 Events: UI events are private (not callable through gradio_client); the public API is
 `/chat` (streaming), `/ground`, `/som`, `/ocr` on hidden components (see handlers/api.py).
-Model work shares one concurrency group (`model`, limit 1); cheap events skip the queue.
+Model work shares one concurrency group (`model`, as wide as the service's batch); cheap events
+skip the queue.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .handlers import api, history
 from .handlers.common import USER_ERRORS, AppContext, api_owner_key, new_browser_id, owner_key
 from .examples import load_examples
 from .settings import AppSettings
-from .wiring import CHEAP, MODEL, guard, soft  # noqa: F401  (MODEL, soft: part of the layout's interface)
+from .wiring import CHEAP, MODEL, guard, model_group, soft  # noqa: F401  (MODEL, soft: part of the layout's interface)
 
 STORAGE_KEY = "sphinx-x-owner"  # BrowserState key: the per-browser owner id
 CSS = "#noise-banner {background: #fff3cd; border: 1px solid #e0b000; padding: 6px 12px; border-radius: 6px}"
@@ -153,7 +154,7 @@ def _api(ctx: AppContext) -> None:
     def api_ocr(file: str, page: int, mode: str, request: gr.Request) -> dict:
         return api.read_document(ctx, api_owner_key(request.session_hash), file, page, mode)
 
-    public = {"concurrency_id": MODEL, "concurrency_limit": 1, "show_progress": "hidden"}
+    public = {**model_group(ctx), "show_progress": "hidden"}
     buttons[0].click(api_chat, [message, images, conversation, temperature, top_p, max_new],
                      [answer, conversation_out, regions], api_name="chat", **public)
     buttons[1].click(api_ground, [image, phrase], [result], api_name="ground", **public)

@@ -1,5 +1,6 @@
-"""Event plumbing shared by the layout: the concurrency group of model work, the event
-options, and how errors reach the user (`soft` for UI events, `guard` for API endpoints)."""
+"""Event plumbing shared by the layout: the concurrency group of model work (as wide as the
+service's batch), the event options, and how errors reach the user (`soft` for UI events,
+`guard` for API endpoints)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,15 +14,26 @@ from typing import Any
 import gradio as gr
 
 from .documents import DocumentError
-from .handlers.common import USER_ERRORS
+from .handlers.common import USER_ERRORS, AppContext
 
 log = logging.getLogger("app")
 MODEL = "model"                 # the one concurrency group of model work
 PRIVATE = {"api_visibility": "private"}
-# "minimal" progress everywhere: the queue position and timer show in a corner, and an error or a
-# cancel never leaves an "Error" overlay that blocks the component (the message is a toast).
-QUEUED = {"concurrency_id": MODEL, "concurrency_limit": 1, "api_visibility": "private", "show_progress": "minimal"}
 CHEAP = {"queue": False, "api_visibility": "private", "show_progress": "minimal"}
+
+
+def model_group(ctx: AppContext) -> dict[str, Any]:
+    """Model work: one concurrency group that lets in as many events as the service decodes
+    together (its batch); the rest wait in Gradio's queue and see their position. Gradio keeps
+    the lowest limit given to a group, so every model event takes it from here."""
+    return {"concurrency_id": MODEL, "concurrency_limit": ctx.service.limits.max_batch}
+
+
+def queued(ctx: AppContext) -> dict[str, Any]:
+    """UI model events. "minimal" progress: the queue position and timer show in a corner, and
+    an error or a cancel never leaves an "Error" overlay that blocks the component (the
+    message is a toast)."""
+    return {**model_group(ctx), "api_visibility": "private", "show_progress": "minimal"}
 
 
 def _message(e: BaseException) -> str:

@@ -46,10 +46,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from .caches import ImageCache, PrefixCache, cacheable, image_key, position_keys, vision_fingerprint
+from .caches import (
+    ImageCache,
+    PrefixCache,
+    cacheable,
+    image_key,
+    position_keys,
+    vision_fingerprint,
+)
 from .conversation import Conversation
 from .generation import GenerationSettings, Generator
 from .processor import ProcessedImage
@@ -164,6 +176,11 @@ class ContinuousBatcher:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waits and nothing decodes (a finished row has left the batch)."""
+        return not self._waiting and not self._rows
+
     def read(self, job: Job, timeout: float | None = None) -> Iterator[str]:
         """The job's pieces; raises its error; queue.Empty if nothing comes for `timeout` s."""
         while True:
@@ -237,7 +254,7 @@ class ContinuousBatcher:
             try:
                 cache, logits = self._prefill(job)
                 self._accept(job, self._pick(job, logits))
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            except Exception as e:  # this request fails, the others go on
                 job.fail(e)
                 continue
             if job.done:
@@ -322,7 +339,7 @@ class ContinuousBatcher:
             logits = self._forward(self._cache, input_ids=last, attention_mask=self._mask, position_ids=pos)
             for r, job in enumerate(rows):
                 self._accept(job, self._pick(job, logits[r:r + 1]))
-        except Exception as e:  # noqa: BLE001 - the batch is lost; the engine keeps serving
+        except Exception as e:  # the batch is lost; the engine keeps serving
             for job in rows:
                 job.fail(e)
             self._rows, self._cache, self._mask = [], None, None

@@ -157,10 +157,10 @@ def _new_request_id() -> str:
 
 
 def _request(ctx: AppContext, state: ChatState, settings: GenerationSettings,
-             request_id: str | None = None) -> GenerationRequest:
+             request_id: str | None = None, user: str | None = None) -> GenerationRequest:
     limit = ctx.service.max_pixels
     images = [load_stored(im, limit) for im in state.images()]
-    req = GenerationRequest(to_conversation(state), images, settings)
+    req = GenerationRequest(to_conversation(state), images, settings, user=user)
     if request_id:
         req.id = request_id
     return req
@@ -173,7 +173,7 @@ def respond(ctx: AppContext, state: ChatState, owner_key: str, settings: Generat
         return
     turn = state.turns[-1]
     owner = owner_of(owner_key)
-    request = _request(ctx, state, settings, state.request_id)
+    request = _request(ctx, state, settings, state.request_id, user=owner_key)
     saved = False
 
     def finish() -> None:

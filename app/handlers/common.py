@@ -156,7 +156,7 @@ def ask_image(ctx: AppContext, owner: Owner, image: Image.Image, stored: StoredI
     """Ask `prompt` about `image` (greedy), store the exchange, map the answer's regions."""
     conv = Conversation([Message.user(prompt, image=stored.sha256)])
     settings = GenerationSettings(max_new_tokens=ctx.settings.task_max_new_tokens)
-    request = GenerationRequest(conv, [image], settings)
+    request = GenerationRequest(conv, [image], settings, user=f"{owner.kind}:{owner.id}")
     text = ctx.service.generate(request)
     canvas = ctx.service.geometry(*image.size)
     regions = regions_in_pixels(text, canvas)

@@ -77,8 +77,7 @@ def test_a_streamed_chat_cancelled_midway_is_stored_as_stopped(server, client):
         time.sleep(0.05)
     (conv, text, stopped), = rows
     assert stopped and 0 < len(text) < 500
-    assert server.context.service._lock.acquire(timeout=5)     # decoding ended: the model is free
-    server.context.service._lock.release()
+    assert server.context.service.wait_idle(5)                 # decoding ended: the batch is empty
 
 
 def test_ground_som_and_ocr(client):
@@ -96,27 +95,33 @@ def test_ground_som_and_ocr(client):
         client.predict(handle_file(EXAMPLES_DIR / "sample.pdf"), 5, "read", api_name="/ocr")
 
 
-def test_a_full_queue_is_refused_with_a_clear_message(service, model_dir, tmp_path):
+def test_requests_through_the_app_decode_together_and_a_full_queue_is_refused(service, model_dir, tmp_path):
+    """Gradio lets in as many model events as the service batches (2 here): two decode as one
+    batch, one waits (the queue holds one), the fourth is refused with Gradio's message."""
     from app.handlers.common import AppContext
+    from app.service import ModelService, ServingLimits
     from app.settings import AppSettings
     from storage import open_store
 
     settings = AppSettings(model=str(model_dir), data_dir=tmp_path / "data", queue_size=1,
                            browser_secret="test-secret")
-    running = serve_in_background(settings, AppContext(service, open_store(settings.storage), settings))
+    pair = ModelService(service.generator.model, service.processor, service.info, ServingLimits(max_batch=2))
+    running = serve_in_background(settings, AppContext(pair, open_store(settings.storage), settings))
     try:
         jobs = []
-        for _ in range(3):     # one decodes, one waits (the queue holds one), the third is refused
+        for _ in range(4):
             jobs.append(Client(running.url, verbose=False).submit(
-                "Tell a long story.", None, "", 0.0, 1.0, 300, api_name="/chat"))
-            time.sleep(0.3)
+                "Tell a long story.", None, "", 0.0, 1.0, 500, api_name="/chat"))
+            time.sleep(0.25)
         outcomes = []
         for job in jobs:
             try:
                 outcomes.append(bool(job.result(timeout=60)[0]))
             except Exception as e:  # noqa: BLE001 - gradio_client's QueueError
                 outcomes.append(str(e))
-        assert outcomes[:2] == [True, True] and "Queue is full" in outcomes[2]
+        assert outcomes[:3] == [True, True, True] and "Queue is full" in outcomes[3]
+        assert pair.engine.stats["max_rows"] == 2           # the first two shared the batch
     finally:
         running.close()
         running.context.store.dispose()
+        pair.close()

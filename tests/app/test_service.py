@@ -52,19 +52,22 @@ def test_an_unknown_model_is_one_clear_line():
     (RuntimeError("shape mismatch\nsecond line"), "the model failed: shape mismatch"),
 ])
 def test_model_failures_reach_the_user_and_the_app_keeps_serving(ctx, monkeypatch, error, message):
-    real = ctx.service.generator.stream
+    llm = ctx.service.engine.llm
+    real, calls = llm.forward, []
 
-    def failing(*args, **kwargs):
-        yield "par"
-        raise error
-    monkeypatch.setattr(ctx.service.generator, "stream", failing)
+    def failing(*args, **kwargs):              # prefill and two decode steps, then the failure
+        calls.append(1)
+        if len(calls) > 3:
+            raise error
+        return real(*args, **kwargs)
+    monkeypatch.setattr(llm, "forward", failing)
     state = chat.submit(ctx, chat.ChatState(), ALICE, "Hi", [])
     views = list(chat.respond(ctx, state, ALICE, generation_settings(0, 1, 16, 512)))
     assert message in views[-1].error and "\n" not in views[-1].error
     assert views[-1].state.turns == [] and views[-1].restore["text"] == "Hi"
     with Session(ctx.store.engine) as s:
         assert s.scalar(select(func.count()).select_from(MessageRow)) == 0   # a failed turn is not stored
-    monkeypatch.setattr(ctx.service.generator, "stream", real)
+    monkeypatch.setattr(llm, "forward", real)
     state = chat.submit(ctx, views[-1].state, ALICE, "Hi again", [])
     assert list(chat.respond(ctx, state, ALICE, generation_settings(0, 1, 8, 512)))[-1].state.turns[-1].answer
 

@@ -22,7 +22,8 @@ def test_layout_ids_sanitising_and_endpoints(ctx):
     public = {d["api_name"] for d in config["dependencies"] if d.get("api_visibility") == "public"}
     assert public == {"chat", "ground", "som", "ocr"}
     model_events = [fn for fn in demo.fns.values() if fn.concurrency_id == ui.MODEL]
-    assert len(model_events) >= 10 and all(fn.concurrency_limit == 1 and fn.queue for fn in model_events)
+    batch = ctx.service.limits.max_batch                # as many model events at once as the service batches
+    assert len(model_events) >= 10 and all(fn.concurrency_limit == batch and fn.queue for fn in model_events)
     names = {fn.name for fn in model_events}
     assert {"do_respond", "go", "do_auto", "do_ask", "do_read", "api_chat", "api_ground"} <= names
     cheap = [fn for fn in demo.fns.values() if fn.name in ("do_submit", "do_like", "do_click", "<lambda>")]
