@@ -90,6 +90,12 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
     return _locate(name_or_path)[0]
 
 
+def read_weights(name_or_path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint of ours (one file or shards), on the CPU, by state-dict key."""
+    folder, root = _locate(name_or_path)
+    return _read_weights(_weight_files(folder, root))
+
+
 def _locate(name_or_path: str | Path) -> tuple[Path, Path]:
     """(checkpoint folder, the root its files must resolve into)."""
     from .released import is_released, resolve_released

@@ -34,6 +34,7 @@ class ModelSection:
     load_weights: bool = False             # presets only: pull the pretrained LLM and expert weights
     dtype: str = "float32"                 # dtype of trainable (master) weights; compute dtype comes from mixed_precision
     frozen_dtype: str | None = None        # cast the frozen experts (e.g. bfloat16) to halve their memory
+    experts_from: str | None = None        # checkpoint folder (ours) whose visual experts replace init's
     overrides: dict[str, Any] = field(default_factory=dict)  # SphinxConfig fields to change, e.g. {max_length: 2048}
 
 
@@ -200,6 +201,10 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     init = Path(cfg.model.init)
     if not init.is_absolute() and (base / init).is_dir():  # a checkpoint folder next to the config
         cfg.model.init = str(base / init)
+    if cfg.model.experts_from is not None:
+        source = Path(cfg.model.experts_from)
+        if not source.is_absolute() and (base / source).is_dir():
+            cfg.model.experts_from = str(base / source)
     return cfg.validate()
 
 

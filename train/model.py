@@ -34,6 +34,8 @@ def apply_overrides(config: SphinxConfig, overrides: dict[str, Any]) -> SphinxCo
 
 def check_init(section: ModelSection) -> None:
     """Torch-free: the init names a preset or a folder."""
+    if section.experts_from is not None and not Path(section.experts_from).is_dir():
+        raise ConfigError(f"model.experts_from {section.experts_from!r} is not a checkpoint folder")
     if not Path(section.init).is_dir() and section.init not in list_presets():
         raise ConfigError(f"model.init {section.init!r} is neither a preset ({', '.join(list_presets())}) "
                           "nor a checkpoint folder")
@@ -77,7 +79,37 @@ def build_model(config: SphinxConfig, section: ModelSection):
             raise ConfigError(f"model.init: {e}") from e
     else:
         model, _ = build_from_config(config, load_weights=section.load_weights)
+    if section.experts_from:
+        replace_experts(model, section.experts_from)
     if section.frozen_dtype:
         for expert in model.experts:
             expert.to(resolve_dtype(section.frozen_dtype))
     return model
+
+
+def replace_experts(model, source: str) -> None:
+    """Load the visual experts of checkpoint `source` (ours) into `model`, which keeps its LLM,
+    projector and tokenizer: how freshly pretrained experts go under an already trained LLM.
+    The experts must be configured alike (same kinds, sizes and keys); they stay frozen."""
+    from dataclasses import asdict
+
+    from sphinx_model.checkpoint import CheckpointError, read_weights
+
+    try:
+        theirs = SphinxConfig.load(source)
+        state = read_weights(source)
+    except (OSError, ValueError, CheckpointError) as e:
+        raise ConfigError(f"model.experts_from {source}: not a checkpoint of ours ({e})") from e
+    ours = [asdict(e) for e in model.config.experts]
+    if [asdict(e) for e in theirs.experts] != ours:
+        raise ConfigError(f"model.experts_from {source}: its experts are configured differently from model.init's")
+    prefixes = tuple(f"{key}." for key in model.expert_keys)
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    given = {k: v for k, v in state.items() if k.startswith(prefixes)}
+    missing, bad = sorted(set(own) - set(given)), [k for k in given if k in own and given[k].shape != own[k].shape]
+    if missing or bad or set(given) - set(own):
+        raise ConfigError(f"model.experts_from {source}: expert weights do not fit "
+                          f"(missing {missing[:4]}, wrong shape {bad[:4]}, unexpected {sorted(set(given) - set(own))[:4]})")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in given.items()}, strict=False)
+    for key in model.expert_keys:
+        getattr(model, key).requires_grad_(False)
