@@ -259,8 +259,9 @@ class ModelService:
         """Raise ServiceError now if the request cannot run (too long, too many images), so the
         user hears it before waiting in the queue. Tokenises only; the model does not run."""
         images = self._model_images(request.conversation, request.images)
-        try:
-            self.processor.encode(request.conversation, images, add_generation_prompt=True)
+        try:   # the processed images are kept: the request that follows does not process them again
+            self.processor.encode(request.conversation, self.engine.process_images(images)[0],
+                                  add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - mapped to a message, or raised as it is
             _raise_for_user(e)
 

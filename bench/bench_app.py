@@ -15,8 +15,9 @@ For 1, 4 and 8 concurrent users (all start together):
     counted exactly in the server: one LLM forward pass is one new token (a pre-hook counts
     them), so no text is re-tokenised.
 
-Model work is one concurrency group of limit 1 in the app (one accelerator), so concurrent
-users queue: this table is the baseline that batched serving has to beat.
+The section in RESULTS.md is the serialised baseline (model work in one concurrency group of
+limit 1, one request on the model at a time) that batched serving (bench_serving.py) is
+measured against; run today, this script measures the batched app.
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/bench_app.py [--quick] [--model SPEC]
 """
@@ -71,15 +72,20 @@ def _serve(spec: str | None, data_dir: str, threads: int, cap: int, conn: Any, t
         conn.send({"error": str(e)})
         return
 
-    def count(module: Any, args: Any) -> None:
+    def count(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        """One forward gives one new token per row (batched serving runs many rows at once)."""
+        x = kwargs.get("input_ids")
+        x = kwargs.get("inputs_embeds") if x is None else x
+        x = args[0] if x is None and args else x
         with tokens.get_lock():
-            tokens.value += 1
+            tokens.value += x.shape[0] if x is not None else 1
 
-    ctx.service.generator.model.llm.register_forward_pre_hook(count)
+    ctx.service.generator.model.llm.register_forward_pre_hook(count, with_kwargs=True)
     running = serve_in_background(settings, ctx)
     info = ctx.service.info
     conn.send({"url": running.url, "model_id": info.model_id, "name": info.name, "version": info.version,
-               "random": info.random_weights, "threads": torch.get_num_threads(), "torch": torch.__version__})
+               "random": info.random_weights, "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "max_batch": ctx.service.limits.max_batch})
     conn.recv()                       # until the benchmark is done
     running.close()
 
@@ -128,10 +134,17 @@ class Sample:
 
 
 def one_request(client: Any, k: int, new_tokens: int) -> Sample:
+    return timed_chat(client, PROMPTS[k % len(PROMPTS)], [EXAMPLES / IMAGES[k % len(IMAGES)]], "", new_tokens)[0]
+
+
+def timed_chat(client: Any, prompt: str, images: list[Path], conversation_id: str,
+               new_tokens: int) -> tuple[Sample, str]:
+    """One greedy `/chat` turn (a new conversation when `conversation_id` is empty), timed;
+    returns the sample and the conversation's id ("" when it failed)."""
     from gradio_client import handle_file
 
     t0 = time.perf_counter()
-    job = client.submit(PROMPTS[k % len(PROMPTS)], [handle_file(str(EXAMPLES / IMAGES[k % len(IMAGES)]))], "",
+    job = client.submit(prompt, [handle_file(str(p)) for p in images] or None, conversation_id,
                         0.0, 1.0, new_tokens, api_name="/chat")
     first = None
     while not job.done():
@@ -144,12 +157,12 @@ def one_request(client: Any, k: int, new_tokens: int) -> Sample:
     try:
         answer, conversation_id, _ = job.result()
     except Exception as e:  # noqa: BLE001 - any failure of a request is an error of the run
-        return Sample(first, total, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return Sample(first, total, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"), ""
     if not conversation_id:
-        return Sample(first, total, "no conversation id: the turn was not stored")
+        return Sample(first, total, "no conversation id: the turn was not stored"), ""
     if first is None and answer:     # the whole reply came in one message
         first = total
-    return Sample(first, total, None if answer else "empty answer")
+    return Sample(first, total, None if answer else "empty answer"), conversation_id
 
 
 def run_level(url: str, users: int, per_user: int, new_tokens: int, server: Server) -> tuple[list[Sample], float, int]:
@@ -264,7 +277,8 @@ def _body(args: Any, info: dict[str, Any], new_tokens: int, levels: list) -> str
         f"{info['torch']} with {info['threads']} intra-op threads (set explicitly), "
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; load average at the end {load} (the machine is "
         "shared: timings are noisy).",
-        f"- Model: {model}; the app's queue: model work in one concurrency group of limit 1.",
+        f"- Model: {model}; the app's queue: model work in one concurrency group of limit "
+        f"{info.get('max_batch', 1)} (the service's batch).",
         f"- Each request: `/chat` (streaming), a new conversation, one uploaded image (the examples' scenes, "
         f"cycled) and a prompt (cycled), greedy, max {new_tokens} new tokens (a reply may end earlier at EOS). "
         "Users start together and send their requests back to back; one warm-up request first.",

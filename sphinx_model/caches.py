@@ -4,9 +4,11 @@ Both are least-recently-used maps bounded by the bytes of the tensors they hold 
 larger than the whole bound is not kept). The engine (serving.py) owns them and is their only
 user, from its one scheduler thread; they take no locks.
 
-Image key = sha256 of the processed canvas (pixels + which views are skipped) and of the
-model's vision config, so a change of preprocessing, tiling or experts never reuses stale
-tokens. Prefix entries are keyed by what decides the KV of a position: the token id, or for
+Image key = sha256 of the image's content as given (PIL pixels or file bytes, `source_key`)
+and of the model's vision config and pixel cap, so a change of preprocessing, tiling or
+experts never reuses stale tokens; the processed canvas is kept under the same key, so a
+follow-up turn does not even re-run the preprocessing. (An image given as a stream is keyed
+by its processed canvas instead.) Prefix entries are keyed by what decides the KV of a position: the token id, or for
 an image placeholder the image's key and the placeholder's offset in it. A new prompt reuses
 the longest common prefix with any entry (`DynamicCache.crop` takes off the rest), so a
 re-tokenised answer that differs from the generated ids in its last tokens still reuses all
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
+from PIL import Image
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -97,6 +101,26 @@ def image_key(image: ProcessedImage, fingerprint: str) -> str:
     h.update(str(image.skipped).encode())
     h.update(str(tuple(image.pixels.shape)).encode())
     h.update(image.pixels.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def source_key(image: Any) -> str | None:
+    """A content hash of an image as given (PIL pixels, file bytes, raw bytes), or None for what
+    cannot be hashed without consuming it (a stream). Equal content, equal processing."""
+    h = hashlib.sha256()
+    if isinstance(image, Image.Image):
+        h.update(f"pil:{image.mode}:{image.size}:".encode())
+        h.update(image.tobytes())
+    elif isinstance(image, (str, os.PathLike)):
+        try:
+            with open(image, "rb") as f:
+                h.update(b"file:" + f.read())
+        except OSError:
+            return None          # the processor says what is wrong with it
+    elif isinstance(image, (bytes, bytearray)):
+        h.update(b"bytes:" + bytes(image))
+    else:
+        return None
     return h.hexdigest()
 
 

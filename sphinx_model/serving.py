@@ -35,6 +35,7 @@ would not mean the same positions.
 from __future__ import annotations
 
 import collections
+import hashlib
 import inspect
 import queue
 import random
@@ -56,10 +57,13 @@ from transformers.generation.logits_process import (
 
 from .caches import (
     ImageCache,
+    LRUBytes,
     PrefixCache,
     cacheable,
     image_key,
     position_keys,
+    source_key,
+    tensor_bytes,
     vision_fingerprint,
 )
 from .conversation import Conversation
@@ -123,7 +127,9 @@ class ContinuousBatcher:
         self.generator, self.model, self.llm = generator, generator.model, generator.model.llm
         self.processor, self.tokenizer = generator.processor, generator.tokenizer
         self.config = config
-        self.images = ImageCache(config.image_cache_bytes)
+        self.images = ImageCache(config.image_cache_bytes)        # key -> visual tokens (scheduler thread)
+        self.canvases: LRUBytes[ProcessedImage] = LRUBytes(config.image_cache_bytes)   # key -> processed image
+        self._canvas_lock = threading.Lock()                       # `prepare` runs in the callers' threads
         self.prefixes = PrefixCache(config.prefix_cache_bytes)
         self.fingerprint = vision_fingerprint(self.processor.config)
         self.stats: collections.Counter = collections.Counter()
@@ -144,9 +150,9 @@ class ContinuousBatcher:
     def prepare(self, conversation: Conversation, images: Sequence[Any] | None,
                 settings: GenerationSettings, cancel: threading.Event | None = None) -> Job:
         """Tokenise and check in the caller's thread; raises PromptTooLongError / ImageError / ValueError."""
-        enc = self.processor.encode(conversation, list(images or []), add_generation_prompt=True)
+        processed, keys = self.process_images(images)
+        enc = self.processor.encode(conversation, processed, add_generation_prompt=True)
         budget = self.generator.new_token_budget(len(enc.input_ids), settings)
-        keys = [image_key(im, self.fingerprint) for im in enc.images]
         counts = [self.processor.num_visual_tokens(im) for im in enc.images]
         job = Job(enc.input_ids, enc.images, keys, position_keys(enc.input_ids, keys, counts),
                   settings, budget, cancel)
@@ -160,6 +166,28 @@ class ContinuousBatcher:
             job.rng = torch.Generator(device=self.model.device)
             job.rng.manual_seed(s.seed if s.seed is not None else random.getrandbits(63))
         return job
+
+    def process_images(self, images: Sequence[Any] | None) -> tuple[list[ProcessedImage], list[str]]:
+        """Processed images and their cache keys; an image seen before (same content) is not
+        processed again."""
+        processed, keys = [], []
+        for image in images or []:
+            source = source_key(image) if self.config.image_cache_bytes else None
+            if source is None:
+                proc = image if isinstance(image, ProcessedImage) else self.processor.process_image(image)
+                processed.append(proc)
+                keys.append(image_key(proc, self.fingerprint))
+                continue
+            key = hashlib.sha256(f"{source}:{self.fingerprint}:{self.processor.config.max_pixels}".encode()).hexdigest()
+            with self._canvas_lock:
+                proc = self.canvases.get(key)
+            if proc is None:
+                proc = self.processor.process_image(image)
+                with self._canvas_lock:
+                    self.canvases.put(key, proc, tensor_bytes(proc.pixels))
+            processed.append(proc)
+            keys.append(key)
+        return processed, keys
 
     def submit(self, *jobs: Job) -> None:
         """Queue jobs (together: they are admitted in this order at the same iteration)."""
@@ -254,7 +282,7 @@ class ContinuousBatcher:
             try:
                 cache, logits = self._prefill(job)
                 self._accept(job, self._pick(job, logits))
-            except Exception as e:  # this request fails, the others go on
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                 job.fail(e)
                 continue
             if job.done:
@@ -339,7 +367,7 @@ class ContinuousBatcher:
             logits = self._forward(self._cache, input_ids=last, attention_mask=self._mask, position_ids=pos)
             for r, job in enumerate(rows):
                 self._accept(job, self._pick(job, logits[r:r + 1]))
-        except Exception as e:  # the batch is lost; the engine keeps serving
+        except Exception as e:  # noqa: BLE001 - the batch is lost; the engine keeps serving
             for job in rows:
                 job.fail(e)
             self._rows, self._cache, self._mask = [], None, None

@@ -122,6 +122,7 @@ def test_caches_on_give_the_answers_of_caches_off_over_a_multi_turn_conversation
     try:
         assert conversation_turns(on) == conversation_turns(off)
         assert on.stats["images_encoded"] == 2 and off.stats["images_encoded"] == 1 + 1 + 2 + 2
+        assert len(on.canvases) == 2 and len(off.canvases) == 0     # each image preprocessed once, too
         assert on.stats["reused"] > on.stats["prefilled"]           # later turns prefill only their suffix
         assert off.stats["reused"] == 0
     finally:
@@ -141,6 +142,7 @@ def test_the_engines_caches_stay_within_their_bounds_and_still_answer_the_same(g
         small.close()                                   # joins the scheduler: its last row is stored
         off.close()
     assert 0 < small.images.nbytes <= image_bound and len(small.images) == 1
+    assert small.canvases.nbytes <= image_bound       # a 256 px canvas (786 kB) does not fit: none kept
     assert small.stats["images_encoded"] > 2            # evicted images were encoded again
     assert 0 < small.prefixes.nbytes <= prefix_bound and small.stats["reused"] > 0
 
@@ -199,3 +201,17 @@ def test_a_different_image_at_the_same_placeholders_is_not_a_shared_prefix():
     assert cache.longest(a, most=5)[0] == 5
     with pytest.raises(ValueError):
         position_keys(ids, ["cat"], [2])
+
+
+def test_images_are_keyed_by_their_content(tmp_path, make_image):
+    import io
+
+    from sphinx_model.caches import source_key
+
+    a, b = make_image(64, 48, 1), make_image(64, 48, 1)
+    assert source_key(a) == source_key(b)                    # two objects, one content
+    b.putpixel((0, 0), (0, 0, 0))
+    assert source_key(a) != source_key(b)                    # one pixel differs
+    a.save(tmp_path / "a.png")
+    assert source_key(tmp_path / "a.png") == source_key(str(tmp_path / "a.png")) != source_key(a)
+    assert source_key(io.BytesIO(b"stream")) is None and source_key(tmp_path / "missing.png") is None

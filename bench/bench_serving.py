@@ -1,0 +1,184 @@
+"""Batched serving through the app: 1 vs 8 users, and a follow-up turn's time to first token.
+
+One run, one server: the app (`app.ui.build_demo` + `app.launch`, the app's default model unless
+`--model`) in a process of its own, the users in this one, exactly as bench_app.py (whose
+server, users, TTFT and token counting this script imports):
+
+  1. levels of 1 and 8 concurrent users (bench_app's workload: each request a new `/chat`
+     conversation with an example scene and a prompt, greedy, back to back per user);
+  2. follow-ups: one user, `--pairs` conversations of two turns: turn 1 asks about a fresh
+     image (an example scene with one pixel changed, so neither the image cache nor the prefix
+     cache knows it), turn 2 asks a follow-up in the same conversation (`conversation_id`);
+     TTFT of each turn, measured the same way (submit -> first streamed text).
+
+Targets (issue 9), against bench_app's serialised baseline in RESULTS.md (one request on the
+model at a time; its figures are quoted, not re-measured):
+  * aggregate generated tokens/s at 8 users >= 3x one user alone (same run);
+  * p95 TTFT at 8 users <= the baseline's p50 at 8 users (3.40 s);
+  * median second-turn TTFT <= 40% of the median first-turn TTFT.
+
+    HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/bench_serving.py [--quick] [--model SPEC]
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")   # see bench/README.md "Timing on a shared machine"
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import math
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_app import (EXAMPLES, IMAGES, Sample, _client, _q, one_request, pctl,  # noqa: E402
+                             run_level, start_server, timed_chat)
+from bench.common import base_args, cpu_name, md_table, publish  # noqa: E402
+
+NAME = "bench_serving"
+BASELINE = {1: (0.26, 41.1), 8: (3.40, 41.5)}   # bench_app, serialised: users -> (TTFT p50 s, tokens/s)
+FIRST = "Describe the image briefly."
+FOLLOW_UP = "How many objects are there?"
+
+
+def fresh_image(k: int, folder: Path) -> Path:
+    """Example scene k % 4 with pixel (0, 0) set from k: new content, the same picture."""
+    from PIL import Image
+
+    img = Image.open(EXAMPLES / IMAGES[k % len(IMAGES)]).convert("RGB")
+    img.putpixel((0, 0), (k % 256, (k // 256) % 256, 255 - k % 256))
+    path = folder / f"fresh-{k}.png"
+    img.save(path)
+    return path
+
+
+def follow_ups(url: str, pairs: int, new_tokens: int, folder: Path) -> list[tuple[Sample, Sample]]:
+    client = _client(url)
+    out = []
+    for k in range(pairs):
+        first, conversation = timed_chat(client, FIRST, [fresh_image(k, folder)], "", new_tokens)
+        second = timed_chat(client, FOLLOW_UP, [], conversation, new_tokens)[0] if conversation \
+            else Sample(None, 0.0, "no first turn to follow up")
+        out.append((first, second))
+    client.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = base_args(__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="folder, hub id or preset (default: the app's default)")
+    ap.add_argument("--users", type=int, nargs="+", default=[1, 8], help="concurrency levels (default 1 8)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per level (default 12)")
+    ap.add_argument("--pairs", type=int, default=None, help="two-turn conversations (default 8)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="max new tokens per reply (default 128)")
+    args = ap.parse_args(argv)
+    if 1 not in args.users or any(u < 1 for u in args.users):
+        ap.error("--users must be positive and include 1 (the reference level)")
+    requests = args.requests or (4 if args.quick else 12)
+    pairs = args.pairs or (2 if args.quick else 8)
+    new_tokens = args.new_tokens or (16 if args.quick else 128)
+
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        try:
+            server = start_server(args.model, Path(tmp) / "data", args.threads, max(new_tokens, 512))
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        try:
+            one_request(_client(server.url), 0, new_tokens)          # warm-up (first-call costs)
+            levels = []
+            for users in args.users:
+                per_user = max(1, math.ceil(requests / users))
+                samples, wall, tokens = run_level(server.url, users, per_user, new_tokens, server)
+                levels.append((users, per_user, samples, wall, tokens))
+                print(f"{users} user(s): {len(samples)} requests in {wall:.1f} s", file=sys.stderr)
+            turns = follow_ups(server.url, pairs, new_tokens, Path(tmp))
+            print(f"follow-ups: {len(turns)} conversations of two turns", file=sys.stderr)
+        finally:
+            server.close()
+    return publish(NAME, _body(server.info, new_tokens, levels, turns), args)
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple[Sample, Sample]]) -> str:
+    rows, errors, rate, p95 = [], 0, {}, {}
+    for users, per_user, samples, wall, tokens in levels:
+        ok = [s for s in samples if s.error is None]
+        errors += len(samples) - len(ok)
+        ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
+        total = [s.total_s for s in ok]
+        rate[users] = tokens / wall
+        p95[users] = pctl(ttft, 0.95) if ttft else float("nan")
+        base = BASELINE.get(users)
+        rows.append([users, f"{len(samples)} ({per_user} each)", len(samples) - len(ok), _q(ttft, 0.5),
+                     _q(ttft, 0.95), _q(total, 0.5), _q(total, 0.95), f"{tokens / max(len(samples), 1):.0f}",
+                     f"{rate[users]:.1f}", f"{wall:.1f}",
+                     f"{base[0]:.2f} / {base[1]:.1f}" if base else "—"])
+        for s in samples:
+            if s.error:
+                print(f"  error ({users} users): {s.error}", file=sys.stderr)
+    header = ["users", "requests", "errors", "TTFT p50 s", "TTFT p95 s", "reply p50 s", "reply p95 s",
+              "tokens / reply", "aggregate tokens/s", "wall s", "serialised baseline: TTFT p50 s / tokens/s"]
+    good = [(a, b) for a, b in turns if a.error is None and b.error is None and a.ttft_s and b.ttft_s]
+    errors += len(turns) - len(good)
+    first = [a.ttft_s for a, _ in good]
+    second = [b.ttft_s for _, b in good]
+    share = statistics.median(second) / statistics.median(first) if good else float("nan")
+    paired = statistics.median(b / a for a, b in zip(first, second)) if good else float("nan")
+    turn_rows = [[len(turns), len(turns) - len(good), _q(first, 0.5), _q(second, 0.5), _q(first, 0.95),
+                  _q(second, 0.95), f"{share:.0%}", f"{paired:.0%}"]]
+    turn_header = ["conversations", "errors", "turn 1 TTFT p50 s", "turn 2 TTFT p50 s", "turn 1 TTFT p95 s",
+                   "turn 2 TTFT p95 s", "turn 2 / turn 1 (medians)", "median of per-conversation ratios"]
+    top = max(rate)
+    speedup = rate[top] / rate[1]
+    try:
+        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    model = f"`{info['model_id']}` (`{info['name']}`, version `{info['version']}`" + \
+        (", random weights: its answers are noise" if info["random"] else "") + ")"
+    targets = [
+        f"aggregate tokens/s at {top} users = {speedup:.2f}x one user (target >= 3x): **{_verdict(speedup >= 3)}**",
+        f"TTFT p95 at {top} users = {p95[top]:.2f} s (target <= {BASELINE[8][0]:.2f} s, the serialised "
+        f"baseline's p50): **{_verdict(p95[top] <= BASELINE[8][0])}**",
+        f"second-turn TTFT = {share:.0%} of the first turn's (medians; target <= 40%): **{_verdict(share <= 0.40)}**",
+    ]
+    verdict = "**Zero errors.**" if errors == 0 else f"**{errors} request(s) failed: the run does not count.**"
+    return "\n".join([
+        "## Batched serving through the app: users, throughput, follow-up turns (bench/bench_serving.py)",
+        "",
+        f"- Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, no GPU; the app in its own process, torch "
+        f"{info['torch']} with {info['threads']} intra-op threads (set explicitly), "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; load average at the end {load} (the machine is "
+        "shared: timings are noisy).",
+        f"- Model: {model}; the service decodes up to {info.get('max_batch')} requests as one batch "
+        "(continuous batching: a request joins at the next step), with the image and prefix caches on "
+        "(defaults); Gradio lets as many model events in at once.",
+        f"- Levels: bench_app's workload (a new `/chat` conversation per request, an example scene uploaded, "
+        f"prompts cycled, greedy, max {new_tokens} new tokens, users start together, one warm-up first); "
+        "tokens counted in the server (one LLM forward = one new token per row).",
+        f"- Follow-ups: one user, {len(turns)} conversations: turn 1 \"{FIRST}\" about a fresh image (an example "
+        f"scene with one pixel changed: no cache knows it), turn 2 \"{FOLLOW_UP}\" in the same conversation.",
+        "- The baseline column quotes bench_app's serialised run (RESULTS.md, section bench_app; same machine "
+        "type, model and workload, one request on the model at a time).",
+        "",
+        md_table(header, rows),
+        "",
+        md_table(turn_header, turn_rows),
+        "",
+        *[f"- {t}" for t in targets],
+        "",
+        verdict,
+    ])
+
+
+if __name__ == "__main__":
+    main()
