@@ -365,8 +365,10 @@ class ContinuousBatcher:
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)       # (B, W + 1)
         try:
             logits = self._forward(self._cache, input_ids=last, attention_mask=self._mask, position_ids=pos)
+            greedy = logits.argmax(dim=-1).tolist()           # one call for the rows that need nothing else
             for r, job in enumerate(rows):
-                self._accept(job, self._pick(job, logits[r:r + 1]))
+                plain = not (job.penalty or job.sampling)
+                self._accept(job, greedy[r] if plain else self._pick(job, logits[r:r + 1]))
         except Exception as e:  # noqa: BLE001 - the batch is lost; the engine keeps serving
             for job in rows:
                 job.fail(e)
