@@ -213,23 +213,39 @@ class ModelService:
                     request.cancelled = request.cancelled or job.reason == "cancelled"
 
     def _pieces(self, job: Job, deadline: float) -> Iterator[str]:
-        """The job's pieces until it ends; a ServiceError when it fails or runs past `deadline`."""
+        """The job's pieces until it ends; a ServiceError when it fails or runs past `deadline`.
+        Pieces that have come in while the consumer was busy go out together: a consumer that
+        falls behind (a loaded server) gets fewer, longer pieces instead of a backlog of tokens."""
+        pending: tuple[str, Any] | None = None
         while True:
-            try:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    raise queue.Empty
-                kind, value = job.events.get(timeout=left)
-            except queue.Empty:
-                job.cancel.set()
-                raise ServiceError(f"the answer took longer than {self.limits.timeout_s:g} s and was "
-                                   "stopped; the model is busy, try again in a moment") from None
+            kind, value = pending or self._next_event(job, deadline)
+            pending = None
             if kind == "piece":
+                while pending is None:
+                    try:
+                        more = job.events.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more[0] == "piece":
+                        value += more[1]
+                    else:
+                        pending = more
                 yield value
             elif kind == "error":
                 _raise_for_user(value)
             else:
                 return
+
+    def _next_event(self, job: Job, deadline: float) -> tuple[str, Any]:
+        try:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise queue.Empty
+            return job.events.get(timeout=left)
+        except queue.Empty:
+            job.cancel.set()
+            raise ServiceError(f"the answer took longer than {self.limits.timeout_s:g} s and was "
+                               "stopped; the model is busy, try again in a moment") from None
 
     @contextmanager
     def _admission(self, request: GenerationRequest) -> Iterator[None]:

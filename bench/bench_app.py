@@ -81,6 +81,18 @@ def _serve(spec: str | None, data_dir: str, threads: int, cap: int, conn: Any, t
             tokens.value += x.shape[0] if x is not None else 1
 
     ctx.service.generator.model.llm.register_forward_pre_hook(count, with_kwargs=True)
+    served: list[tuple[str, float | None]] = []    # (the question, TTFT inside the service) per request
+    stream = ctx.service.stream
+
+    def timed_stream(request: Any) -> Any:
+        try:
+            yield from stream(request)
+        finally:
+            r = request
+            served.append((r.conversation.messages[-1].text if r.conversation.messages else "",
+                           r.first_piece_at - r.started_at if r.first_piece_at and r.started_at else None))
+
+    ctx.service.stream = timed_stream   # handlers call the instance's stream
     running = serve_in_background(settings, ctx)
     info = ctx.service.info
     conn.send({"url": running.url, "model_id": info.model_id, "name": info.name, "version": info.version,
@@ -88,6 +100,7 @@ def _serve(spec: str | None, data_dir: str, threads: int, cap: int, conn: Any, t
                "max_batch": ctx.service.limits.max_batch})
     conn.recv()                       # until the benchmark is done
     running.close()
+    conn.send(served)
 
 
 @dataclass
@@ -98,15 +111,20 @@ class Server:
     process: Any
     conn: Any
 
-    def close(self) -> None:
+    def close(self) -> list[tuple[str, float | None]]:
+        """Stop the server; returns (question, TTFT inside the service) of every request it served."""
+        served: list[tuple[str, float | None]] = []
         try:
             self.conn.send("stop")
-        except (BrokenPipeError, OSError):
+            if self.conn.poll(30):
+                served = self.conn.recv()
+        except (BrokenPipeError, EOFError, OSError):
             pass
         self.process.join(timeout=20)
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout=10)
+        return served
 
 
 def start_server(spec: str | None, data_dir: Path, threads: int, cap: int) -> Server:

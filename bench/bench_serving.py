@@ -100,15 +100,26 @@ def main(argv: list[str] | None = None) -> str:
             turns = follow_ups(server.url, pairs, new_tokens, Path(tmp))
             print(f"follow-ups: {len(turns)} conversations of two turns", file=sys.stderr)
         finally:
-            server.close()
-    return publish(NAME, _body(server.info, new_tokens, levels, turns), args)
+            served = server.close()
+    inside = _inside(served, len(turns))
+    return publish(NAME, _body(server.info, new_tokens, levels, turns, inside), args)
+
+
+def _inside(served: list[tuple[str, float | None]], pairs: int) -> tuple[list[float], list[float]]:
+    """The follow-ups' TTFT inside the service (the server's last 2 x pairs requests, served one
+    after another): (turn 1 TTFTs, turn 2 TTFTs); empty when the record does not match."""
+    last = served[-2 * pairs:] if pairs else []
+    if len(last) != 2 * pairs or any(q != (FIRST, FOLLOW_UP)[i % 2] or t is None for i, (q, t) in enumerate(last)):
+        return [], []
+    return [t for _, t in last[0::2]], [t for _, t in last[1::2]]
 
 
 def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple[Sample, Sample]]) -> str:
+def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple[Sample, Sample]],
+          inside: tuple[list[float], list[float]]) -> str:
     rows, errors, rate, p95 = [], 0, {}, {}
     for users, per_user, samples, wall, tokens in levels:
         ok = [s for s in samples if s.error is None]
@@ -133,10 +144,16 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple
     second = [b.ttft_s for _, b in good]
     share = statistics.median(second) / statistics.median(first) if good else float("nan")
     paired = statistics.median(b / a for a, b in zip(first, second)) if good else float("nan")
-    turn_rows = [[len(turns), len(turns) - len(good), _q(first, 0.5), _q(second, 0.5), _q(first, 0.95),
-                  _q(second, 0.95), f"{share:.0%}", f"{paired:.0%}"]]
-    turn_header = ["conversations", "errors", "turn 1 TTFT p50 s", "turn 2 TTFT p50 s", "turn 1 TTFT p95 s",
-                   "turn 2 TTFT p95 s", "turn 2 / turn 1 (medians)", "median of per-conversation ratios"]
+    in1, in2 = inside
+    in_share = statistics.median(in2) / statistics.median(in1) if in1 else float("nan")
+    turn_rows = [["through gradio_client (submit -> first text)", len(turns), len(turns) - len(good),
+                  _q(first, 0.5), _q(second, 0.5), _q(first, 0.95), _q(second, 0.95), f"{share:.0%}",
+                  f"{paired:.0%}"],
+                 ["inside the service (queued -> first piece), same requests", len(in1), "—", _q(in1, 0.5),
+                  _q(in2, 0.5), _q(in1, 0.95), _q(in2, 0.95), f"{in_share:.0%}",
+                  f"{statistics.median(b / a for a, b in zip(in1, in2)):.0%}" if in1 else "—"]]
+    turn_header = ["TTFT measured", "conversations", "errors", "turn 1 p50 s", "turn 2 p50 s", "turn 1 p95 s",
+                   "turn 2 p95 s", "turn 2 / turn 1 (medians)", "median of per-conversation ratios"]
     top = max(rate)
     speedup = rate[top] / rate[1]
     try:
@@ -149,7 +166,8 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple
         f"aggregate tokens/s at {top} users = {speedup:.2f}x one user (target >= 3x): **{_verdict(speedup >= 3)}**",
         f"TTFT p95 at {top} users = {p95[top]:.2f} s (target <= {BASELINE[8][0]:.2f} s, the serialised "
         f"baseline's p50): **{_verdict(p95[top] <= BASELINE[8][0])}**",
-        f"second-turn TTFT = {share:.0%} of the first turn's (medians; target <= 40%): **{_verdict(share <= 0.40)}**",
+        f"second-turn TTFT = {share:.0%} of the first turn's (medians, through gradio_client; target <= 40%): "
+        f"**{_verdict(share <= 0.40)}**; inside the service {in_share:.0%}",
     ]
     verdict = "**Zero errors.**" if errors == 0 else f"**{errors} request(s) failed: the run does not count.**"
     return "\n".join([
@@ -167,6 +185,10 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple
         "tokens counted in the server (one LLM forward = one new token per row).",
         f"- Follow-ups: one user, {len(turns)} conversations: turn 1 \"{FIRST}\" about a fresh image (an example "
         f"scene with one pixel changed: no cache knows it), turn 2 \"{FOLLOW_UP}\" in the same conversation.",
+        "- Inside the service: the same follow-up requests, from the moment the service queues a request for "
+        "the model to its first piece (recorded in the server); the difference to the gradio_client figure is "
+        "the app's fixed cost per request (HTTP, Gradio's queue and streaming, the handler reading the "
+        "conversation from the store), the same for both turns.",
         "- The baseline column quotes bench_app's serialised run (RESULTS.md, section bench_app; same machine "
         "type, model and workload, one request on the model at a time).",
         "",

@@ -173,3 +173,12 @@ def test_serving_flags_and_their_twins():
     for bad in (["--max-batch", "0"], ["--request-timeout", "soon"], ["--image-cache-mb", "-1"]):
         with pytest.raises(SettingsError):
             parse_settings(bad, {})
+
+
+def test_a_reader_that_falls_behind_gets_the_same_text_in_fewer_pieces(service):
+    quick = list(service.stream(_long(n=60)))
+    slow = []
+    for piece in service.stream(_long(n=60)):
+        slow.append(piece)
+        time.sleep(0.03)                                            # tokens pile up meanwhile
+    assert "".join(slow) == "".join(quick) and len(slow) < len(quick)
