@@ -103,7 +103,10 @@ def click(ctx: AppContext, state: MarksState, x: Any, y: Any, mode: str) -> Mark
         px, py = float(x), float(y)
     except (TypeError, ValueError):
         raise UserError("that click has no position on the image") from None
-    px, py = min(max(px, 0.0), state.image.width), min(max(py, 0.0), state.image.height)
+    w, h = state.image.width, state.image.height
+    if not (-1.0 <= px <= w + 1.0 and -1.0 <= py <= h + 1.0):  # the margin around a letterboxed image
+        raise UserError("that click is outside the image: click on the picture itself")
+    px, py = min(max(px, 0.0), w), min(max(py, 0.0), h)
     if len(state.marks) >= MAX_MARKS:
         raise UserError(f"at most {MAX_MARKS} marks")
     if mode == "box":

@@ -58,6 +58,12 @@ def test_som_bad_input(ctx):
         som.click(ctx, state, None, None, "point")
     with pytest.raises(UserError, match="too small"):
         som.click(ctx, som.click(ctx, state, 5, 5, "box"), 6, 6, "box")
+    width, height = Image.open(MARKS).size
+    for x, y in ((width + 40, 10), (10, -30)):               # the margin around the shown picture
+        with pytest.raises(UserError, match="outside the image"):
+            som.click(ctx, state, x, y, "point")
+    assert state.marks == []
+    assert som.click(ctx, state, width + 0.5, height, "point").marks[-1].pixels == (width, height)
     with pytest.raises(UserError):
         som.marks_from_spec([[1, 2, 3]], 100, 100)
     assert som.marks_from_spec([[120, -5], [30, 40, 10, 20]], 100, 100) == [
