@@ -28,6 +28,9 @@ to drop rows, `crop`-style slicing for prefixes) and its logits processors for s
 it adds is what DynamicCache lacks: left-padding a new row's cache (or the batch's) to a
 common length and joining them on the batch dimension, and trimming columns no row uses.
 
+`GenerationSettings.use_cache` is not consulted: rows always decode with their KV cache (greedy
+answers are the same either way). Both caches live on the model's device, bounded in bytes.
+
 A backbone whose cache is not plain full-attention `DynamicLayer`s (sliding windows, linear
 attention) runs one request at a time and without prefix reuse: cut or padded, its cache
 would not mean the same positions.
