@@ -30,7 +30,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import math
 import multiprocessing as mp
-import statistics
 import sys
 import tempfile
 import threading
@@ -242,22 +241,34 @@ def main(argv: list[str] | None = None) -> str:
         ap.error("--new-tokens must be between 1 and 4096")
 
     with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
-        try:
-            server = start_server(args.model, Path(tmp) / "data", args.threads, max(new_tokens, 512))
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        try:
-            one_request(_client(server.url), 0, new_tokens)          # warm-up (first-call costs)
-            levels = []
-            for users in args.users:
-                per_user = max(1, math.ceil(requests / users))
-                samples, wall, tokens = run_level(server.url, users, per_user, new_tokens, server)
-                levels.append((users, per_user, samples, wall, tokens))
-                print(f"{users} user(s): {len(samples)} requests in {wall:.1f} s", file=sys.stderr)
-        finally:
-            server.close()
+        server, levels, _, _ = measure_levels(args.model, Path(tmp), args.threads, args.users, requests, new_tokens)
     return publish(NAME, _body(args, server.info, new_tokens, levels), args)
+
+
+def measure_levels(model: str | None, tmp: Path, threads: int, levels_of: list[int], requests: int, new_tokens: int,
+                   then: Any = None) -> tuple[Server, list, Any, list[tuple[str, float | None]]]:
+    """One server (the app in its own process), a warm-up request, then each concurrency level:
+    (server, [(users, per_user, samples, wall s, tokens)], then(server) if given, the server's
+    record of what it served). A server that does not start is a one-line error, exit 2."""
+    try:
+        server = start_server(model, tmp / "data", threads, max(new_tokens, 512))
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    extra = None
+    try:
+        one_request(_client(server.url), 0, new_tokens)          # warm-up (first-call costs)
+        levels = []
+        for users in levels_of:
+            per_user = max(1, math.ceil(requests / users))
+            samples, wall, tokens = run_level(server.url, users, per_user, new_tokens, server)
+            levels.append((users, per_user, samples, wall, tokens))
+            print(f"{users} user(s): {len(samples)} requests in {wall:.1f} s", file=sys.stderr)
+        if then is not None:
+            extra = then(server)
+    finally:
+        served = server.close()
+    return server, levels, extra, served
 
 
 def _client(url: str) -> Any:

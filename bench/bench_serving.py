@@ -26,7 +26,6 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "20000")   # see bench/README.md "Timing on a shared machine"
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import math
 import statistics
 import sys
 import tempfile
@@ -36,8 +35,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_app import (EXAMPLES, IMAGES, Sample, _client, _q, one_request, pctl,  # noqa: E402
-                             run_level, start_server, timed_chat)
+from bench.bench_app import (EXAMPLES, IMAGES, Sample, _client, _q, measure_levels, pctl,  # noqa: E402
+                             timed_chat)
 from bench.common import base_args, cpu_name, md_table, publish  # noqa: E402
 
 NAME = "bench_serving"
@@ -84,23 +83,13 @@ def main(argv: list[str] | None = None) -> str:
     new_tokens = args.new_tokens or (16 if args.quick else 128)
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        try:
-            server = start_server(args.model, Path(tmp) / "data", args.threads, max(new_tokens, 512))
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        try:
-            one_request(_client(server.url), 0, new_tokens)          # warm-up (first-call costs)
-            levels = []
-            for users in args.users:
-                per_user = max(1, math.ceil(requests / users))
-                samples, wall, tokens = run_level(server.url, users, per_user, new_tokens, server)
-                levels.append((users, per_user, samples, wall, tokens))
-                print(f"{users} user(s): {len(samples)} requests in {wall:.1f} s", file=sys.stderr)
+        def then(server: Any) -> list[tuple[Sample, Sample]]:
             turns = follow_ups(server.url, pairs, new_tokens, Path(tmp))
             print(f"follow-ups: {len(turns)} conversations of two turns", file=sys.stderr)
-        finally:
-            served = server.close()
+            return turns
+
+        server, levels, turns, served = measure_levels(args.model, Path(tmp), args.threads, args.users, requests,
+                                                       new_tokens, then)
     inside = _inside(served, len(turns))
     return publish(NAME, _body(server.info, new_tokens, levels, turns, inside), args)
 
