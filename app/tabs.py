@@ -13,11 +13,16 @@ from .wiring import CHEAP, PRIVATE, queued, soft
 
 
 # --- Chat ------------------------------------------------------------------------------
+def chat_view(st: chat.ChatState) -> Any:
+    """The Chatbot's value with each answer's rating shown."""
+    return gr.update(value=chat.chat_messages(st), feedback_value=chat.feedback_values(st))
+
+
 def chat_outputs(ctx: AppContext, view: chat.ChatView) -> tuple[Any, ...]:
     if view.error:
         gr.Warning(html.escape(view.error, quote=False))
     regions = chat.last_regions(view.state)
-    return (chat.chat_messages(view.state), view.state,
+    return (chat_view(view.state), view.state,
             chat.overlay(ctx, view.state) if view.done else gr.skip(),
             regions_table(regions) if view.done else gr.skip(), chat.display_text(view.status),
             view.restore if view.restore is not None else gr.skip())
@@ -67,7 +72,7 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
     def do_submit(st: chat.ChatState, key: str, value: dict | None):
         value = value or {}
         st = chat.submit(ctx, st, key, value.get("text", ""), value.get("files", []))
-        return st, chat.chat_messages(st), gr.update(value=None), "Waiting for the model…"
+        return st, chat_view(st), gr.update(value=None), "Waiting for the model…"
 
     @soft(6, 4)
     def do_respond(st: chat.ChatState, key: str, t: float, p: float, n: int):
@@ -81,7 +86,7 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
     @soft(3, 2)
     def do_regenerate(st: chat.ChatState):
         st = chat.regenerate(ctx, st)
-        return st, chat.chat_messages(st), "Waiting for the model…"
+        return st, chat_view(st), "Waiting for the model…"
 
     @soft(6, 4)
     def do_undo(st: chat.ChatState):
@@ -101,7 +106,7 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
     @soft(5, 2)
     def do_annotate(st: chat.ChatState, key: str, note: str, fixed: str):
         view = chat.annotate(ctx, st, key, note, fixed)
-        return view.state, chat.chat_messages(view.state), view.status, "", ""
+        return view.state, chat_view(view.state), view.status, "", ""
 
     sub = box.submit(do_submit, [state, owner, box], [state, bot, box, status], **CHEAP)
     respond_args = dict(fn=do_respond, inputs=[state, owner, temperature, top_p, max_new], outputs=outputs,

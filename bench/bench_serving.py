@@ -72,13 +72,15 @@ def main(argv: list[str] | None = None) -> str:
     ap = base_args(__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="folder, hub id or preset (default: the app's default)")
     ap.add_argument("--users", type=int, nargs="+", default=[1, 8], help="concurrency levels (default 1 8)")
-    ap.add_argument("--requests", type=int, default=None, help="requests per level (default 12)")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests per level, split over its users (default 48: 6 each at 8 users, so the "
+                    "batch runs full most of the level instead of draining after two replies each)")
     ap.add_argument("--pairs", type=int, default=None, help="two-turn conversations (default 8)")
     ap.add_argument("--new-tokens", type=int, default=None, help="max new tokens per reply (default 128)")
     args = ap.parse_args(argv)
     if 1 not in args.users or any(u < 1 for u in args.users):
         ap.error("--users must be positive and include 1 (the reference level)")
-    requests = args.requests or (4 if args.quick else 12)
+    requests = args.requests or (8 if args.quick else 48)
     pairs = args.pairs or (2 if args.quick else 8)
     new_tokens = args.new_tokens or (16 if args.quick else 128)
 

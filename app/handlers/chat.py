@@ -106,6 +106,15 @@ def chat_messages(state: ChatState) -> list[dict[str, Any]]:
     return out
 
 
+FEEDBACK_SHOWN = {"like": "Like", "dislike": "Dislike"}   # stored rating -> the Chatbot's feedback option
+
+
+def feedback_values(state: ChatState) -> list[str | None]:
+    """The rating each answer shows (one entry per assistant message, in order), so a re-drawn
+    chat keeps its thumbs where the user put them."""
+    return [FEEDBACK_SHOWN.get(t.rating or "") for t in state.turns]
+
+
 def turn_of_message(state: ChatState, index: Any) -> int:
     """The turn an assistant message index (from a like / edit event) belongs to."""
     if isinstance(index, (list, tuple)):

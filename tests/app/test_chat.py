@@ -106,6 +106,11 @@ def test_feedback_like_dislike_comment_and_correction_are_stored(ctx, image_file
         chat.rate(ctx, state, ALICE, 0, True)               # a user message is not an answer
     with pytest.raises(RecordError, match="not in your history"):
         chat.rate(ctx, state, BOB, 3, True)                  # Bob cannot rate Alice's answer
+    assert chat.feedback_values(state) == ["Dislike", None]  # a re-drawn chat keeps the thumbs shown
+    chat.rate(ctx, state, ALICE, 3, "Like")
+    assert chat.feedback_values(state) == ["Dislike", "Like"]
+    chat.rate(ctx, state, ALICE, 3, None)                   # clicked again: cleared, shown unrated
+    assert chat.feedback_values(state) == ["Dislike", None]
 
 
 def test_new_image_mid_conversation_and_text_follow_ups_keep_all_images(ctx, tmp_path, monkeypatch):
