@@ -277,27 +277,44 @@ def _client(url: str) -> Any:
     return Client(url, verbose=False)
 
 
-def _body(args: Any, info: dict[str, Any], new_tokens: int, levels: list) -> str:
-    rows, errors = [], 0
-    for users, per_user, samples, wall, tokens in levels:
-        ok = [s for s in samples if s.error is None]
-        bad = [s for s in samples if s.error is not None]
-        errors += len(bad)
-        ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
-        total = [s.total_s for s in ok]
-        rows.append([users, f"{len(samples)} ({per_user} each)", len(bad), _q(ttft, 0.5), _q(ttft, 0.95),
-                     _q(total, 0.5), _q(total, 0.95), f"{tokens / max(len(samples), 1):.0f}",
-                     f"{tokens / wall:.1f}", f"{wall:.1f}"])
-        for s in bad[:3]:
-            print(f"  error ({users} users): {s.error}", file=sys.stderr)
-    header = ["users", "requests", "errors", "TTFT p50 s", "TTFT p95 s", "reply p50 s", "reply p95 s",
-              "tokens / reply", "aggregate tokens/s", "wall s"]
+LEVEL_HEADER = ["users", "requests", "errors", "TTFT p50 s", "TTFT p95 s", "reply p50 s", "reply p95 s",
+                "tokens / reply", "aggregate tokens/s", "wall s"]
+
+
+def level_row(users: int, per_user: int, samples: list[Sample], wall: float, tokens: int
+              ) -> tuple[list[Any], list[float], int]:
+    """One concurrency level: (its LEVEL_HEADER row, the TTFTs of its good requests, how many
+    failed); the first few errors go to stderr."""
+    ok = [s for s in samples if s.error is None]
+    bad = [s for s in samples if s.error is not None]
+    ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
+    total = [s.total_s for s in ok]
+    for s in bad[:3]:
+        print(f"  error ({users} users): {s.error}", file=sys.stderr)
+    return ([users, f"{len(samples)} ({per_user} each)", len(bad), _q(ttft, 0.5), _q(ttft, 0.95),
+             _q(total, 0.5), _q(total, 0.95), f"{tokens / max(len(samples), 1):.0f}", f"{tokens / wall:.1f}",
+             f"{wall:.1f}"], ttft, len(bad))
+
+
+def run_facts(info: dict[str, Any]) -> tuple[str, str]:
+    """(the load average now, the served model in one line) for a table's preamble."""
     try:
         load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         load = "n/a"
     model = f"`{info['model_id']}` (`{info['name']}`, version `{info['version']}`" + \
         (", random weights: its answers are noise" if info["random"] else "") + ")"
+    return load, model
+
+
+def _body(args: Any, info: dict[str, Any], new_tokens: int, levels: list) -> str:
+    rows, errors = [], 0
+    for level in levels:
+        row, _, failed = level_row(*level)
+        rows.append(row)
+        errors += failed
+    header = LEVEL_HEADER
+    load, model = run_facts(info)
     verdict = "**Zero errors.**" if errors == 0 else f"**{errors} request(s) failed: the run does not count.**"
     return "\n".join([
         "## The app under load: TTFT and whole reply through gradio_client (bench/bench_app.py)",

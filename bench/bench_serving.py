@@ -36,8 +36,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_app import (EXAMPLES, IMAGES, POLL_S, Sample, _client, _q, measure_levels, pctl,  # noqa: E402
-                             timed_chat)
+from bench.bench_app import (EXAMPLES, IMAGES, LEVEL_HEADER, POLL_S, Sample, _client, _q,  # noqa: E402
+                             level_row, measure_levels, pctl, run_facts, timed_chat)
 from bench.common import base_args, cpu_name, md_table, publish  # noqa: E402
 
 NAME = "bench_serving"
@@ -148,22 +148,13 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple
           inside: tuple[list[float], list[float]], floor: list[float]) -> str:
     rows, errors, rate, p95 = [], 0, {}, {}
     for users, per_user, samples, wall, tokens in levels:
-        ok = [s for s in samples if s.error is None]
-        errors += len(samples) - len(ok)
-        ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
-        total = [s.total_s for s in ok]
+        row, ttft, failed = level_row(users, per_user, samples, wall, tokens)
+        errors += failed
         rate[users] = tokens / wall
         p95[users] = pctl(ttft, 0.95) if ttft else float("nan")
         base = BASELINE.get(users)
-        rows.append([users, f"{len(samples)} ({per_user} each)", len(samples) - len(ok), _q(ttft, 0.5),
-                     _q(ttft, 0.95), _q(total, 0.5), _q(total, 0.95), f"{tokens / max(len(samples), 1):.0f}",
-                     f"{rate[users]:.1f}", f"{wall:.1f}",
-                     f"{base[0]:.2f} / {base[1]:.1f}" if base else "—"])
-        for s in samples:
-            if s.error:
-                print(f"  error ({users} users): {s.error}", file=sys.stderr)
-    header = ["users", "requests", "errors", "TTFT p50 s", "TTFT p95 s", "reply p50 s", "reply p95 s",
-              "tokens / reply", "aggregate tokens/s", "wall s", "serialised baseline: TTFT p50 s / tokens/s"]
+        rows.append(row + [f"{base[0]:.2f} / {base[1]:.1f}" if base else "—"])
+    header = LEVEL_HEADER + ["serialised baseline: TTFT p50 s / tokens/s"]
     good = [(a, b) for a, b in turns if a.error is None and b.error is None and a.ttft_s and b.ttft_s]
     errors += len(turns) - len(good)
     first = [a.ttft_s for a, _ in good]
@@ -184,12 +175,7 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple
                    "turn 2 p95 s", "turn 2 / turn 1 (medians)", "median of per-conversation ratios"]
     top = max(rate)
     speedup = rate[top] / rate[1]
-    try:
-        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        load = "n/a"
-    model = f"`{info['model_id']}` (`{info['name']}`, version `{info['version']}`" + \
-        (", random weights: its answers are noise" if info["random"] else "") + ")"
+    load, model = run_facts(info)
     targets = [
         f"aggregate tokens/s at {top} users = {speedup:.2f}x one user (target >= 3x): **{_verdict(speedup >= 3)}**",
         f"TTFT p95 at {top} users = {p95[top]:.2f} s (target <= {BASELINE[8][0]:.2f} s, the serialised "
