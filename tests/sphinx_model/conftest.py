@@ -1,4 +1,8 @@
+import io
+from pathlib import Path
+
 import pytest
+import sentencepiece as spm
 import torch
 from PIL import Image, ImageDraw
 
@@ -24,3 +28,20 @@ def draw_image(w: int, h: int, seed: int = 0) -> Image.Image:
     d = ImageDraw.Draw(img)
     d.rectangle([w // 4, h // 4, w // 2, h // 2], fill=(240, 20 * seed % 255, 20))
     return img
+
+
+@pytest.fixture(scope="session")
+def train_sentencepiece():
+    return write_sentencepiece
+
+
+def write_sentencepiece(path: Path, corpus: list[str], vocab_size: int, **options) -> Path:
+    """A Llama-style SentencePiece model trained on `corpus` (repeated 20 times) and written to
+    `path`: BPE, byte fallback, whitespace kept, unk/bos/eos = 0/1/2, no pad."""
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(corpus) * 20), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2, num_threads=1, **options)
+    path.write_bytes(buf.getvalue())
+    return path

@@ -5,7 +5,6 @@ initialised models, so every conversion can be checked against the model it came
 """
 import ast
 import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -45,16 +44,10 @@ TEXT = ["A chat between a curious human and an artificial intelligence assistant
 
 
 @pytest.fixture(scope="module")
-def spm_file(tmp_path_factory):
+def spm_file(tmp_path_factory, train_sentencepiece):
     """A Llama-style SentencePiece model (BPE, byte fallback, whitespace kept, unk/bos/eos = 0/1/2)."""
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXT * 20), model_writer=buf, vocab_size=320, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2, num_threads=1)
-    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
-    path.write_bytes(buf.getvalue())
-    return path
+    return train_sentencepiece(tmp_path_factory.mktemp("spm") / "tokenizer.model", TEXT, 320,
+                               character_coverage=1.0)
 
 
 def _randomise(model):

@@ -1,14 +1,12 @@
 """The processor against hostile text and images: control-token strings stay text, invalid
 Unicode is one clear error, paths that are not regular files are refused without reading, and
 the canvas costs what the canvas costs, whatever the image's long side."""
-import io
 import os
 import threading
 import time
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -43,15 +41,9 @@ def bpe():
 
 
 @pytest.fixture(scope="module")
-def sentencepiece(tmp_path_factory):
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 20), model_writer=buf, vocab_size=300,
-                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   minloglevel=2, num_threads=1)
-    folder = tmp_path_factory.mktemp("spm")
-    (folder / "tokenizer.model").write_bytes(buf.getvalue())
-    return sentencepiece_tokenizer(folder / "tokenizer.model")  # what convert-accessory gives a released model
+def sentencepiece(tmp_path_factory, train_sentencepiece):
+    path = train_sentencepiece(tmp_path_factory.mktemp("spm") / "tokenizer.model", CORPUS, 300)
+    return sentencepiece_tokenizer(path)  # what convert-accessory gives a released model
 
 
 @pytest.fixture(scope="module", params=["bytes", "bpe", "sentencepiece"])

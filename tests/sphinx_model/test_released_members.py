@@ -1,12 +1,10 @@
 """Every released llama_type, written in the authors' layout at tiny widths (one shard and two),
 converts with no unmapped and no missing key, and our logits equal the released maths computed
 independently (released_reference.py) to 1e-4."""
-import io
 import sys
 from pathlib import Path
 
 import pytest
-import sentencepiece as spm
 import torch
 from PIL import Image
 
@@ -25,15 +23,8 @@ TEXT = ["A chat between a curious human and an artificial intelligence assistant
 
 
 @pytest.fixture(scope="module")
-def spm_file(tmp_path_factory):
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXT * 20), model_writer=buf, vocab_size=300, model_type="bpe", byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        minloglevel=2, num_threads=1)
-    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
-    path.write_bytes(buf.getvalue())
-    return path
+def spm_file(tmp_path_factory, train_sentencepiece):
+    return train_sentencepiece(tmp_path_factory.mktemp("spm") / "tokenizer.model", TEXT, 300)
 
 
 def _image() -> Image.Image:

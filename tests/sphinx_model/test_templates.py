@@ -66,23 +66,15 @@ def test_clean_output_strips_stop_string():
     assert get_template("sphinx").clean_output(" A car.\n### Human: more") == "A car."
 
 
-def test_turn_by_turn_ids_equal_a_whole_string_encode_with_sentencepiece(tmp_path):
+def test_turn_by_turn_ids_equal_a_whole_string_encode_with_sentencepiece(tmp_path, train_sentencepiece):
     """Llama's SentencePiece adds a word-boundary marker to every encode call; segments must not."""
-    import io
-
     import sentencepiece as spm
 
     from sphinx_model.tokenizer import sentencepiece_tokenizer
 
     text = ["A chat between a curious human and an artificial intelligence assistant.",
             "### Human: What is in the image? ### Assistant: A red car on a road. Where is it?"]
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text * 20), model_writer=buf, vocab_size=320,
-                                   model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   minloglevel=2, num_threads=1)
-    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
-    tok = sentencepiece_tokenizer(tmp_path / "tokenizer.model")
+    tok = sentencepiece_tokenizer(train_sentencepiece(tmp_path / "tokenizer.model", text, 320))
     t = get_template("sphinx")
     segments = t.segments(conv2(), add_generation_prompt=False)
     ids, labels = tokenize_segments(segments, tok, 0, IMG)

@@ -2,7 +2,6 @@
 `sentencepiece` itself on the same model file: byte-fallback runs that are not valid UTF-8 keep
 their valid bytes (a newline, and with it the `\\n###` stop, survives), a leading space from a byte
 token stays, and text that starts with a space (a custom system prompt) gets SentencePiece's ids."""
-import io
 import random
 
 import pytest
@@ -21,15 +20,8 @@ CORPUS = ["A chat between a curious human and an artificial intelligence assista
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20), model_writer=buf, vocab_size=320, model_type="bpe", byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        minloglevel=2, num_threads=1)
-    path = tmp_path_factory.mktemp("spm") / "tokenizer.model"
-    path.write_bytes(buf.getvalue())
-    return path
+def model_file(tmp_path_factory, train_sentencepiece):
+    return train_sentencepiece(tmp_path_factory.mktemp("spm") / "tokenizer.model", CORPUS, 320)
 
 
 @pytest.fixture(scope="module")
