@@ -79,7 +79,7 @@ MIB = 1 << 20
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 8                          # rows decoding together
-    image_cache_bytes: int = 256 * MIB          # visual tokens kept (0: no image cache)
+    image_cache_bytes: int = 256 * MIB          # visual tokens kept, and as much for processed canvases (0: no image cache)
     prefix_cache_bytes: int = 512 * MIB         # prefix KV kept (0: no prefix reuse)
 
     def __post_init__(self) -> None:
