@@ -47,7 +47,8 @@ def serving_limits(settings: AppSettings) -> ServingLimits:
     global bound on waiting requests is the app's queue size."""
     return ServingLimits(max_batch=settings.max_batch, max_waiting=settings.queue_size,
                          per_user=settings.user_queue, timeout_s=float(settings.request_timeout),
-                         image_cache_mb=settings.image_cache_mb, prefix_cache_mb=settings.prefix_cache_mb)
+                         image_cache_mb=settings.image_cache_mb, prefix_cache_mb=settings.prefix_cache_mb,
+                         stream_interval_s=settings.stream_interval_ms / 1000.0)
 
 
 def _allowed_paths(ctx: AppContext) -> list[str]:

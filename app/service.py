@@ -80,6 +80,7 @@ class ServingLimits:
     timeout_s: float = 300.0     # the longest one request may take, waiting included
     image_cache_mb: int = 256    # visual tokens of recent images
     prefix_cache_mb: int = 512   # KV caches of recent conversation prefixes
+    stream_interval_s: float = 0.05  # after the first piece, at most one streamed update per interval
 
     def engine(self) -> EngineConfig:
         return EngineConfig(max_batch=self.max_batch, image_cache_bytes=self.image_cache_mb * MIB,
@@ -214,22 +215,32 @@ class ModelService:
 
     def _pieces(self, job: Job, deadline: float) -> Iterator[str]:
         """The job's pieces until it ends; a ServiceError when it fails or runs past `deadline`.
-        Pieces that have come in while the consumer was busy go out together: a consumer that
-        falls behind (a loaded server) gets fewer, longer pieces instead of a backlog of tokens."""
+
+        The first piece goes out at once (time to first token is untouched); after that at most
+        one piece per `stream_interval_s`, holding what comes meanwhile, and the last one as soon
+        as the job ends. Every piece that goes out costs the app a Gradio update, a message and a
+        client wake-up, whatever its length; at 20 updates a second a reader sees the same stream
+        and a server with eight users streaming spends its CPU on the model instead. A consumer
+        that falls behind gets longer pieces too, never a backlog of tokens."""
+        interval = self.limits.stream_interval_s
         pending: tuple[str, Any] | None = None
+        sent: float | None = None
         while True:
             kind, value = pending or self._next_event(job, deadline)
             pending = None
             if kind == "piece":
+                hold = sent + interval if sent is not None else 0.0
                 while pending is None:
+                    wait = min(hold, deadline) - time.perf_counter()
                     try:
-                        more = job.events.get_nowait()
+                        more = job.events.get(timeout=wait) if wait > 0 else job.events.get_nowait()
                     except queue.Empty:
                         break
                     if more[0] == "piece":
                         value += more[1]
                     else:
                         pending = more
+                sent = time.perf_counter()
                 yield value
             elif kind == "error":
                 _raise_for_user(value)

@@ -44,6 +44,7 @@ class AppSettings:
     request_timeout: int = 300        # seconds one request may take, waiting included; then a clear message
     image_cache_mb: int = 256         # visual tokens of recent images, reused by later turns and tabs (0: off)
     prefix_cache_mb: int = 512        # KV caches of recent conversation prefixes, reused next turn (0: off)
+    stream_interval_ms: int = 50      # after the first piece, at most one streamed update per interval (0: every piece)
     max_new_tokens: int = 512         # the highest the sliders allow
     task_max_new_tokens: int = 384    # answers of Grounding / Set-of-Mark / OCR (lists of boxes are long)
     max_pdf_pages: int = 30           # pages of a PDF the OCR tab will render
@@ -105,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image-cache-mb", help="MiB of cached visual tokens, 0 = off [SPHINX_IMAGE_CACHE_MB; default: 256]")
     p.add_argument("--prefix-cache-mb", help="MiB of cached conversation prefixes (KV), 0 = off "
                    "[SPHINX_PREFIX_CACHE_MB; default: 512]")
+    p.add_argument("--stream-interval-ms", help="after an answer's first piece, at most one streamed update per "
+                   "this many ms, 0 = every piece [SPHINX_STREAM_INTERVAL_MS; default: 50]")
     p.add_argument("--max-pdf-pages", help="pages of a PDF that can be read [SPHINX_MAX_PDF_PAGES; default: 30]")
     return p
 
@@ -113,7 +116,8 @@ _ENV = {"model": "SPHINX_MODEL", "db_url": "SPHINX_DB_URL", "data_dir": "SPHINX_
         "host": "SPHINX_HOST", "port": "SPHINX_PORT", "share": "SPHINX_SHARE", "device": "SPHINX_DEVICE",
         "dtype": "SPHINX_DTYPE", "quantize": "SPHINX_QUANTIZE", "queue_size": "SPHINX_QUEUE_SIZE", "max_pdf_pages": "SPHINX_MAX_PDF_PAGES",
         "max_batch": "SPHINX_MAX_BATCH", "user_queue": "SPHINX_USER_QUEUE", "request_timeout": "SPHINX_REQUEST_TIMEOUT",
-        "image_cache_mb": "SPHINX_IMAGE_CACHE_MB", "prefix_cache_mb": "SPHINX_PREFIX_CACHE_MB"}
+        "image_cache_mb": "SPHINX_IMAGE_CACHE_MB", "prefix_cache_mb": "SPHINX_PREFIX_CACHE_MB",
+        "stream_interval_ms": "SPHINX_STREAM_INTERVAL_MS"}
 
 
 def _int(name: str, value: str, low: int, high: int) -> int:
@@ -160,4 +164,5 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
         request_timeout=_int("--request-timeout", raw["request_timeout"] or "300", 1, 86_400),
         image_cache_mb=_int("--image-cache-mb", raw["image_cache_mb"] or "256", 0, 1 << 20),
         prefix_cache_mb=_int("--prefix-cache-mb", raw["prefix_cache_mb"] or "512", 0, 1 << 20),
+        stream_interval_ms=_int("--stream-interval-ms", raw["stream_interval_ms"] or "50", 0, 10_000),
         on_space=on_space, browser_secret=env.get("SPHINX_BROWSER_SECRET") or None)

@@ -6,16 +6,27 @@ function is returned unchanged.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable)
 GPU_SECONDS = 120  # the longest a single model call may hold the Space's GPU
 
 
-def gpu(fn: F) -> F:
+@functools.cache
+def _spaces() -> Any:
+    """The `spaces` module, or None; looked up once (a failed import is not cached by Python, and
+    the serving engine wraps every burst of work)."""
     try:
         import spaces  # type: ignore[import-not-found]
     except ImportError:
+        return None
+    return spaces
+
+
+def gpu(fn: F) -> F:
+    spaces = _spaces()
+    if spaces is None:
         return fn
     return spaces.GPU(duration=GPU_SECONDS)(fn)

@@ -36,7 +36,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_app import (EXAMPLES, IMAGES, LEVEL_HEADER, POLL_S, Sample, _client, _q,  # noqa: E402
+from bench.bench_app import (EXAMPLES, IMAGES, LEVEL_HEADER, POLL_S, PROMPTS, Sample, _client, _q,  # noqa: E402
                              level_row, measure_levels, pctl, run_facts, timed_chat)
 from bench.common import base_args, cpu_name, md_table, publish  # noqa: E402
 
@@ -95,7 +95,52 @@ def main(argv: list[str] | None = None) -> str:
                                                        new_tokens, then)
     floor = transport_floor()
     inside = _inside(served, len(turns))
-    return publish(NAME, _body(server.info, new_tokens, levels, turns, inside, floor), args)
+    alone = service_alone(args.model, args.threads, args.users, requests, new_tokens)
+    return publish(NAME, _body(server.info, new_tokens, levels, turns, inside, floor, alone), args)
+
+
+def service_alone(spec: str | None, threads: int, levels_of: list[int], requests: int,
+                  new_tokens: int) -> dict[int, float]:
+    """The same levels on the app's model service in this process, without Gradio, HTTP or the
+    store: users -> aggregate tokens/s. What batching gives on this machine before the app's
+    per-request costs (run after the server has stopped, so the two do not share the CPU)."""
+    import threading
+
+    import torch
+    from PIL import Image
+
+    from app.service import GenerationRequest, ModelService
+    from app.settings import AppSettings
+    from sphinx_model.conversation import Conversation, Message
+    from sphinx_model.generation import GenerationSettings
+
+    torch.set_num_threads(threads)
+    service = ModelService.load(AppSettings(model=spec).model_spec, device="cpu")
+    images = [Image.open(EXAMPLES / name).convert("RGB") for name in IMAGES]
+
+    def level(users: int, per_user: int) -> float:
+        def user(u: int) -> None:
+            for r in range(per_user):
+                k = u * per_user + r
+                req = GenerationRequest(Conversation([Message.user(PROMPTS[k % len(PROMPTS)], image=True)]),
+                                        [images[k % len(images)]], GenerationSettings(max_new_tokens=new_tokens))
+                service.generate(req)
+
+        before = service.engine.stats["tokens"]
+        threads_ = [threading.Thread(target=user, args=(u,)) for u in range(users)]
+        t0 = time.perf_counter()
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join()
+        wall = time.perf_counter() - t0
+        return (service.engine.stats["tokens"] - before) / wall
+
+    try:
+        level(1, 2)                                                        # warm-up
+        return {users: level(users, max(1, requests // users)) for users in levels_of}
+    finally:
+        service.close()
 
 
 def transport_floor(calls: int = 15) -> list[float]:
@@ -103,8 +148,6 @@ def transport_floor(calls: int = 15) -> list[float]:
     gradio_client, timed as `timed_chat` times a turn: the HTTP + queue + streaming + client cost
     that every turn pays whatever the model does. The first 3 calls are warm-up."""
     import gradio as gr
-    from gradio_client import Client
-
     def echo(text: str):
         yield text
         yield text + "."
@@ -114,7 +157,7 @@ def transport_floor(calls: int = 15) -> list[float]:
         box.submit(echo, box, out, api_name="echo")
     demo.queue().launch(prevent_thread_lock=True, quiet=True)
     try:
-        client = Client(demo.local_url, verbose=False)
+        client = _client(demo.local_url)
         times = []
         for _ in range(calls):
             t0 = time.perf_counter()
@@ -145,7 +188,7 @@ def _verdict(ok: bool) -> str:
 
 
 def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple[Sample, Sample]],
-          inside: tuple[list[float], list[float]], floor: list[float]) -> str:
+          inside: tuple[list[float], list[float]], floor: list[float], alone: dict[int, float]) -> str:
     rows, errors, rate, p95 = [], 0, {}, {}
     for users, per_user, samples, wall, tokens in levels:
         row, ttft, failed = level_row(users, per_user, samples, wall, tokens)
@@ -175,6 +218,11 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple
                    "turn 2 p95 s", "turn 2 / turn 1 (medians)", "median of per-conversation ratios"]
     top = max(rate)
     speedup = rate[top] / rate[1]
+    alone_rows = [[users, f"{rate.get(users, float('nan')):.1f}", f"{alone[users]:.1f}",
+                   f"{rate.get(users, float('nan')) / rate[1]:.2f}x", f"{alone[users] / alone[1]:.2f}x"]
+                  for users in sorted(alone)]
+    alone_header = ["users", "through the app: tokens/s", "the model service alone: tokens/s",
+                    "through the app: x 1 user", "the service alone: x 1 user"]
     load, model = run_facts(info)
     targets = [
         f"aggregate tokens/s at {top} users = {speedup:.2f}x one user (target >= 3x): **{_verdict(speedup >= 3)}**",
@@ -212,6 +260,11 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple
         md_table(header, rows),
         "",
         md_table(turn_header, turn_rows),
+        "",
+        "The same levels on the model service alone (this process, after the server stopped: no Gradio, "
+        "HTTP, store or users' clients; the engine's counter of generated tokens):",
+        "",
+        md_table(alone_header, alone_rows),
         "",
         *[f"- {t}" for t in targets],
         "",

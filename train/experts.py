@@ -35,6 +35,7 @@ from sphinx_model.config import SphinxConfig, get_preset
 from sphinx_model.experts import build_expert
 from sphinx_model.image_processing import canvas_tensor, load_image
 from sphinx_model.modeling import extract_views
+from sphinx_model.tiling import num_views
 
 from .config import ConfigError, build, read_yaml
 from .world.scene import Scene
@@ -43,6 +44,8 @@ from .world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 
 HEADS = {"obj": 1, "shape": len(SHAPES), "colour": len(COLOUR_NAMES), "size": len(SIZES), "obj_box": 4,
          "has_word": 1, "word": len(WORDS) + 1, "word_box": 4, "mark": MAX_MARK + 1}
+WHERE = ("obj_where", "word_where")  # boxes in the view's frame: a head of their own (added in v3),
+                                      # so earlier states still load into `token`
 POS_WEIGHT = 4.0  # most tokens hold nothing: presence losses weigh the rare positive tokens up
 COUNTS = len(SHAPES) + len(COLOUR_NAMES)
 
@@ -65,7 +68,10 @@ class ExpertRun:
     vocab_size: int = 1536                 # BPE tokenizer of the init checkpoint
     threads: int = 0                       # torch threads; 0 = torch's default
     workers: int = 1                       # DataLoader workers (image decoding)
-    loss_weights: dict = field(default_factory=lambda: {"obj_box": 4.0, "word_box": 2.0, "counts": 0.5})
+    loss_weights: dict = field(default_factory=lambda: {"obj_box": 4.0, "word_box": 2.0, "counts": 0.5,
+                                                         "obj_where": 8.0, "word_where": 4.0})
+    init_from: Path | None = None          # an earlier run's state/ folder: its experts (and heads) start
+                                           # this run, with a fresh optimizer and schedule
 
 
 class SceneViews(Dataset):
@@ -98,11 +104,13 @@ class DenseHeads(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.token = nn.Linear(dim, sum(HEADS.values()))
+        self.where = nn.Linear(dim, 4 * len(WHERE))
         self.counts = nn.Linear(dim, COUNTS)
 
     def forward(self, feats: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         out = self.token(feats[:, 1:])                       # (V, G, sum heads)
         parts = dict(zip(HEADS, out.split(list(HEADS.values()), dim=-1)))
+        parts.update(zip(WHERE, self.where(feats[:, 1:]).split(4, dim=-1)))
         return parts, self.counts(feats[:, 0])               # (V, COUNTS)
 
 
@@ -122,13 +130,16 @@ def head_losses(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTarg
         "counts": F.smooth_l1_loss(counts, t.counts),
         "obj_box": F.l1_loss(pred["obj_box"][has_obj], t.obj_box[has_obj]) if has_obj.any() else zero,
         "word_box": F.l1_loss(pred["word_box"][has_word], t.word_box[has_word]) if has_word.any() else zero,
+        "obj_where": F.l1_loss(pred["obj_where"][has_obj], t.obj_where[has_obj]) if has_obj.any() else zero,
+        "word_where": F.l1_loss(pred["word_where"][has_word], t.word_where[has_word]) if has_word.any() else zero,
     }
     total = sum(weights.get(k, 1.0) * v for k, v in terms.items())
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
 
 @torch.no_grad()
-def head_accuracy(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTargets) -> dict[str, float]:
+def head_accuracy(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTargets,
+                  views_per_scene: int = 1) -> dict[str, float]:
     has_obj, has_word = t.obj > 0, t.word > 0
     acc = {"obj_f1": _f1(pred["obj"][..., 0] > 0, has_obj)}
     for k in ("shape", "colour", "size"):
@@ -138,8 +149,23 @@ def head_accuracy(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTa
     has_mark = t.mark > 0
     acc["mark"] = float((pred["mark"].argmax(-1)[has_mark] == t.mark[has_mark]).float().mean()) if has_mark.any() else 0.0
     acc["box_l1"] = float((pred["obj_box"][has_obj] - t.obj_box[has_obj]).abs().mean()) if has_obj.any() else 0.0
+    acc["where_l1"] = float((pred["obj_where"][has_obj] - t.obj_where[has_obj]).abs().mean()) if has_obj.any() else 0.0
+    if views_per_scene > 1:  # the global view's frame is the canvas: a box read there is a grounding answer
+        g_obj = has_obj[::views_per_scene]
+        acc["global_iou50"] = (float((_iou(pred["obj_where"][::views_per_scene][g_obj],
+                                            t.obj_where[::views_per_scene][g_obj]) >= 0.5).float().mean())
+                               if g_obj.any() else 0.0)
     acc["count_exact"] = float((counts.round() == t.counts).all(-1).float().mean())
     return acc
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of (N, 4) x0, y0, x1, y1 boxes, row by row (a predicted box may come out inverted: area 0)."""
+    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    area = lambda z: (z[:, 2] - z[:, 0]).clamp(min=0) * (z[:, 3] - z[:, 1]).clamp(min=0)  # noqa: E731
+    inter = iw * ih
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
 
 
 def _f1(pred: torch.Tensor, truth: torch.Tensor) -> float:
@@ -164,6 +190,11 @@ def load_run(path: Path, overrides: dict) -> ExpertRun:
     base = path.resolve().parent
     run.data = (base / run.data).resolve() if not run.data.is_absolute() else run.data
     run.output_dir = (base / run.output_dir).resolve() if not run.output_dir.is_absolute() else run.output_dir
+    if run.init_from is not None:
+        run.init_from = Path(run.init_from)
+        run.init_from = (base / run.init_from).resolve() if not run.init_from.is_absolute() else run.init_from
+        if not (run.init_from / "weights.safetensors").is_file():
+            raise ConfigError(f"init_from: {run.init_from / 'weights.safetensors'} does not exist")
     if run.steps < 1 or run.batch_size < 1 or run.lr <= 0 or run.eval_scenes < 1:
         raise ConfigError("steps, batch_size and eval_scenes must be >= 1 and lr > 0")
     return run
@@ -210,7 +241,8 @@ class ExpertTrainer:
             loss, terms = head_losses(pred, counts, targets, self.run.loss_weights)
             total = total + loss
             logs.update({f"{key}/{k}": v for k, v in terms.items()})
-            accs.update({f"{key}/acc/{k}": v for k, v in head_accuracy(pred, counts, targets).items()})
+            accs.update({f"{key}/acc/{k}": v for k, v in
+                         head_accuracy(pred, counts, targets, num_views(self.config.grid)).items()})
         return total, logs, accs
 
     # --- state: safetensors + JSON only (nothing in it can execute on load) -----------------
@@ -256,11 +288,26 @@ class ExpertTrainer:
         self.step = int(meta["step"])
         return True
 
+    def load_init(self, folder: Path) -> list[str]:
+        """Start from another run's weights (experts exactly; heads where they match): the heads this
+        run adds start fresh. Returns the names that started fresh."""
+        from safetensors.torch import load_file
+
+        weights = load_file(folder / "weights.safetensors")
+        self.experts.load_state_dict(_unprefixed("experts.", weights))
+        missing, unexpected = self.heads.load_state_dict(_unprefixed("heads.", weights), strict=False)
+        if unexpected:
+            raise ConfigError(f"init_from {folder}: heads this run does not have: {unexpected[:4]}")
+        return list(missing)
+
     def train(self, resume: bool = False) -> None:
         run = self.run
         run.output_dir.mkdir(parents=True, exist_ok=True)
         if resume and self.load_state():
             print(f"resumed at step {self.step}", file=sys.stderr)
+        elif run.init_from is not None:
+            fresh = self.load_init(run.init_from)
+            print(f"started from {run.init_from}; fresh: {', '.join(fresh) or 'nothing'}", file=sys.stderr)
         if run.threads:
             torch.set_num_threads(run.threads)
         scenes = _read_scenes(run.data)

@@ -162,23 +162,47 @@ def test_a_request_over_its_time_limit_is_stopped_with_a_message(service):
 
 def test_serving_flags_and_their_twins():
     s = parse_settings(["--max-batch", "16", "--user-queue", "2", "--image-cache-mb", "0"],
-                       {"SPHINX_REQUEST_TIMEOUT": "90", "SPHINX_PREFIX_CACHE_MB": "64", "SPHINX_MAX_BATCH": "4"})
+                       {"SPHINX_REQUEST_TIMEOUT": "90", "SPHINX_PREFIX_CACHE_MB": "64", "SPHINX_MAX_BATCH": "4",
+                        "SPHINX_STREAM_INTERVAL_MS": "0"})
     assert (s.max_batch, s.user_queue, s.request_timeout, s.image_cache_mb, s.prefix_cache_mb) == (16, 2, 90, 0, 64)
     d = parse_settings([], {})
     assert (d.max_batch, d.user_queue, d.request_timeout, d.image_cache_mb, d.prefix_cache_mb) == (8, 4, 300, 256, 512)
     limits = serving_limits(s.with_(queue_size=5))
     assert limits == ServingLimits(max_batch=16, max_waiting=5, per_user=2, timeout_s=90.0,
-                                   image_cache_mb=0, prefix_cache_mb=64)
+                                   image_cache_mb=0, prefix_cache_mb=64, stream_interval_s=0.0)
+    assert serving_limits(d).stream_interval_s == 0.05
     assert limits.engine().image_cache_bytes == 0 and limits.engine().prefix_cache_bytes == 64 << 20
-    for bad in (["--max-batch", "0"], ["--request-timeout", "soon"], ["--image-cache-mb", "-1"]):
+    for bad in (["--max-batch", "0"], ["--request-timeout", "soon"], ["--image-cache-mb", "-1"],
+                ["--stream-interval-ms", "-5"]):
         with pytest.raises(SettingsError):
             parse_settings(bad, {})
 
 
 def test_a_reader_that_falls_behind_gets_the_same_text_in_fewer_pieces(service):
-    quick = list(service.stream(_long(n=60)))
-    slow = []
-    for piece in service.stream(_long(n=60)):
-        slow.append(piece)
-        time.sleep(0.03)                                            # tokens pile up meanwhile
+    every = _with(service, ServingLimits(stream_interval_s=0.0))    # every piece as it comes
+    try:
+        quick = list(every.stream(_long(n=60)))
+        slow = []
+        for piece in every.stream(_long(n=60)):
+            slow.append(piece)
+            time.sleep(0.03)                                        # tokens pile up meanwhile
+    finally:
+        every.close()
     assert "".join(slow) == "".join(quick) and len(slow) < len(quick)
+
+
+def test_after_the_first_piece_updates_come_at_most_once_per_stream_interval(service):
+    every = _with(service, ServingLimits(stream_interval_s=0.0))
+    paced = _with(service, ServingLimits(stream_interval_s=0.2))
+    try:
+        pieces = list(every.stream(_long(n=120)))
+        request, times = _long(n=120), []
+        for _ in paced.stream(request):
+            times.append(time.perf_counter())
+    finally:
+        every.close()
+        paced.close()
+    assert request.text == "".join(pieces) and len(pieces) > 10     # the same answer, whatever the pace
+    gaps = [b - a for a, b in zip(times, times[1:-1])]              # the last one goes out when the job ends
+    assert gaps and min(gaps) >= 0.19 and len(times) < len(pieces)
+    assert request.first_piece_at - request.started_at < 0.2 + (times[1] - times[0])

@@ -54,3 +54,33 @@ def test_cli_reports_a_missing_world(tmp_path, capsys):
     cfg.write_text(f"data: {tmp_path / 'nowhere'}\noutput_dir: {tmp_path / 'out'}\nsteps: 1\n")
     assert experts_main(["--config", str(cfg)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_init_from_starts_a_new_run_on_earlier_experts_with_fresh_new_heads(world, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from train.config import ConfigError
+    from train.experts import load_run
+
+    first = ExpertRun(data=world, output_dir=tmp_path / "first", eval_scenes=8, steps=2, batch_size=4,
+                      warmup_steps=1, eval_every=100, save_every=2, workers=0)
+    trainer = ExpertTrainer(first)
+    trainer.train()
+    state = first.output_dir / "state"
+    older = tmp_path / "older"                     # a state from before the view-frame head existed
+    older.mkdir()
+    save_file({k: v for k, v in load_file(state / "weights.safetensors").items() if ".where." not in k},
+              older / "weights.safetensors")
+
+    second = ExpertTrainer(ExpertRun(data=world, output_dir=tmp_path / "second", seed=5, workers=0))
+    fresh = second.load_init(older)
+    assert sorted(fresh) == sorted(f"{key}.where.{p}" for key in trainer.experts for p in ("weight", "bias"))
+    for key in trainer.experts:
+        for a, b in zip(trainer.experts[key].state_dict().values(), second.experts[key].state_dict().values()):
+            assert (a == b).all()
+    assert second.step == 0
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data: {world}\noutput_dir: {tmp_path / 'third'}\ninit_from: {tmp_path / 'nowhere'}\n")
+    with pytest.raises(ConfigError, match="init_from"):
+        load_run(cfg, {})

@@ -3,8 +3,10 @@
 A view is a square region of the model's canvas (`sphinx_model.tiling.view_boxes`); an
 expert cuts it into a g x g grid of tokens. Each object, word and mark is assigned to the
 token that holds its box centre (the largest wins a shared token); that token learns what
-it is (shape, colour, size / word / mark number) and where its box edges are, relative to
-the token's own cell. Token 0 (global) learns how many objects of each shape and colour
+it is (shape, colour, size / word / mark number) and where its box edges are, twice: relative
+to the token's own cell (easy for a convolution), and in the view's own frame, 0-1 from its
+top-left corner (what the LLM must write: in the global view that frame is the canvas the
+box coordinates are given in). Token 0 (global) learns how many objects of each shape and colour
 the view holds. This is the stand-in for CLIP/DINOv2 pretraining: it teaches the experts to
 see this world before they are frozen.
 """
@@ -34,8 +36,10 @@ class ViewTargets:
     colour: torch.Tensor   # (N, G)
     size: torch.Tensor     # (N, G)
     obj_box: torch.Tensor  # (N, G, 4) box edges relative to the cell, in cell units
+    obj_where: torch.Tensor  # (N, G, 4) box edges in the view's frame, 0-1
     word: torch.Tensor     # (N, G) word index (case-folded), 0 = none
     word_box: torch.Tensor  # (N, G, 4)
+    word_where: torch.Tensor  # (N, G, 4)
     mark: torch.Tensor     # (N, G) mark number, 0 = none
     counts: torch.Tensor   # (N, len(SHAPES) + len(COLOURS)) objects per shape and colour whose centre is in view
 
@@ -55,7 +59,8 @@ def _assign(items: list[tuple[tuple[float, ...], dict]], view: tuple[float, ...]
         if k not in out or area > out[k][0]:
             cell = (vx0 + c * side / grid, vy0 + r * side / grid)
             rel = tuple(((box[i] - cell[i % 2]) / (side / grid)) for i in range(4))  # cell units
-            out[k] = (area, rel, payload)
+            where = tuple((box[i] - view[i % 2]) / side for i in range(4))           # view frame, 0-1
+            out[k] = (area, rel, where, payload)
     return out
 
 
@@ -71,20 +76,22 @@ def view_targets(scene: Scene, anchor: Anchor, grid_views: int, tokens_grid: int
     t = {k: np.full((n, g2), -100, dtype=np.int64) for k in ("shape", "colour", "size")}
     obj = np.zeros((n, g2), dtype=np.float32)
     obj_box = np.zeros((n, g2, 4), dtype=np.float32)
+    obj_where = np.zeros((n, g2, 4), dtype=np.float32)
     word = np.zeros((n, g2), dtype=np.int64)
     word_box = np.zeros((n, g2, 4), dtype=np.float32)
+    word_where = np.zeros((n, g2, 4), dtype=np.float32)
     mark = np.zeros((n, g2), dtype=np.int64)
     counts = np.zeros((n, len(SHAPES) + len(COLOUR_NAMES)), dtype=np.float32)
     for v, view in enumerate(views):
-        for k, (_, rel, p) in _assign(objects, view, tokens_grid).items():
+        for k, (_, rel, where, p) in _assign(objects, view, tokens_grid).items():
             obj[v, k] = 1.0
             for name in ("shape", "colour", "size"):
                 t[name][v, k] = p[name]
-            obj_box[v, k] = rel
+            obj_box[v, k], obj_where[v, k] = rel, where
             mark[v, k] = min(p["mark"], MAX_MARK)
-        for k, (_, rel, p) in _assign(words, view, tokens_grid).items():
+        for k, (_, rel, where, p) in _assign(words, view, tokens_grid).items():
             word[v, k] = p["word"]
-            word_box[v, k] = rel
+            word_box[v, k], word_where[v, k] = rel, where
         for box, p in objects:
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
             if view[0] <= cx < view[2] and view[1] <= cy < view[3]:
@@ -92,4 +99,4 @@ def view_targets(scene: Scene, anchor: Anchor, grid_views: int, tokens_grid: int
                 counts[v, len(SHAPES) + p["colour"]] += 1
     as_t = torch.from_numpy
     return ViewTargets(as_t(obj), as_t(t["shape"]), as_t(t["colour"]), as_t(t["size"]), as_t(obj_box),
-                       as_t(word), as_t(word_box), as_t(mark), as_t(counts))
+                       as_t(obj_where), as_t(word), as_t(word_box), as_t(word_where), as_t(mark), as_t(counts))
