@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,7 @@ class Server:
     tokens: Any
     process: Any
     conn: Any
+    level_stats: dict[int, dict[str, int]] = field(default_factory=dict)   # users -> engine counters of that level
 
     def stats(self) -> dict[str, int]:
         """The serving engine's counters so far (steps, row_steps, tokens, prefilled, reused, ...)."""
@@ -266,7 +267,10 @@ def measure_levels(model: str | None, tmp: Path, threads: int, levels_of: list[i
         levels = []
         for users in levels_of:
             per_user = max(1, math.ceil(requests / users))
+            before = server.stats()
             samples, wall, tokens = run_level(server.url, users, per_user, new_tokens, server)
+            after = server.stats()
+            server.level_stats[users] = {k: after[k] - before.get(k, 0) for k in after if k != "max_rows"}
             levels.append((users, per_user, samples, wall, tokens))
             print(f"{users} user(s): {len(samples)} requests in {wall:.1f} s", file=sys.stderr)
         if then is not None:

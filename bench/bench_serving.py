@@ -6,16 +6,19 @@ server, users, TTFT and token counting this script imports):
 
   1. levels of 1 and 8 concurrent users (bench_app's workload: each request a new `/chat`
      conversation with an example scene and a prompt, greedy, back to back per user);
-  2. follow-ups: one user, `--pairs` conversations of two turns: turn 1 asks about a fresh
-     image (an example scene with one pixel changed, so neither the image cache nor the prefix
-     cache knows it), turn 2 asks a follow-up in the same conversation (`conversation_id`);
-     TTFT of each turn, measured the same way (submit -> first streamed text).
+  2. follow-ups: one user, `--pairs` conversations of two turns per picture: turn 1 asks about
+     a fresh picture (an example scene with one pixel changed, then a 1600x1200 JPEG the size of
+     a phone photo; neither the image cache nor the prefix cache knows it), turn 2 asks a
+     follow-up in the same conversation (`conversation_id`); TTFT of each turn, measured the
+     same way (submit -> first streamed text);
+  3. the transport floor (an endpoint that does nothing), and the same levels on the model
+     service alone (no Gradio, HTTP, store or clients), after the server has stopped.
 
 Targets (issue 9), against bench_app's serialised baseline in RESULTS.md (one request on the
 model at a time; its figures are quoted, not re-measured):
   * aggregate generated tokens/s at 8 users >= 3x one user alone (same run);
   * p95 TTFT at 8 users <= the baseline's p50 at 8 users (3.40 s);
-  * median second-turn TTFT <= 40% of the median first-turn TTFT.
+  * median second-turn TTFT <= 40% of the median first-turn TTFT (each picture reported).
 
     HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python bench/bench_serving.py [--quick] [--model SPEC]
 """
@@ -57,11 +60,29 @@ def fresh_image(k: int, folder: Path) -> Path:
     return path
 
 
-def follow_ups(url: str, pairs: int, new_tokens: int, folder: Path) -> list[tuple[Sample, Sample]]:
+def fresh_photo(k: int, folder: Path) -> Path:
+    """A 1600x1200 JPEG (quality 90) the size of a phone photo: a noisy gradient with a red block
+    whose place depends on k, so every conversation has a picture no cache knows."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(k)
+    pixels = (rng.random((1200, 1600, 3)) * 40 + np.linspace(0, 200, 1600)[None, :, None]).astype(np.uint8)
+    pixels[300:600, 400 + 7 * k:800 + 7 * k] = (200, 30, 30)
+    path = folder / f"photo-{k}.jpg"
+    Image.fromarray(pixels).save(path, quality=90)
+    return path
+
+
+WORKLOADS = {"example scene": fresh_image, "1600x1200 photo": fresh_photo}
+
+
+def follow_ups(url: str, pairs: int, new_tokens: int, folder: Path, picture: Any = fresh_image
+               ) -> list[tuple[Sample, Sample]]:
     client = _client(url)
     out = []
     for k in range(pairs):
-        first, conversation = timed_chat(client, FIRST, [fresh_image(k, folder)], "", new_tokens)
+        first, conversation = timed_chat(client, FIRST, [picture(k, folder)], "", new_tokens)
         second = timed_chat(client, FOLLOW_UP, [], conversation, new_tokens)[0] if conversation \
             else Sample(None, 0.0, "no first turn to follow up")
         out.append((first, second))
@@ -86,17 +107,19 @@ def main(argv: list[str] | None = None) -> str:
     new_tokens = args.new_tokens or (16 if args.quick else 128)
 
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        def then(server: Any) -> list[tuple[Sample, Sample]]:
-            turns = follow_ups(server.url, pairs, new_tokens, Path(tmp))
-            print(f"follow-ups: {len(turns)} conversations of two turns", file=sys.stderr)
-            return turns
+        def then(server: Any) -> dict[str, list[tuple[Sample, Sample]]]:
+            out = {}
+            for name, picture in WORKLOADS.items():
+                out[name] = follow_ups(server.url, pairs, new_tokens, Path(tmp), picture)
+                print(f"follow-ups about a fresh {name}: {len(out[name])} conversations of two turns", file=sys.stderr)
+            return out
 
         server, levels, turns, served = measure_levels(args.model, Path(tmp), args.threads, args.users, requests,
                                                        new_tokens, then)
     floor = transport_floor()
-    inside = _inside(served, len(turns))
+    inside = {name: _inside(served, pairs, len(WORKLOADS) - 1 - i) for i, name in enumerate(WORKLOADS)}
     alone = service_alone(args.model, args.threads, args.users, requests, new_tokens)
-    return publish(NAME, _body(server.info, new_tokens, levels, turns, inside, floor, alone), args)
+    return publish(NAME, _body(server.info, new_tokens, levels, turns, inside, floor, alone, server.level_stats), args)
 
 
 def service_alone(spec: str | None, threads: int, levels_of: list[int], requests: int,
@@ -174,10 +197,11 @@ def transport_floor(calls: int = 15) -> list[float]:
     return times[3:]
 
 
-def _inside(served: list[tuple[str, float | None]], pairs: int) -> tuple[list[float], list[float]]:
-    """The follow-ups' TTFT inside the service (the server's last 2 x pairs requests, served one
-    after another): (turn 1 TTFTs, turn 2 TTFTs); empty when the record does not match."""
-    last = served[-2 * pairs:] if pairs else []
+def _inside(served: list[tuple[str, float | None]], pairs: int, later: int = 0) -> tuple[list[float], list[float]]:
+    """One workload's follow-ups' TTFT inside the service (2 x pairs requests served one after another,
+    followed by `later` such workloads): (turn 1 TTFTs, turn 2 TTFTs); empty when the record does not match."""
+    end = len(served) - 2 * pairs * later
+    last = served[end - 2 * pairs:end] if pairs else []
     if len(last) != 2 * pairs or any(q != (FIRST, FOLLOW_UP)[i % 2] or t is None for i, (q, t) in enumerate(last)):
         return [], []
     return [t for _, t in last[0::2]], [t for _, t in last[1::2]]
@@ -187,8 +211,33 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple[Sample, Sample]],
-          inside: tuple[list[float], list[float]], floor: list[float], alone: dict[int, float]) -> str:
+def _follow_up_rows(name: str, turns: list[tuple[Sample, Sample]], inside: tuple[list[float], list[float]],
+                    floor: list[float]) -> tuple[list[list[Any]], str, int]:
+    """Rows of one workload's follow-up table, its verdict line, and how many conversations failed."""
+    good = [(a, b) for a, b in turns if a.error is None and b.error is None and a.ttft_s and b.ttft_s]
+    if not good:
+        return [], f"second-turn TTFT ({name}): no complete follow-ups (**NOT met**)", len(turns)
+    first = [a.ttft_s for a, _ in good]
+    second = [b.ttft_s for _, b in good]
+    share = statistics.median(second) / statistics.median(first)
+    paired = statistics.median(b / a for a, b in zip(first, second))
+    in1, in2 = inside
+    in_share = statistics.median(in2) / statistics.median(in1) if in1 else float("nan")
+    rows = [[f"{name}: through gradio_client (submit -> first text)", len(turns), len(turns) - len(good),
+             _q(first, 0.5), _q(second, 0.5), _q(first, 0.95), _q(second, 0.95), f"{share:.0%}", f"{paired:.0%}"],
+            [f"{name}: inside the service (queued -> first piece), same requests", len(in1), "—", _q(in1, 0.5),
+             _q(in2, 0.5), _q(in1, 0.95), _q(in2, 0.95), f"{in_share:.0%}",
+             f"{statistics.median(b / a for a, b in zip(in1, in2)):.0%}" if in1 else "—"]]
+    line = (f"second-turn TTFT about a fresh {name} = {share:.0%} of the first turn's (medians, through "
+            f"gradio_client; target <= 40%): **{_verdict(share <= 0.40)}**; inside the service {in_share:.0%}"
+            + (f"; the do-nothing endpoint's {statistics.median(floor):.2f} s alone is "
+               f"{statistics.median(floor) / statistics.median(first):.0%} of this turn 1" if floor else ""))
+    return rows, line, len(turns) - len(good)
+
+
+def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: dict[str, list[tuple[Sample, Sample]]],
+          inside: dict[str, tuple[list[float], list[float]]], floor: list[float], alone: dict[int, float],
+          engine: dict[int, dict[str, int]]) -> str:
     rows, errors, rate, p95 = [], 0, {}, {}
     for users, per_user, samples, wall, tokens in levels:
         row, ttft, failed = level_row(users, per_user, samples, wall, tokens)
@@ -196,24 +245,18 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple
         rate[users] = tokens / wall
         p95[users] = pctl(ttft, 0.95) if ttft else float("nan")
         base = BASELINE.get(users)
-        rows.append(row + [f"{base[0]:.2f} / {base[1]:.1f}" if base else "—"])
-    header = LEVEL_HEADER + ["serialised baseline: TTFT p50 s / tokens/s"]
-    good = [(a, b) for a, b in turns if a.error is None and b.error is None and a.ttft_s and b.ttft_s]
-    errors += len(turns) - len(good)
-    first = [a.ttft_s for a, _ in good]
-    second = [b.ttft_s for _, b in good]
-    share = statistics.median(second) / statistics.median(first) if good else float("nan")
-    paired = statistics.median(b / a for a, b in zip(first, second)) if good else float("nan")
-    in1, in2 = inside
-    in_share = statistics.median(in2) / statistics.median(in1) if in1 else float("nan")
-    turn_rows = [["through gradio_client (submit -> first text)", len(turns), len(turns) - len(good),
-                  _q(first, 0.5), _q(second, 0.5), _q(first, 0.95), _q(second, 0.95), f"{share:.0%}",
-                  f"{paired:.0%}"],
-                 ["inside the service (queued -> first piece), same requests", len(in1), "—", _q(in1, 0.5),
-                  _q(in2, 0.5), _q(in1, 0.95), _q(in2, 0.95), f"{in_share:.0%}",
-                  f"{statistics.median(b / a for a, b in zip(in1, in2)):.0%}" if in1 else "—"],
-                 ["floor: an endpoint that does nothing, through gradio_client", len(floor), "—", _q(floor, 0.5),
-                  "—", _q(floor, 0.95), "—", "—", "—"]]
+        st = engine.get(users, {})
+        rows.append(row + [f"{st['row_steps'] / st['steps']:.1f}" if st.get("steps") else "—",
+                           f"{base[0]:.2f} / {base[1]:.1f}" if base else "—"])
+    header = LEVEL_HEADER + ["rows per decode step (mean)", "serialised baseline: TTFT p50 s / tokens/s"]
+    turn_rows, turn_lines = [], []
+    for name, pairs_of in turns.items():
+        r, line, failed = _follow_up_rows(name, pairs_of, inside.get(name, ([], [])), floor)
+        turn_rows += r
+        turn_lines.append(line)
+        errors += failed
+    turn_rows.append(["floor: an endpoint that does nothing, through gradio_client", len(floor), "—",
+                      _q(floor, 0.5), "—", _q(floor, 0.95), "—", "—", "—"])
     turn_header = ["TTFT measured", "conversations", "errors", "turn 1 p50 s", "turn 2 p50 s", "turn 1 p95 s",
                    "turn 2 p95 s", "turn 2 / turn 1 (medians)", "median of per-conversation ratios"]
     top = max(rate)
@@ -228,11 +271,7 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple
         f"aggregate tokens/s at {top} users = {speedup:.2f}x one user (target >= 3x): **{_verdict(speedup >= 3)}**",
         f"TTFT p95 at {top} users = {p95[top]:.2f} s (target <= {BASELINE[8][0]:.2f} s, the serialised "
         f"baseline's p50): **{_verdict(p95[top] <= BASELINE[8][0])}**",
-        f"second-turn TTFT = {share:.0%} of the first turn's (medians, through gradio_client; target <= 40%): "
-        f"**{_verdict(share <= 0.40)}**; inside the service {in_share:.0%}; an endpoint that does nothing "
-        f"takes {statistics.median(floor):.2f} s through gradio_client here, so no turn 2 can be under "
-        f"{statistics.median(floor) / statistics.median(first):.0%} of this turn 1 end to end" if good and floor else
-        "second-turn TTFT: no complete follow-ups (**NOT met**)",
+        *turn_lines,
     ]
     verdict = "**Zero errors.**" if errors == 0 else f"**{errors} request(s) failed: the run does not count.**"
     return "\n".join([
@@ -248,8 +287,9 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: list[tuple
         f"- Levels: bench_app's workload (a new `/chat` conversation per request, an example scene uploaded, "
         f"prompts cycled, greedy, max {new_tokens} new tokens, users start together, one warm-up first); "
         "tokens counted in the server (one LLM forward = one new token per row).",
-        f"- Follow-ups: one user, {len(turns)} conversations: turn 1 \"{FIRST}\" about a fresh image (an example "
-        f"scene with one pixel changed: no cache knows it), turn 2 \"{FOLLOW_UP}\" in the same conversation.",
+        f"- Follow-ups: one user, {max(map(len, turns.values()), default=0)} conversations per picture: turn 1 "
+        f"\"{FIRST}\" about a fresh picture (an example scene with one pixel changed, or a 1600x1200 JPEG the size "
+        f"of a phone photo: no cache knows it), turn 2 \"{FOLLOW_UP}\" in the same conversation.",
         "- Inside the service: the same follow-up requests, from the moment the service queues a request for "
         "the model to its first piece (recorded in the server); the difference to the gradio_client figure is "
         "the app's fixed cost per request (HTTP, Gradio's queue and streaming, the handler reading the "

@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from .config import SphinxConfig
+from .image_processing import KeyedImage
 from .processor import IMAGE_TOKEN_ID, ProcessedImage
 
 V = TypeVar("V")
@@ -105,10 +106,13 @@ def image_key(image: ProcessedImage, fingerprint: str) -> str:
 
 
 def source_key(image: Any) -> str | None:
-    """A content hash of an image as given (PIL pixels, file bytes, raw bytes), or None for what
-    cannot be hashed without consuming it (a stream). Equal content, equal processing."""
+    """A content hash of an image as given (PIL pixels, file bytes, raw bytes, or the digest a
+    KeyedImage carries), or None for what cannot be hashed without consuming it (a stream).
+    Equal content, equal processing."""
     h = hashlib.sha256()
-    if isinstance(image, Image.Image):
+    if isinstance(image, KeyedImage):
+        h.update(b"sha256:" + image.content_sha256.encode())   # its owner hashed the content already
+    elif isinstance(image, Image.Image):
         h.update(f"pil:{image.mode}:{image.size}:".encode())
         h.update(image.tobytes())
     elif isinstance(image, (str, os.PathLike)):

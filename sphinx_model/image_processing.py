@@ -26,6 +26,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,11 +42,30 @@ from .tiling import Anchor, Canvas, canvas_geometry
 PAD_FILL = tuple(int(255 * m) for m in CLIP_MEAN)  # (122, 116, 104) as released: padding ~0 after normalising
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
 
-ImageSource = str | os.PathLike | bytes | bytearray | memoryview | io.IOBase | Image.Image
-
-
 class ImageError(ValueError):
     """A clear, user-facing message: what is wrong with the image."""
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, eq=False)
+class KeyedImage:
+    """An image its owner already knows by the sha256 of its content (an app's stored file),
+    opened only when it must be decoded. A serving engine that holds this key's canvas and
+    visual tokens never opens it, so a follow-up turn about a stored photo costs no decode and
+    no pixel hash. `open` returns anything `load_image` takes; an OSError from it is an
+    ImageError."""
+
+    content_sha256: str
+    open: Callable[[], "ImageSource"]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.content_sha256, str) or not _SHA256.fullmatch(self.content_sha256):
+            raise ValueError("KeyedImage.content_sha256 must be a lowercase hex sha256 digest")
+
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | io.IOBase | Image.Image | KeyedImage
 
 
 def load_image(source: ImageSource, max_pixels: int = 64_000_000) -> Image.Image:
@@ -54,6 +76,14 @@ def load_image(source: ImageSource, max_pixels: int = 64_000_000) -> Image.Image
     """
     if isinstance(source, Image.Image):
         return _sanitise(source, max_pixels)
+    if isinstance(source, KeyedImage):
+        try:
+            inner = source.open()
+        except OSError as e:
+            raise ImageError(f"the image can no longer be read ({e.strerror or type(e).__name__})") from e
+        if isinstance(inner, KeyedImage):
+            raise TypeError("a KeyedImage opens to an image, not to another KeyedImage")
+        return load_image(inner, max_pixels)
     if isinstance(source, (str, os.PathLike)):
         try:
             with open_regular(source, "image file") as f:  # a FIFO or device is refused, never read
@@ -71,7 +101,7 @@ def load_image(source: ImageSource, max_pixels: int = 64_000_000) -> Image.Image
     if isinstance(source, io.IOBase) or hasattr(source, "read"):
         stream = source if _seekable(source) else io.BytesIO(source.read())
         return _decode(stream, max_pixels, name="image stream")
-    raise TypeError(f"expected a path, bytes, binary stream or PIL image, got {type(source).__name__}")
+    raise TypeError(f"expected a path, bytes, binary stream, PIL image or KeyedImage, got {type(source).__name__}")
 
 
 def _seekable(stream) -> bool:

@@ -26,7 +26,7 @@ from ..records import RecordError, StoredImage, StoredTurn, TurnRecord, record_f
 from ..regions import PixelRegion, regions_in_pixels
 from ..render import draw_regions
 from ..service import GenerationRequest, ServiceError
-from .common import AppContext, UserError, check_prompt, load_stored, owner_of, store_upload
+from .common import AppContext, UserError, check_prompt, for_model, load_stored, owner_of, store_upload
 
 STOPPED_NOTE = "(stopped)"
 
@@ -168,7 +168,7 @@ def _new_request_id() -> str:
 def _request(ctx: AppContext, state: ChatState, settings: GenerationSettings,
              request_id: str | None = None, user: str | None = None) -> GenerationRequest:
     limit = ctx.service.max_pixels
-    images = [load_stored(im, limit) for im in state.images()]
+    images = [for_model(im, limit) for im in state.images()]    # decoded only if the service has not seen it
     req = GenerationRequest(to_conversation(state), images, settings, user=user)
     if request_id:
         req.id = request_id

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.generation import GenerationSettings
-from sphinx_model.image_processing import ImageError, load_image
+from sphinx_model.image_processing import ImageError, KeyedImage, load_image
 from sphinx_model.tiling import Canvas
 from storage import Owner, Store
 
@@ -129,6 +129,14 @@ def load_stored(stored: StoredImage, max_pixels: int) -> Image.Image:
         raise UserError("a stored image can no longer be read; start a new chat") from e
 
 
+def for_model(stored: StoredImage, max_pixels: int, decoded: Image.Image | None = None) -> KeyedImage:
+    """A stored picture as the model service takes it: known by its file's sha256, so every turn
+    and tab asking about it shares one canvas and one set of visual tokens, and read and decoded
+    only when the service has neither (`decoded`: the copy a handler already holds)."""
+    return KeyedImage(stored.sha256, (lambda: decoded) if decoded is not None else
+                      (lambda: load_stored(stored, max_pixels)))
+
+
 def store_image(ctx: AppContext, owner: Owner, image: Image.Image) -> StoredImage:
     """Keep a picture the app made (a rendered PDF page) losslessly."""
     buf = io.BytesIO()
@@ -156,7 +164,8 @@ def ask_image(ctx: AppContext, owner: Owner, image: Image.Image, stored: StoredI
     """Ask `prompt` about `image` (greedy), store the exchange, map the answer's regions."""
     conv = Conversation([Message.user(prompt, image=stored.sha256)])
     settings = GenerationSettings(max_new_tokens=ctx.settings.task_max_new_tokens)
-    request = GenerationRequest(conv, [image], settings, user=f"{owner.kind}:{owner.id}")
+    request = GenerationRequest(conv, [for_model(stored, ctx.service.max_pixels, image)], settings,
+                                user=f"{owner.kind}:{owner.id}")
     text = ctx.service.generate(request)
     canvas = ctx.service.geometry(*image.size)
     regions = regions_in_pixels(text, canvas)

@@ -96,6 +96,31 @@ def test_a_follow_up_turn_reuses_image_and_prefix_and_answers_as_without_caches(
     assert on.engine.stats["reused"] > on.engine.stats["prefilled"] and off.engine.stats["reused"] == 0
 
 
+def test_a_follow_up_turn_does_not_read_the_stored_picture_again(demo, tmp_path):
+    settings = AppSettings(data_dir=tmp_path / "data", browser_secret="test-secret")
+    store = open_store(settings.storage)
+    fresh = _with(demo, ServingLimits())
+    cold = _with(demo, ServingLimits())
+    try:
+        ctx = AppContext(fresh, store, settings)
+        state = chat.submit(ctx, chat.ChatState(), ALICE, QUESTIONS[0], [SCENES[1]])
+        state = list(chat.respond(ctx, state, ALICE, generation_settings(0, 1, 24, 512)))[-1].state
+        stored = state.turns[0].images[0].path
+        stored.write_bytes(b"not a picture any more")      # the follow-up must not need the file
+        state = chat.submit(ctx, state, ALICE, QUESTIONS[2], [])
+        view = list(chat.respond(ctx, state, ALICE, generation_settings(0, 1, 24, 512)))[-1]
+        assert view.error is None and view.state.turns[-1].answer
+        assert fresh.engine.stats["images_encoded"] == 1
+        # a service that has not seen the picture has to read it, and says so in one line
+        with pytest.raises(ServiceError, match="^a stored image can no longer be read; start a new chat$"):
+            chat.submit(AppContext(cold, store, settings), view.state, ALICE, QUESTIONS[1], [])
+        assert len(view.state.turns) == 2 and not view.state.busy  # the stored turns are untouched
+    finally:
+        fresh.close()
+        cold.close()
+        store.dispose()
+
+
 def test_the_per_user_cap_refuses_a_second_request_of_the_same_user_only(service):
     capped = _with(service, ServingLimits(per_user=1))
     try:

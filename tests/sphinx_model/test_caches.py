@@ -76,3 +76,39 @@ def test_images_are_keyed_by_their_content(tmp_path, make_image):
     a.save(tmp_path / "a.png")
     assert source_key(tmp_path / "a.png") == source_key(str(tmp_path / "a.png")) != source_key(a)
     assert source_key(io.BytesIO(b"stream")) is None and source_key(tmp_path / "missing.png") is None
+
+
+def test_a_keyed_image_is_opened_only_when_its_canvas_is_not_cached(tiny, make_image):
+    import hashlib
+
+    from sphinx_model.caches import source_key
+    from sphinx_model.generation import Generator
+    from sphinx_model.image_processing import ImageError, KeyedImage, load_image
+    from sphinx_model.serving import ContinuousBatcher, EngineConfig
+
+    opened = []
+    picture = make_image(64, 48, 2)
+    digest = hashlib.sha256(b"the stored file").hexdigest()
+
+    def open_it():
+        opened.append(1)
+        return picture
+
+    engine = ContinuousBatcher(Generator(*tiny), EngineConfig())
+    try:
+        first, key = engine.process_images([KeyedImage(digest, open_it)])
+        again, key2 = engine.process_images([KeyedImage(digest, open_it)])   # a later turn, another tab
+        plain, _ = engine.process_images([picture])
+    finally:
+        engine.close()
+    assert len(opened) == 1 and key == key2 and torch.equal(first[0].pixels, again[0].pixels)
+    assert torch.equal(first[0].pixels, plain[0].pixels)                       # the same canvas as decoded
+    assert source_key(KeyedImage(digest, open_it)) != source_key(KeyedImage("0" * 64, open_it))
+    with pytest.raises(ValueError):
+        KeyedImage("not-a-digest", open_it)
+
+    def gone():
+        raise FileNotFoundError(2, "No such file or directory")
+
+    with pytest.raises(ImageError, match="can no longer be read"):
+        load_image(KeyedImage(digest, gone))
