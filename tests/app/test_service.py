@@ -97,3 +97,26 @@ def test_an_8bit_service_quantises_the_llm_and_still_answers(model_dir):
     names = {type(m).__name__ for m in quantised.generator.model.llm.modules()}
     assert "Linear8bitLt" in names
     assert quantised.generate(_request(n=4))
+
+
+def test_the_version_of_a_folder_tells_two_trainings_of_one_architecture_apart(model_dir, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from app.service import _folder_version
+
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    assert _folder_version(copy, is_hub=False) == _folder_version(model_dir, is_hub=False)   # same content
+    weights = next(copy.glob("*.safetensors"))
+    tensors = load_file(weights)
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    name = max(tensors, key=lambda k: tensors[k].numel())
+    tensors[name] = tensors[name] + 1e-3          # a retraining: same names, shapes, file size
+    size = weights.stat().st_size
+    save_file(tensors, weights, metadata=metadata)
+    assert weights.stat().st_size == size
+    assert _folder_version(copy, is_hub=False) != _folder_version(model_dir, is_hub=False)
