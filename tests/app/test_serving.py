@@ -219,6 +219,13 @@ def test_a_reader_that_falls_behind_gets_the_same_text_in_fewer_pieces(service):
 def test_after_the_first_piece_updates_come_at_most_once_per_stream_interval(service):
     every = _with(service, ServingLimits(stream_interval_s=0.0))
     paced = _with(service, ServingLimits(stream_interval_s=0.2))
+    step = paced.engine._step
+
+    def slow_step() -> None:                                        # >= 10 ms a token: the answer takes
+        time.sleep(0.01)                                            # several intervals on any machine
+        step()
+
+    paced.engine._step = slow_step
     try:
         pieces = list(every.stream(_long(n=120)))
         request, times = _long(n=120), []
