@@ -81,8 +81,6 @@ def load_image(source: ImageSource, max_pixels: int = 64_000_000) -> Image.Image
             inner = source.open()
         except OSError as e:
             raise ImageError(f"the image can no longer be read ({e.strerror or type(e).__name__})") from e
-        if isinstance(inner, KeyedImage):
-            raise TypeError("a KeyedImage opens to an image, not to another KeyedImage")
         return load_image(inner, max_pixels)
     if isinstance(source, (str, os.PathLike)):
         try:

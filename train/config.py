@@ -194,10 +194,10 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
         raw[section][key] = value
     cfg = build(RunConfig, raw, where=str(path))
     base = path.resolve().parent
-    cfg.data.mixture = _resolve(base, cfg.data.mixture)
-    cfg.train.output_dir = _resolve(base, cfg.train.output_dir)
+    cfg.data.mixture = resolve_path(base, cfg.data.mixture)
+    cfg.train.output_dir = resolve_path(base, cfg.train.output_dir)
     if cfg.data.cache_dir is not None:
-        cfg.data.cache_dir = _resolve(base, cfg.data.cache_dir)
+        cfg.data.cache_dir = resolve_path(base, cfg.data.cache_dir)
     init = Path(cfg.model.init)
     if not init.is_absolute() and (base / init).is_dir():  # a checkpoint folder next to the config
         cfg.model.init = str(base / init)
@@ -216,7 +216,7 @@ def expand_path(p: str | Path) -> Path:
         raise ConfigError(f"path {str(p)!r}: {e}") from None
 
 
-def _resolve(base: Path, p: Path) -> Path:
+def resolve_path(base: Path, p: Path) -> Path:
     p = expand_path(p)
     try:
         return (p if p.is_absolute() else base / p).resolve()

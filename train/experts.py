@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from sphinx_model.config import SphinxConfig, get_preset
@@ -37,7 +38,7 @@ from sphinx_model.image_processing import canvas_tensor, load_image
 from sphinx_model.modeling import extract_views
 from sphinx_model.tiling import num_views
 
-from .config import ConfigError, build, read_yaml
+from .config import ConfigError, build, read_yaml, resolve_path
 from .world.scene import Scene
 from .world.targets import MAX_MARK, ViewTargets, view_targets
 from .world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
@@ -152,20 +153,10 @@ def head_accuracy(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTa
     acc["where_l1"] = float((pred["obj_where"][has_obj] - t.obj_where[has_obj]).abs().mean()) if has_obj.any() else 0.0
     if views_per_scene > 1:  # the global view's frame is the canvas: a box read there is a grounding answer
         g_obj = has_obj[::views_per_scene]
-        acc["global_iou50"] = (float((_iou(pred["obj_where"][::views_per_scene][g_obj],
-                                            t.obj_where[::views_per_scene][g_obj]) >= 0.5).float().mean())
-                               if g_obj.any() else 0.0)
+        iou = box_iou(pred["obj_where"][::views_per_scene][g_obj], t.obj_where[::views_per_scene][g_obj]).diagonal()
+        acc["global_iou50"] = float((iou >= 0.5).float().mean()) if g_obj.any() else 0.0
     acc["count_exact"] = float((counts.round() == t.counts).all(-1).float().mean())
     return acc
-
-
-def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of (N, 4) x0, y0, x1, y1 boxes, row by row (a predicted box may come out inverted: area 0)."""
-    iw = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
-    ih = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
-    area = lambda z: (z[:, 2] - z[:, 0]).clamp(min=0) * (z[:, 3] - z[:, 1]).clamp(min=0)  # noqa: E731
-    inter = iw * ih
-    return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
 
 
 def _f1(pred: torch.Tensor, truth: torch.Tensor) -> float:
@@ -188,11 +179,9 @@ def load_run(path: Path, overrides: dict) -> ExpertRun:
     raw.update(overrides)
     run = build(ExpertRun, raw, where=str(path))
     base = path.resolve().parent
-    run.data = (base / run.data).resolve() if not run.data.is_absolute() else run.data
-    run.output_dir = (base / run.output_dir).resolve() if not run.output_dir.is_absolute() else run.output_dir
+    run.data, run.output_dir = resolve_path(base, run.data), resolve_path(base, run.output_dir)
     if run.init_from is not None:
-        run.init_from = Path(run.init_from)
-        run.init_from = (base / run.init_from).resolve() if not run.init_from.is_absolute() else run.init_from
+        run.init_from = resolve_path(base, run.init_from)
         if not (run.init_from / "weights.safetensors").is_file():
             raise ConfigError(f"init_from: {run.init_from / 'weights.safetensors'} does not exist")
     if run.steps < 1 or run.batch_size < 1 or run.lr <= 0 or run.eval_scenes < 1:
