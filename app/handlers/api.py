@@ -13,7 +13,7 @@ from typing import Any
 
 from ..records import load_turns
 from . import chat, grounding, ocr, som
-from .common import AppContext, UserError, generation_settings, owner_of, store_upload
+from .common import AppContext, UserError, generation_settings, owner_of, keep_upload
 
 
 def _files(images: Any) -> list[Any]:
@@ -48,7 +48,7 @@ def ground(ctx: AppContext, owner_key: str, image: Any, phrase: str) -> dict[str
 def set_of_mark(ctx: AppContext, owner_key: str, image: Any, question: str, marks: str) -> dict[str, Any]:
     """Ask about marks: `marks` is 'model', 'opencv', 'both' (automatic) or a JSON list of
     [x, y] points / [x0, y0, x1, y1] boxes in pixels."""
-    stored, _ = store_upload(ctx, owner_of(owner_key), image)
+    stored = keep_upload(ctx, owner_of(owner_key), image)
     state = som.MarksState(image=stored)
     spec = (marks or "opencv").strip()
     if spec in som.SOURCES:

@@ -26,7 +26,7 @@ from ..records import RecordError, StoredImage, StoredTurn, TurnRecord, record_f
 from ..regions import PixelRegion, regions_in_pixels
 from ..render import draw_regions
 from ..service import GenerationRequest, ServiceError
-from .common import AppContext, UserError, check_prompt, for_model, load_stored, owner_of, store_upload
+from .common import AppContext, UserError, check_prompt, for_model, load_stored, owner_of, keep_upload
 
 STOPPED_NOTE = "(stopped)"
 
@@ -150,7 +150,7 @@ def submit(ctx: AppContext, state: ChatState, owner_key: str, text: Any, files: 
     if paths and total > limit:
         raise UserError(f"this model takes {limit} image{'s' * (limit != 1)} per conversation; "
                         "press Clear to start a new chat about another image")
-    images = [store_upload(ctx, owner, p)[0] for p in paths]
+    images = [keep_upload(ctx, owner, p) for p in paths]
     turn = Turn(prompt, images)
     candidate = ChatState(state.conversation_id, [*state.turns, turn])
     ctx.service.check(_request(ctx, candidate, GenerationSettings(max_new_tokens=1)))

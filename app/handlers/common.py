@@ -105,21 +105,28 @@ def upload_path(value: Any) -> Path:
     return path
 
 
-def store_upload(ctx: AppContext, owner: Owner, value: Any) -> tuple[StoredImage, Image.Image]:
-    """Check an upload (clear message if it is not a usable image), keep it in the store, and
-    return the stored copy as the model will see it.
+def keep_upload(ctx: AppContext, owner: Owner, value: Any) -> StoredImage:
+    """Check an upload (clear message if it is not a usable image) and keep it in the store.
 
     The stored copy (EXIF orientation applied, metadata dropped) is what the model reads, what
     boxes are drawn on, and what History reopens, so all three always agree.
     """
     path = upload_path(value)
-    limit = min(ctx.settings.max_pixels, ctx.service.max_pixels)
     try:
-        load_image(path, max_pixels=limit)
+        load_image(path, max_pixels=_upload_limit(ctx))
     except ImageError as e:
         raise UserError(str(e).replace(str(path), path.name)) from e
-    stored = put_image(ctx.store, owner, path.read_bytes())
-    return stored, load_stored(stored, limit)
+    return put_image(ctx.store, owner, path.read_bytes())
+
+
+def store_upload(ctx: AppContext, owner: Owner, value: Any) -> tuple[StoredImage, Image.Image]:
+    """`keep_upload`, and the stored copy decoded as the model will see it."""
+    stored = keep_upload(ctx, owner, value)
+    return stored, load_stored(stored, _upload_limit(ctx))
+
+
+def _upload_limit(ctx: AppContext) -> int:
+    return min(ctx.settings.max_pixels, ctx.service.max_pixels)
 
 
 def load_stored(stored: StoredImage, max_pixels: int) -> Image.Image:

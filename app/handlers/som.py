@@ -17,7 +17,7 @@ from ..records import StoredImage
 from ..render import Mark, draw_marks
 from ..proposals import propose_regions
 from .common import AppContext, OneShot, UserError, ask_image, check_prompt, load_stored, owner_of, store_image, \
-    store_upload
+    keep_upload
 from .grounding import DETECT_PROMPT
 
 MAX_MARKS = 30
@@ -47,7 +47,7 @@ def load(ctx: AppContext, owner_key: str, image_value: Any) -> MarksState:
     """A new image: stored, no marks yet."""
     if image_value is None:
         return MarksState()
-    stored, _ = store_upload(ctx, owner_of(owner_key), image_value)
+    stored = keep_upload(ctx, owner_of(owner_key), image_value)
     return MarksState(image=stored)
 
 
