@@ -1,6 +1,7 @@
 """The five tabs: each builds its components and wires their events to `app.handlers`."""
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 from typing import Any
 

@@ -49,3 +49,18 @@ def test_ui_events_report_errors_in_their_status_line_and_keep_serving():
         yield ("part", 1)
         raise UserError("stopped working")
     assert [o[0] for o in stream()][-1] == "⚠ stopped working"
+
+
+def test_a_chat_error_reaches_the_tab_as_a_warning_and_the_chat_is_kept(ctx):
+    import warnings
+
+    from app import tabs
+    from app.handlers import chat
+
+    state = chat.ChatState()
+    view = chat.ChatView(state, "⚠ <the model is busy>", error="<the model is busy>", restore={"text": "Hi", "files": []})
+    with warnings.catch_warnings(record=True):     # gr.Warning outside a request only warns
+        warnings.simplefilter("always")
+        out = tabs.chat_outputs(ctx, view)
+    assert out[1] is state and out[-1] == {"text": "Hi", "files": []}
+    assert out[4] == chat.display_text(view.status)
