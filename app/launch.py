@@ -17,6 +17,7 @@ from .examples import EXAMPLES_DIR
 from .handlers.common import AppContext
 from .service import ModelService, ServingLimits
 from .settings import AppSettings
+from .zerogpu import on_zerogpu
 
 MAX_UPLOAD = "50mb"
 
@@ -44,11 +45,15 @@ def build_context(settings: AppSettings) -> AppContext:
 
 def serving_limits(settings: AppSettings) -> ServingLimits:
     """The service's batch, queue, time and cache limits from the app's settings; the service's
-    global bound on waiting requests is the app's queue size."""
+    global bound on waiting requests is the app's queue size. Where `spaces` imports (ZeroGPU)
+    the engine stays in the server's process: a GPU is attached only to functions decorated
+    there."""
     return ServingLimits(max_batch=settings.max_batch, max_waiting=settings.queue_size,
                          per_user=settings.user_queue, timeout_s=float(settings.request_timeout),
                          image_cache_mb=settings.image_cache_mb, prefix_cache_mb=settings.prefix_cache_mb,
-                         stream_interval_s=settings.stream_interval_ms / 1000.0)
+                         stream_interval_s=settings.stream_interval_ms / 1000.0,
+                         engine_mode="thread" if on_zerogpu() else settings.engine,
+                         engine_threads=settings.engine_threads)
 
 
 def _allowed_paths(ctx: AppContext) -> list[str]:

@@ -18,7 +18,10 @@ the one place that turns that list into what the model core takes.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
+import multiprocessing
 import queue
 import threading
 import time
@@ -38,12 +41,15 @@ from sphinx_model.conversation import Conversation, SchemaError
 from sphinx_model.generation import GenerationSettings, Generator
 from sphinx_model.image_processing import ImageError
 from sphinx_model.processor import PromptTooLongError, SphinxProcessor
-from sphinx_model.serving import MIB, ContinuousBatcher, EngineConfig, Job
+from sphinx_model.engine_process import EngineProcess, EngineProcessError, seeded
+from sphinx_model.serving import MIB, ContinuousBatcher, EngineConfig, Job, Signal
 from sphinx_model.tiling import Canvas
 
 from .zerogpu import gpu
 
+log = logging.getLogger(__name__)
 HUB_URL = "https://huggingface.co/"
+ENGINE_MODES = ("thread", "process")
 _EARLY_CANCELS = 1024    # cancels remembered for requests that have not started yet
 
 
@@ -81,6 +87,12 @@ class ServingLimits:
     image_cache_mb: int = 256    # visual tokens of recent images
     prefix_cache_mb: int = 512   # KV caches of recent conversation prefixes
     stream_interval_s: float = 0.05  # after the first piece, at most one streamed update per interval
+    engine_mode: str = "thread"  # "process": the engine in its own process (see engine_process.py)
+    engine_threads: int = 0      # the engine process's intra-op threads on CPU (0: all cores but one)
+
+    def __post_init__(self) -> None:
+        if self.engine_mode not in ENGINE_MODES:
+            raise ValueError(f"engine_mode must be one of {', '.join(ENGINE_MODES)}, got {self.engine_mode!r}")
 
     def engine(self) -> EngineConfig:
         return EngineConfig(max_batch=self.max_batch, image_cache_bytes=self.image_cache_mb * MIB,
@@ -113,13 +125,19 @@ class ModelService:
     """Load once, then stream / generate / cancel requests; concurrent ones decode together."""
 
     def __init__(self, model: Any, processor: SphinxProcessor, info: ModelInfo,
-                 limits: ServingLimits | None = None):
-        self.generator = Generator(model, processor)
+                 limits: ServingLimits | None = None, engine: EngineProcess | None = None):
+        """`model` is served by an engine thread in this process; or, with `engine` (and no
+        model here), by that engine process."""
         self.processor = processor
         self.info = info
         self.limits = limits or ServingLimits()
-        self.engine = ContinuousBatcher(self.generator, self.limits.engine(), wrap=gpu)
-        self._running: dict[str, tuple[GenerationRequest, threading.Event]] = {}
+        if engine is None:
+            self.generator: Generator | None = Generator(model, processor)
+            self.engine: ContinuousBatcher | EngineProcess = ContinuousBatcher(
+                self.generator, self.limits.engine(), wrap=gpu)
+        else:
+            self.generator, self.engine = None, engine
+        self._running: dict[str, tuple[GenerationRequest, Signal]] = {}
         self._early: OrderedDict[str, None] = OrderedDict()
         self._registry_lock = threading.Lock()
         self._admitted: Counter[str] = Counter()   # requests per user, waiting or running
@@ -131,25 +149,35 @@ class ModelService:
              seed: int = 0, quantize: str | None = None, limits: ServingLimits | None = None) -> "ModelService":
         """A checkpoint folder, a hub repo id or a preset name; ServiceError if it cannot load."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        limits = limits or ServingLimits()
+        in_process = limits.engine_mode == "thread"
+        if not in_process and multiprocessing.current_process().daemon:
+            log.warning("the model's engine runs in this process: a daemonic process may not start one")
+            in_process = True
         try:
             if spec in list_presets() and not Path(spec).exists():
-                torch.manual_seed(seed)  # a random-init preset is the same noise on every start
-                model, processor = load_model(spec, device=device, dtype=dtype, quantize=quantize)
                 config = get_preset(spec)
                 random = config.llm.name_or_path is None
                 version = f"random-init seed {seed}" if random else "preset"
-                info = _info(spec, version, processor, card_url=None, card_path=None, random=random)
+                load = functools.partial(seeded, seed, load_model, spec, device=device, dtype=dtype, quantize=quantize)
+                card_url = card_path = None
             else:
                 folder = resolve_checkpoint(spec)
-                model, processor = from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
                 is_hub = not Path(spec).exists() and not spec.startswith("released:")
                 card = folder / "README.md"
-                info = _info(spec, _folder_version(folder, is_hub), processor,
-                             card_url=HUB_URL + spec if is_hub else None,
-                             card_path=card if card.is_file() else None, random=False)
-        except (CheckpointError, KeyError, ValueError, OSError) as e:
+                version = _folder_version(folder, is_hub)
+                card_url, card_path, random = HUB_URL + spec if is_hub else None, card if card.is_file() else None, False
+                load = functools.partial(from_pretrained, folder, device=device, dtype=dtype, quantize=quantize)
+            if in_process:
+                model, processor = load()
+                engine = None
+            else:
+                model, engine = None, EngineProcess(load, limits.engine(), threads=limits.engine_threads or None)
+                processor = engine.processor
+            info = _info(spec, version, processor, card_url=card_url, card_path=card_path, random=random)
+        except (CheckpointError, EngineProcessError, KeyError, ValueError, OSError) as e:
             raise ServiceError(f"cannot load model {spec!r}: {e}") from e
-        return cls(model, processor, info, limits)
+        return cls(model, processor, info, limits, engine)
 
     def close(self) -> None:
         """Stop the engine's thread (requests still running get an error)."""
@@ -299,8 +327,8 @@ class ModelService:
         return request.text
 
     @contextmanager
-    def _registered(self, request: GenerationRequest) -> Iterator[threading.Event]:
-        event = threading.Event()
+    def _registered(self, request: GenerationRequest) -> Iterator[Signal]:
+        event = Signal()                      # set() also reaches an engine process at once
         with self._registry_lock:
             if request.id in self._running:
                 raise ServiceError("this request is already running")

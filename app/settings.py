@@ -20,6 +20,7 @@ DEMO_MODEL_DIR = REPO_ROOT / "assets" / "demo"
 FALLBACK_PRESET = "sphinx-test-tiny"
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("8bit", "4bit")
+ENGINES = ("process", "thread")
 SECRET_FILE = "browser_secret"
 
 
@@ -45,6 +46,8 @@ class AppSettings:
     image_cache_mb: int = 256         # visual tokens of recent images, reused by later turns and tabs (0: off)
     prefix_cache_mb: int = 512        # KV caches of recent conversation prefixes, reused next turn (0: off)
     stream_interval_ms: int = 50      # after the first piece, at most one streamed update per interval (0: every piece)
+    engine: str = "process"           # the model's engine in its own process, or "thread": in the server's
+    engine_threads: int = 0           # the engine process's intra-op threads on CPU (0: all cores but one)
     max_new_tokens: int = 512         # the highest the sliders allow
     task_max_new_tokens: int = 384    # answers of Grounding / Set-of-Mark / OCR (lists of boxes are long)
     max_pdf_pages: int = 30           # pages of a PDF the OCR tab will render
@@ -108,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
                    "[SPHINX_PREFIX_CACHE_MB; default: 512]")
     p.add_argument("--stream-interval-ms", help="after an answer's first piece, at most one streamed update per "
                    "this many ms, 0 = every piece [SPHINX_STREAM_INTERVAL_MS; default: 50]")
+    p.add_argument("--engine", help="where the model decodes: 'process' (its own process, so the web server's "
+                   "Python never holds up a decode step) or 'thread' (in the server's process; what a ZeroGPU "
+                   "Space always uses) [SPHINX_ENGINE; default: process]")
+    p.add_argument("--engine-threads", help="intra-op threads of the engine process on CPU, 0 = all cores but one "
+                   "[SPHINX_ENGINE_THREADS; default: 0]")
     p.add_argument("--max-pdf-pages", help="pages of a PDF that can be read [SPHINX_MAX_PDF_PAGES; default: 30]")
     return p
 
@@ -117,7 +125,8 @@ _ENV = {"model": "SPHINX_MODEL", "db_url": "SPHINX_DB_URL", "data_dir": "SPHINX_
         "dtype": "SPHINX_DTYPE", "quantize": "SPHINX_QUANTIZE", "queue_size": "SPHINX_QUEUE_SIZE", "max_pdf_pages": "SPHINX_MAX_PDF_PAGES",
         "max_batch": "SPHINX_MAX_BATCH", "user_queue": "SPHINX_USER_QUEUE", "request_timeout": "SPHINX_REQUEST_TIMEOUT",
         "image_cache_mb": "SPHINX_IMAGE_CACHE_MB", "prefix_cache_mb": "SPHINX_PREFIX_CACHE_MB",
-        "stream_interval_ms": "SPHINX_STREAM_INTERVAL_MS"}
+        "stream_interval_ms": "SPHINX_STREAM_INTERVAL_MS", "engine": "SPHINX_ENGINE",
+        "engine_threads": "SPHINX_ENGINE_THREADS"}
 
 
 def _int(name: str, value: str, low: int, high: int) -> int:
@@ -152,6 +161,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
     quantize = raw["quantize"] or None
     if quantize is not None and quantize not in QUANTIZE:
         raise SettingsError(f"--quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    engine = raw["engine"] or "process"
+    if engine not in ENGINES:
+        raise SettingsError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     share = raw["share"] if isinstance(raw["share"], bool) else _bool("SPHINX_SHARE", raw["share"] or "")
     return AppSettings(
         model=raw["model"] or None, db_url=raw["db_url"] or None,
@@ -165,4 +177,5 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
         image_cache_mb=_int("--image-cache-mb", raw["image_cache_mb"] or "256", 0, 1 << 20),
         prefix_cache_mb=_int("--prefix-cache-mb", raw["prefix_cache_mb"] or "512", 0, 1 << 20),
         stream_interval_ms=_int("--stream-interval-ms", raw["stream_interval_ms"] or "50", 0, 10_000),
+        engine=engine, engine_threads=_int("--engine-threads", raw["engine_threads"] or "0", 0, 1024),
         on_space=on_space, browser_secret=env.get("SPHINX_BROWSER_SECRET") or None)

@@ -25,6 +25,11 @@ def _spaces() -> Any:
     return spaces
 
 
+def on_zerogpu() -> bool:
+    """Whether model work must run under `spaces.GPU` in this process (the package imports)."""
+    return _spaces() is not None
+
+
 def gpu(fn: F) -> F:
     spaces = _spaces()
     if spaces is None:

@@ -108,6 +108,15 @@ class _TokenQueue(BaseStreamer):
         self.queue.put(None)
 
 
+def token_budget(context_length: int, prompt_length: int, settings: GenerationSettings) -> int:
+    """`settings.max_new_tokens`, capped to the room the prompt leaves in `context_length`."""
+    room = context_length - prompt_length
+    if room < 1:
+        raise PromptTooLongError(f"the prompt takes {prompt_length} of the model's {context_length} "
+                                 "positions and leaves no room for an answer")
+    return min(settings.max_new_tokens, room)
+
+
 class Generator:
     """Text in, text out: `generate` for a batch, `stream` for one conversation."""
 
@@ -125,11 +134,7 @@ class Generator:
 
     def new_token_budget(self, prompt_length: int, settings: GenerationSettings) -> int:
         """`settings.max_new_tokens`, capped to the room the prompt leaves in the context."""
-        room = self.context_length - prompt_length
-        if room < 1:
-            raise PromptTooLongError(f"the prompt takes {prompt_length} of the model's {self.context_length} "
-                                     "positions and leaves no room for an answer")
-        return min(settings.max_new_tokens, room)
+        return token_budget(self.context_length, prompt_length, settings)
 
     def _generate_ids(self, batch: dict[str, torch.Tensor], settings: GenerationSettings,
                       cancel: threading.Event | None, streamer: BaseStreamer | None = None) -> torch.Tensor:

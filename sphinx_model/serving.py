@@ -50,6 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -70,8 +71,8 @@ from .caches import (
     vision_fingerprint,
 )
 from .conversation import Conversation
-from .generation import GenerationSettings, Generator
-from .processor import ProcessedImage
+from .generation import GenerationSettings, Generator, token_budget
+from .processor import ProcessedImage, SphinxProcessor
 
 MIB = 1 << 20
 
@@ -87,29 +88,65 @@ class EngineConfig:
             raise ValueError("max_batch must be >= 1 and cache sizes >= 0")
 
 
+class Signal(threading.Event):
+    """A threading.Event that also calls back when set: a cancel that has to reach another
+    process (`engine_process.EngineProcess`) is sent the moment it is set, not polled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when set (now, if it is set already; at most twice in a race)."""
+        self._callbacks.append(callback)
+        if self.is_set():
+            callback()
+
+    def set(self) -> None:
+        super().set()
+        for callback in list(self._callbacks):
+            callback()
+
+
 class Job:
     """One request inside the engine. Its `events` queue gets ("piece", text) ..., then one
     ("end", reason) with reason eos / stop / length / cancelled, or one ("error", exception)."""
 
     def __init__(self, ids: list[int], images: list[ProcessedImage], image_keys: list[str],
-                 keys: tuple, settings: GenerationSettings, budget: int, cancel: threading.Event | None):
+                 keys: tuple, settings: GenerationSettings, budget: int, cancel: threading.Event | None,
+                 seed: int | None = None):
         self.ids, self.images, self.image_keys, self.keys = ids, images, image_keys, keys  # keys: per position
         self.settings, self.budget = settings, budget
-        self.cancel = cancel or threading.Event()
+        self.seed = seed                      # of the sampling generator (drawn in `prepare` when not set)
+        self.cancel = cancel or Signal()
         self.events: queue.Queue = queue.Queue()
+        self.tokens: dict[str, torch.Tensor] = {}   # visual tokens found for its images before it waits
         self.generated: list[int] = []
         self.emitted = 0
         self.done = False
         self.reason: str | None = None
         self.penalty = LogitsProcessorList()
-        if settings.repetition_penalty != 1.0:
-            self.penalty.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
         self.warpers = LogitsProcessorList()
         self.rng: torch.Generator | None = None
 
     @property
     def sampling(self) -> bool:
         return self.settings.temperature > 0
+
+    def arm(self, device: torch.device) -> None:
+        """Build its logits processors and seeded generator on the engine's device (done where it
+        decodes: they need not travel to another process)."""
+        s = self.settings
+        if s.repetition_penalty != 1.0 and not self.penalty:
+            self.penalty.append(RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
+        if self.sampling and self.rng is None:
+            self.warpers.append(TemperatureLogitsWarper(s.temperature))
+            if s.top_k > 0:
+                self.warpers.append(TopKLogitsWarper(s.top_k))
+            if s.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(s.top_p))
+            self.rng = torch.Generator(device=device)
+            self.rng.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
 
     def finish(self, reason: str) -> None:
         if not self.done:
@@ -122,53 +159,51 @@ class Job:
             self.events.put(("error", error))
 
 
-class ContinuousBatcher:
-    """`prepare` (any thread: tokenise, check) -> `submit` -> read the job's events (`read`)."""
+class JobMaker:
+    """The callers' side of an engine, without the model: process images (a canvas cache keyed
+    by content) and tokenise in the caller's thread, check the prompt fits, make the `Job`.
+    Both the in-process engine and the engine process (engine_process.py) are one."""
 
-    def __init__(self, generator: Generator, config: EngineConfig = EngineConfig(),
-                 wrap: Callable[[Callable], Callable] | None = None):
-        self.generator, self.model, self.llm = generator, generator.model, generator.model.llm
-        self.processor, self.tokenizer = generator.processor, generator.tokenizer
+    def __init__(self, processor: SphinxProcessor, context_length: int, config: EngineConfig):
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self.context_length = context_length
         self.config = config
-        self.images = ImageCache(config.image_cache_bytes)        # key -> visual tokens (scheduler thread)
         self.canvases: LRUBytes[ProcessedImage] = LRUBytes(config.image_cache_bytes)   # key -> processed image
         self._canvas_lock = threading.Lock()                       # `prepare` runs in the callers' threads
-        self.prefixes = PrefixCache(config.prefix_cache_bytes)
-        self.fingerprint = vision_fingerprint(self.processor.config)
-        self.stats: collections.Counter = collections.Counter()
-        self._wrap = wrap or (lambda fn: fn)     # e.g. ZeroGPU's spaces.GPU around a burst of work
-        params = inspect.signature(self.llm.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_kw = "logits_to_keep" in params
-        self._batchable: bool | None = None      # decided by the first prefill's cache
-        self._waiting: collections.deque[Job] = collections.deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        self._rows: list[Job] = []               # the batch; only the scheduler thread touches it
-        self._cache: DynamicCache | None = None  # (rows, heads, width, head_dim) per layer
-        self._mask: torch.Tensor | None = None   # (rows, width), 0 = left padding
+        self.fingerprint = vision_fingerprint(processor.config)
 
-    # --- the callers' side ----------------------------------------------------------------
     def prepare(self, conversation: Conversation, images: Sequence[Any] | None,
                 settings: GenerationSettings, cancel: threading.Event | None = None) -> Job:
         """Tokenise and check in the caller's thread; raises PromptTooLongError / ImageError / ValueError."""
         processed, keys = self.process_images(images)
         enc = self.processor.encode(conversation, processed, add_generation_prompt=True)
-        budget = self.generator.new_token_budget(len(enc.input_ids), settings)
+        budget = token_budget(self.context_length, len(enc.input_ids), settings)
         counts = [self.processor.num_visual_tokens(im) for im in enc.images]
-        job = Job(enc.input_ids, enc.images, keys, position_keys(enc.input_ids, keys, counts),
-                  settings, budget, cancel)
-        if job.sampling:
-            s = settings
-            job.warpers.append(TemperatureLogitsWarper(s.temperature))
-            if s.top_k > 0:
-                job.warpers.append(TopKLogitsWarper(s.top_k))
-            if s.top_p < 1.0:
-                job.warpers.append(TopPLogitsWarper(s.top_p))
-            job.rng = torch.Generator(device=self.model.device)
-            job.rng.manual_seed(s.seed if s.seed is not None else random.getrandbits(63))
-        return job
+        seed = (settings.seed if settings.seed is not None else random.getrandbits(63)) if settings.temperature > 0 else None
+        return Job(enc.input_ids, enc.images, keys, position_keys(enc.input_ids, keys, counts),
+                   settings, budget, cancel, seed)
+
+    def submit(self, *jobs: Job) -> None:
+        raise NotImplementedError
+
+    def read(self, job: Job, timeout: float | None = None) -> Iterator[str]:
+        """The job's pieces; raises its error; queue.Empty if nothing comes for `timeout` s."""
+        while True:
+            kind, value = job.events.get(timeout=timeout)
+            if kind == "piece":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+
+    def stream(self, job: Job) -> Iterator[str]:
+        """Submit, then the pieces; closing the iterator early cancels the job."""
+        self.submit(job)
+        try:
+            yield from self.read(job)
+        finally:
+            job.cancel.set()
 
     def process_images(self, images: Sequence[Any] | None) -> tuple[list[ProcessedImage], list[str]]:
         """Processed images and their cache keys; an image seen before (same content) is not
@@ -192,6 +227,31 @@ class ContinuousBatcher:
             keys.append(key)
         return processed, keys
 
+
+class ContinuousBatcher(JobMaker):
+    """`prepare` (any thread: tokenise, check) -> `submit` -> read the job's events (`read`)."""
+
+    def __init__(self, generator: Generator, config: EngineConfig = EngineConfig(),
+                 wrap: Callable[[Callable], Callable] | None = None):
+        super().__init__(generator.processor, generator.context_length, config)
+        self.generator, self.model, self.llm = generator, generator.model, generator.model.llm
+        self.images = ImageCache(config.image_cache_bytes)        # key -> visual tokens (scheduler thread)
+        self.prefixes = PrefixCache(config.prefix_cache_bytes)
+        self.stats: collections.Counter = collections.Counter()
+        self._wrap = wrap or (lambda fn: fn)     # e.g. ZeroGPU's spaces.GPU around a burst of work
+        params = inspect.signature(self.llm.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_kw = "logits_to_keep" in params
+        self._batchable: bool | None = None      # decided by the first prefill's cache
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._rows: list[Job] = []               # the batch; only the scheduler thread touches it
+        self._cache: DynamicCache | None = None  # (rows, heads, width, head_dim) per layer
+        self._mask: torch.Tensor | None = None   # (rows, width), 0 = left padding
+
+    # --- the callers' side ----------------------------------------------------------------
     def submit(self, *jobs: Job) -> None:
         """Queue jobs (together: they are admitted in this order at the same iteration)."""
         with self._cond:
@@ -211,25 +271,6 @@ class ContinuousBatcher:
     def idle(self) -> bool:
         """Nothing waits and nothing decodes (a finished row has left the batch)."""
         return not self._waiting and not self._rows
-
-    def read(self, job: Job, timeout: float | None = None) -> Iterator[str]:
-        """The job's pieces; raises its error; queue.Empty if nothing comes for `timeout` s."""
-        while True:
-            kind, value = job.events.get(timeout=timeout)
-            if kind == "piece":
-                yield value
-            elif kind == "error":
-                raise value
-            else:
-                return
-
-    def stream(self, job: Job) -> Iterator[str]:
-        """Submit, then the pieces; closing the iterator early cancels the job."""
-        self.submit(job)
-        try:
-            yield from self.read(job)
-        finally:
-            job.cancel.set()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the scheduler thread; jobs not finished get an error."""
@@ -283,6 +324,7 @@ class ContinuousBatcher:
                 job.finish("cancelled")
                 continue
             try:
+                job.arm(self.model.device)
                 cache, logits = self._prefill(job)
                 self._accept(job, self._pick(job, logits))
             except Exception as e:  # noqa: BLE001 - this request fails, the others go on
@@ -301,7 +343,7 @@ class ContinuousBatcher:
 
     def _prefill(self, job: Job) -> tuple[DynamicCache, torch.Tensor]:
         device, n = self.model.device, len(job.ids)
-        visual = [self._visual(im, key) for im, key in zip(job.images, job.image_keys)]
+        visual = [self._visual(im, key, job.tokens) for im, key in zip(job.images, job.image_keys)]
         reused, cache = 0, None
         if self._batchable and self.config.prefix_cache_bytes:
             reused, cache = self.prefixes.longest(job.keys, most=n - 1)   # at least one position to run
@@ -317,9 +359,13 @@ class ContinuousBatcher:
         self.stats["reused"] += reused
         return cache, logits
 
-    def _visual(self, image: ProcessedImage, key: str) -> torch.Tensor:
-        """The image's visual tokens (K, d): from the cache, else encoded once and kept."""
-        tokens = self.images.get(key) if self.config.image_cache_bytes else None
+    def _visual(self, image: ProcessedImage, key: str, job_tokens: dict[str, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """The image's visual tokens (K, d): the job's own (found before it waited), the cache's,
+        else encoded once and kept."""
+        tokens = job_tokens.get(key) if job_tokens else None
+        if tokens is None and self.config.image_cache_bytes:
+            tokens = self.images.get(key)
         if tokens is None:
             skip = torch.tensor([image.skipped], dtype=torch.bool)
             tokens = self.model.image_embeddings(image.pixels[None].to(self.model.device), skip)[0]
@@ -389,6 +435,7 @@ class ContinuousBatcher:
         device = self.model.device
         if not self._rows:
             self._rows, self._cache = [job], cache
+            cache.layers = [_RoomyLayer.taking(layer) for layer in cache.layers]
             self._mask = torch.ones(1, n, dtype=torch.long, device=device)
             return
         width = self._mask.shape[1]
@@ -432,6 +479,42 @@ class ContinuousBatcher:
         n = len(job.ids) + len(job.generated) - 1                        # positions in the cache
         kv = [(layer.keys[row:row + 1, :, -n:], layer.values[row:row + 1, :, -n:]) for layer in cache.layers]
         self.prefixes.store(job.keys + tuple(job.generated[:-1]), kv)
+
+
+class _RoomyLayer(DynamicLayer):
+    """The batch's cache layer: a decode step writes its position into room kept after the
+    last one instead of concatenating (DynamicLayer's `torch.cat` copies the whole batch's
+    keys and values every step: half of a batch-8 step's time for the demo model on CPU).
+    `keys` / `values` stay what DynamicLayer's are, (rows, heads, positions, head_dim) tensors
+    (views of the buffers); whatever replaces them (a join, rows leaving, trimmed columns) gets
+    new buffers at the next step."""
+
+    ROOM = 64                                    # positions of room made at each regrowth
+
+    @classmethod
+    def taking(cls, layer: DynamicLayer) -> "_RoomyLayer":
+        roomy = cls()
+        roomy.__dict__.update(layer.__dict__)
+        roomy._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        return roomy
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized or self.keys.numel() == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        used, n = self.keys.shape[-2], key_states.shape[-2]
+        bufs = self._buffers
+        if bufs is None or bufs[0].data_ptr() != self.keys.data_ptr() or bufs[0].shape[0] != self.keys.shape[0] \
+                or self.keys.stride() != bufs[0].stride() or used + n > bufs[0].shape[-2]:
+            rows, heads, _, dim = self.keys.shape
+            bufs = tuple(t.new_empty(rows, heads, used + n + self.ROOM, dim) for t in (self.keys, self.values))
+            bufs[0][:, :, :used].copy_(self.keys)
+            bufs[1][:, :, :used].copy_(self.values)
+            self._buffers = bufs
+        bufs[0][:, :, used:used + n].copy_(key_states)
+        bufs[1][:, :, used:used + n].copy_(value_states)
+        self.keys, self.values = bufs[0][:, :, :used + n], bufs[1][:, :, :used + n]
+        return self.keys, self.values
 
 
 def _pad_left(cache: DynamicCache, n: int) -> None:

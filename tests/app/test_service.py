@@ -1,6 +1,7 @@
 """The model service: requests, cancel (before and during decoding), and failures that leave it serving."""
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -120,3 +121,25 @@ def test_the_version_of_a_folder_tells_two_trainings_of_one_architecture_apart(m
     save_file(tensors, weights, metadata=metadata)
     assert weights.stat().st_size == size
     assert _folder_version(copy, is_hub=False) != _folder_version(model_dir, is_hub=False)
+
+
+def test_a_service_with_its_engine_in_a_process_of_its_own_serves_and_cancels(model_dir, service):
+    from app.service import ServingLimits
+
+    remote = ModelService.load(str(model_dir), device="cpu", limits=ServingLimits(engine_mode="process",
+                                                                                  engine_threads=1))
+    try:
+        assert remote.generator is None and remote.engine.pid != os.getpid()   # no model in this process
+        assert remote.info == service.info
+        assert remote.generate(_request()) == service.generate(_request())    # the same weights, greedy
+        running = _request(n=600)
+        stream = remote.stream(running)
+        first = next(stream)
+        remote.cancel(running.id)
+        rest = "".join(stream)
+        assert running.cancelled and running.text == first + rest and len(running.text) < 600
+        assert remote.wait_idle(5)
+    finally:
+        remote.close()
+    with pytest.raises(ServiceError, match="cannot load model"):
+        ModelService.load(str(model_dir / "missing"), limits=ServingLimits(engine_mode="process"))

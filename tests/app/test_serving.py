@@ -194,7 +194,8 @@ def test_serving_flags_and_their_twins():
     assert (d.max_batch, d.user_queue, d.request_timeout, d.image_cache_mb, d.prefix_cache_mb) == (8, 4, 300, 256, 512)
     limits = serving_limits(s.with_(queue_size=5))
     assert limits == ServingLimits(max_batch=16, max_waiting=5, per_user=2, timeout_s=90.0,
-                                   image_cache_mb=0, prefix_cache_mb=64, stream_interval_s=0.0)
+                                   image_cache_mb=0, prefix_cache_mb=64, stream_interval_s=0.0,
+                                   engine_mode="process", engine_threads=0)
     assert serving_limits(d).stream_interval_s == 0.05
     assert limits.engine().image_cache_bytes == 0 and limits.engine().prefix_cache_bytes == 64 << 20
     for bad in (["--max-batch", "0"], ["--request-timeout", "soon"], ["--image-cache-mb", "-1"],
