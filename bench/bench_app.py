@@ -103,6 +103,17 @@ class Server:
     process: Any
     conn: Any
     level_stats: dict[int, dict[str, int]] = field(default_factory=dict)   # users -> engine counters of that level
+    level_cpu: dict[int, dict[str, float]] = field(default_factory=dict)   # users -> CPU seconds of that level
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of the app's process, of its children (the engine process) and of
+        this process (the users' clients); empty where /proc cannot be read (not Linux)."""
+        try:
+            kids = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+            return {"server": _cpu_seconds(self.process.pid), "engine": sum(_cpu_seconds(int(k)) for k in kids),
+                    "users": sum(os.times()[:2])}
+        except (OSError, ValueError, IndexError):
+            return {}
 
     def stats(self) -> dict[str, int]:
         """The serving engine's counters so far (steps, row_steps, tokens, prefilled, reused, ...)."""
@@ -123,6 +134,12 @@ class Server:
             self.process.terminate()
             self.process.join(timeout=10)
         return served
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads), from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(spec: str | None, data_dir: Path, threads: int, cap: int, engine: str = "process",
@@ -206,11 +223,15 @@ def run_level(url: str, users: int, per_user: int, new_tokens: int, server: Serv
     for t in threads:
         t.start()
     before = server.stats().get("tokens", 0)
+    cpu0 = server.cpu()                       # after the clients connected: their setup is not the level's
     barrier.wait()
     t0 = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu1 = server.cpu()
+    if cpu0 and cpu1:
+        server.level_cpu[users] = {k: cpu1[k] - cpu0[k] for k in cpu1}
     for c in clients:
         c.close()
     return samples, wall, server.stats().get("tokens", 0) - before

@@ -99,6 +99,12 @@ def main(argv: list[str] | None = None) -> str:
                     "batch runs full most of the level instead of draining after two replies each)")
     ap.add_argument("--pairs", type=int, default=None, help="two-turn conversations (default 8)")
     ap.add_argument("--new-tokens", type=int, default=None, help="max new tokens per reply (default 128)")
+    ap.add_argument("--engine", choices=("process", "thread"), default="process",
+                    help="the app's --engine (default process, the app's default)")
+    ap.add_argument("--engine-threads", type=int, default=0,
+                    help="the app's --engine-threads (default 0: all cores but one)")
+    ap.add_argument("--no-compare", action="store_true",
+                    help="skip the same levels with the engine in the server's process (--engine thread)")
     args = ap.parse_args(argv)
     if 1 not in args.users or any(u < 1 for u in args.users):
         ap.error("--users must be positive and include 1 (the reference level)")
@@ -115,15 +121,20 @@ def main(argv: list[str] | None = None) -> str:
             return out
 
         server, levels, turns, served = measure_levels(args.model, Path(tmp), args.threads, args.users, requests,
-                                                       new_tokens, then)
+                                                       new_tokens, then, args.engine, args.engine_threads)
+        other = None
+        if args.engine == "process" and not args.no_compare:
+            other = measure_levels(args.model, Path(tmp) / "thread", args.threads, args.users, requests, new_tokens,
+                                   engine="thread")
     floor = transport_floor()
     inside = {name: _inside(served, pairs, len(WORKLOADS) - 1 - i) for i, name in enumerate(WORKLOADS)}
-    alone = service_alone(args.model, args.threads, args.users, requests, new_tokens)
-    return publish(NAME, _body(server.info, new_tokens, levels, turns, inside, floor, alone, server.level_stats), args)
+    alone = service_alone(args.model, args.threads, args.users, requests, new_tokens, args.engine, args.engine_threads)
+    compare = {users: tokens / wall for users, _, _, wall, tokens in other[1]} if other else {}
+    return publish(NAME, _body(server, new_tokens, levels, turns, inside, floor, alone, compare), args)
 
 
 def service_alone(spec: str | None, threads: int, levels_of: list[int], requests: int,
-                  new_tokens: int) -> dict[int, float]:
+                  new_tokens: int, engine: str = "process", engine_threads: int = 0) -> dict[int, float]:
     """The same levels on the app's model service in this process, without Gradio, HTTP or the
     store: users -> aggregate tokens/s. What batching gives on this machine before the app's
     per-request costs (run after the server has stopped, so the two do not share the CPU)."""
@@ -132,13 +143,14 @@ def service_alone(spec: str | None, threads: int, levels_of: list[int], requests
     import torch
     from PIL import Image
 
-    from app.service import GenerationRequest, ModelService
+    from app.service import GenerationRequest, ModelService, ServingLimits
     from app.settings import AppSettings
     from sphinx_model.conversation import Conversation, Message
     from sphinx_model.generation import GenerationSettings
 
     torch.set_num_threads(threads)
-    service = ModelService.load(AppSettings(model=spec).model_spec, device="cpu")
+    service = ModelService.load(AppSettings(model=spec).model_spec, device="cpu",
+                                limits=ServingLimits(engine_mode=engine, engine_threads=engine_threads))
     images = [Image.open(EXAMPLES / name).convert("RGB") for name in IMAGES]
 
     def level(users: int, per_user: int) -> float:
@@ -235,9 +247,10 @@ def _follow_up_rows(name: str, turns: list[tuple[Sample, Sample]], inside: tuple
     return rows, line, len(turns) - len(good)
 
 
-def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: dict[str, list[tuple[Sample, Sample]]],
+def _body(server: Any, new_tokens: int, levels: list, turns: dict[str, list[tuple[Sample, Sample]]],
           inside: dict[str, tuple[list[float], list[float]]], floor: list[float], alone: dict[int, float],
-          engine: dict[int, dict[str, int]]) -> str:
+          compare: dict[int, float]) -> str:
+    info, engine, cpu = server.info, server.level_stats, server.level_cpu
     rows, errors, rate, p95 = [], 0, {}, {}
     for users, per_user, samples, wall, tokens in levels:
         row, ttft, failed = level_row(users, per_user, samples, wall, tokens)
@@ -246,9 +259,13 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: dict[str, 
         p95[users] = pctl(ttft, 0.95) if ttft else float("nan")
         base = BASELINE.get(users)
         st = engine.get(users, {})
+        c, n = cpu.get(users), max(len(samples), 1)
         rows.append(row + [f"{st['row_steps'] / st['steps']:.1f}" if st.get("steps") else "—",
+                           " / ".join(f"{1000 * c[k] / n:.0f}" for k in ("server", "engine", "users")) if c else "—",
+                           f"{sum(c.values()) / wall:.2f}" if c else "—",
                            f"{base[0]:.2f} / {base[1]:.1f}" if base else "—"])
-    header = LEVEL_HEADER + ["rows per decode step (mean)", "serialised baseline: TTFT p50 s / tokens/s"]
+    header = LEVEL_HEADER + ["rows per decode step (mean)", "CPU ms per request: server / engine / users",
+                             "cores busy", "serialised baseline: TTFT p50 s / tokens/s"]
     turn_rows, turn_lines = [], []
     for name, pairs_of in turns.items():
         r, line, failed = _follow_up_rows(name, pairs_of, inside.get(name, ([], [])), floor)
@@ -261,11 +278,14 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: dict[str, 
                    "turn 2 p95 s", "turn 2 / turn 1 (medians)", "median of per-conversation ratios"]
     top = max(rate)
     speedup = rate[top] / rate[1]
-    alone_rows = [[users, f"{rate.get(users, float('nan')):.1f}", f"{alone[users]:.1f}",
-                   f"{rate.get(users, float('nan')) / rate[1]:.2f}x", f"{alone[users] / alone[1]:.2f}x"]
+    alone_rows = [[users, f"{rate.get(users, float('nan')):.1f}", f"{rate.get(users, float('nan')) / rate[1]:.2f}x",
+                   *([f"{compare[users]:.1f}", f"{compare[users] / compare[1]:.2f}x"] if compare.get(1) and users in compare
+                     else ["—", "—"]),
+                   f"{alone[users]:.1f}", f"{alone[users] / alone[1]:.2f}x"]
                   for users in sorted(alone)]
-    alone_header = ["users", "through the app: tokens/s", "the model service alone: tokens/s",
-                    "through the app: x 1 user", "the service alone: x 1 user"]
+    alone_header = ["users", "through the app: tokens/s", "x 1 user",
+                    "through the app, engine in the server's process (--engine thread): tokens/s", "x 1 user",
+                    "the model service alone: tokens/s", "x 1 user"]
     load, model = run_facts(info)
     targets = [
         f"aggregate tokens/s at {top} users = {speedup:.2f}x one user (target >= 3x): **{_verdict(speedup >= 3)}**",
@@ -278,7 +298,10 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: dict[str, 
         "## Batched serving through the app: users, throughput, follow-up turns (bench/bench_serving.py)",
         "",
         f"- Machine: {cpu_name()}, {os.cpu_count()} logical CPUs, no GPU; the app in its own process, torch "
-        f"{info['torch']} with {info['threads']} intra-op threads (set explicitly), "
+        f"{info['torch']} with {info['threads']} intra-op threads there (set explicitly), the model's engine "
+        + (f"in a process of its own (`--engine process`, the app's default) with {info.get('engine_threads')} "
+           "intra-op thread(s); " if info.get("engine") == "process" else "in the app's process (`--engine thread`); ")
+        + 
         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}; load average at the end {load} (the machine is "
         "shared: timings are noisy).",
         f"- Model: {model}; the service decodes up to {info.get('max_batch')} requests as one batch "
@@ -286,7 +309,9 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: dict[str, 
         "(defaults); Gradio lets as many model events in at once.",
         f"- Levels: bench_app's workload (a new `/chat` conversation per request, an example scene uploaded, "
         f"prompts cycled, greedy, max {new_tokens} new tokens, users start together, one warm-up first); "
-        "tokens counted in the server (one LLM forward = one new token per row).",
+        "tokens counted by the serving engine (one per row of each decode step and one per prefill). CPU per request: "
+        "the app's process, the engine process and the users' clients (this process), from /proc over the level; "
+        "cores busy = their sum / the level's wall time.",
         f"- Follow-ups: one user, {max(map(len, turns.values()), default=0)} conversations per picture: turn 1 "
         f"\"{FIRST}\" about a fresh picture (an example scene with one pixel changed, or a 1600x1200 JPEG the size "
         f"of a phone photo: no cache knows it), turn 2 \"{FOLLOW_UP}\" in the same conversation.",
@@ -301,8 +326,9 @@ def _body(info: dict[str, Any], new_tokens: int, levels: list, turns: dict[str, 
         "",
         md_table(turn_header, turn_rows),
         "",
-        "The same levels on the model service alone (this process, after the server stopped: no Gradio, "
-        "HTTP, store or users' clients; the engine's counter of generated tokens):",
+        "The same levels with the engine in the server's process (a second server, same run), and on the model "
+        "service alone (this process, after the servers stopped: no Gradio, HTTP, store or users' clients; the "
+        "same engine settings; the engine's counter of generated tokens):",
         "",
         md_table(alone_header, alone_rows),
         "",
