@@ -15,7 +15,9 @@ import io
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,11 +140,48 @@ def _insert_once(session: Session, row: Any, existing: Any) -> Any:
 
 
 @dataclass(frozen=True)
+class _Kept:
+    """What sanitising an upload gave, without its bytes (the file holds them)."""
+
+    sha256: str
+    size: int
+    width: int
+    height: int
+    format: str
+
+
+class _RecentUploads:
+    """The last uploads' digests (of the bytes as uploaded) -> what was kept for them, so the
+    same file sent again (an example clicked, an API client sending its picture with each new
+    conversation) is not decoded, re-encoded and hashed again. Sanitising is a function of the
+    bytes, so the memo can only be stale when the kept file is gone, which `put` checks."""
+
+    def __init__(self, size: int = 4096):
+        self._items: OrderedDict[str, _Kept] = OrderedDict()
+        self._size, self._lock = size, threading.Lock()
+
+    def get(self, digest: str) -> _Kept | None:
+        with self._lock:
+            kept = self._items.get(digest)
+            if kept is not None:
+                self._items.move_to_end(digest)
+            return kept
+
+    def put(self, digest: str, kept: _Kept) -> None:
+        with self._lock:
+            self._items[digest] = kept
+            self._items.move_to_end(digest)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+@dataclass(frozen=True)
 class ImageStore:
     """Image files under `root/<first two hex digits>/<sha256>.<ext>`."""
 
     root: Path
     limits: ImageLimits = ImageLimits()
+    _recent: _RecentUploads = field(default_factory=_RecentUploads, compare=False, repr=False)
 
     def path_for(self, sha256: str, fmt: str) -> Path:
         return self.root / sha256[:2] / image_filename(sha256, fmt)
@@ -163,11 +202,15 @@ class ImageStore:
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ImageRejected(f"an upload is bytes, got {type(data).__name__}")
-        img = sanitize_image(bytes(data), self.limits)
-        self._write_file(img)
+        img = self.seen(data)
+        if img is None:
+            clean = sanitize_image(bytes(data), self.limits)
+            self._write_file(clean)
+            img = _Kept(clean.sha256, len(clean.data), clean.width, clean.height, clean.format)
+            self._recent.put(hashlib.sha256(data).hexdigest(), img)
         row = session.get(ImageRow, img.sha256)
         if row is None:
-            row = _insert_once(session, ImageRow(sha256=img.sha256, size_bytes=len(img.data), width=img.width,
+            row = _insert_once(session, ImageRow(sha256=img.sha256, size_bytes=img.size, width=img.width,
                                                  height=img.height, format=img.format),
                                lambda: session.get(ImageRow, img.sha256))
         key = (img.sha256, owner.kind, owner.id)
@@ -175,6 +218,16 @@ class ImageStore:
             _insert_once(session, ImageOwnerRow(image_sha256=img.sha256, owner_kind=owner.kind, owner_id=owner.id),
                          lambda: session.get(ImageOwnerRow, key))
         return row
+
+    def seen(self, data: bytes) -> _Kept | None:
+        """What was kept for these exact bytes by a recent `put`, if its file is still intact."""
+        kept = self._recent.get(hashlib.sha256(data).hexdigest())
+        if kept is None:
+            return None
+        path = self.path_for(kept.sha256, kept.format)
+        if path.is_symlink() or not path.is_file() or path.stat().st_size != kept.size:
+            return None
+        return kept
 
     def _write_file(self, img: EncodedImage) -> None:
         """Write the file unless an intact copy is there (a regular file of the right size:

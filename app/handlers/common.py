@@ -112,11 +112,13 @@ def keep_upload(ctx: AppContext, owner: Owner, value: Any) -> StoredImage:
     boxes are drawn on, and what History reopens, so all three always agree.
     """
     path = upload_path(value)
-    try:
-        load_image(path, max_pixels=_upload_limit(ctx))
-    except ImageError as e:
-        raise UserError(str(e).replace(str(path), path.name)) from e
-    return put_image(ctx.store, owner, path.read_bytes())
+    data = path.read_bytes()
+    if ctx.store.images.seen(data) is None:      # the same bytes kept before passed this check
+        try:
+            load_image(path, max_pixels=_upload_limit(ctx))
+        except ImageError as e:
+            raise UserError(str(e).replace(str(path), path.name)) from e
+    return put_image(ctx.store, owner, data)
 
 
 def store_upload(ctx: AppContext, owner: Owner, value: Any) -> tuple[StoredImage, Image.Image]:

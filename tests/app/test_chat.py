@@ -222,3 +222,19 @@ def test_boxes_in_an_answer_are_mapped_onto_the_image(ctx, image_file):
     assert region.label == "red box" and region.pixels == pytest.approx((0.1 * side, 0.1 * side, 0.4 * side, 0.4 * side))
     picture = chat.overlay(ctx, restored)
     assert picture.size == (stored.width, stored.height)
+
+
+def test_the_same_upload_again_is_checked_and_kept_without_decoding_it_again(ctx, image_file, tmp_path, monkeypatch):
+    import app.handlers.common as common
+
+    calls, real = [], common.load_image
+    monkeypatch.setattr(common, "load_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = common.keep_upload(ctx, common.owner_of(ALICE), str(image_file))
+    copy = tmp_path / "again.png"                      # a new upload of the same bytes (an example clicked again)
+    copy.write_bytes(image_file.read_bytes())
+    again = common.keep_upload(ctx, common.owner_of(BOB), str(copy))
+    assert again.sha256 == first.sha256 and calls == [1]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(image_file.read_bytes()[:40])   # other bytes are checked, and refused with a message
+    with pytest.raises(UserError):
+        common.keep_upload(ctx, common.owner_of(ALICE), str(broken))

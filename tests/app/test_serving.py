@@ -204,6 +204,22 @@ def test_serving_flags_and_their_twins():
             parse_settings(bad, {})
 
 
+def test_the_engine_flag_its_twin_and_zerogpu(monkeypatch):
+    assert parse_settings([], {}).engine == "process"
+    s = parse_settings(["--engine-threads", "3"], {"SPHINX_ENGINE": "thread"})
+    assert (s.engine, s.engine_threads) == ("thread", 3)
+    assert parse_settings(["--engine", "process"], {"SPHINX_ENGINE": "thread"}).engine == "process"
+    for bad in (["--engine", "gpu"], ["--engine-threads", "-1"]):
+        with pytest.raises(SettingsError):
+            parse_settings(bad, {})
+    with pytest.raises(ValueError, match="engine_mode"):
+        ServingLimits(engine_mode="fork")
+    import app.launch as launch
+
+    monkeypatch.setattr(launch, "on_zerogpu", lambda: True)      # spaces.GPU decorates in this process only
+    assert serving_limits(parse_settings([], {})).engine_mode == "thread"
+
+
 def test_a_reader_that_falls_behind_gets_the_same_text_in_fewer_pieces(service):
     every = _with(service, ServingLimits(stream_interval_s=0.0))    # every piece as it comes
     try:

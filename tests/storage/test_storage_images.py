@@ -18,7 +18,7 @@ from storage.images import (
     image_filename,
     sanitize_image,
 )
-from storage.models import ImageRow
+from storage.models import ImageOwnerRow, ImageRow
 from storage.repository import Owner
 from storagetest_support import make_image
 
@@ -108,6 +108,31 @@ def test_same_picture_is_stored_once(store: Store) -> None:
         assert path.parent.parent == store.settings.image_root
         assert store.images.read(c) == path.read_bytes() and len(path.read_bytes()) == c.size_bytes
         assert not list(path.parent.glob(".upload-*"))  # no temporary files left
+
+
+def test_the_same_bytes_again_are_not_decoded_again_unless_their_file_is_gone(store: Store, monkeypatch) -> None:
+    import storage.images as images
+
+    calls = []
+    real = images.sanitize_image
+    monkeypatch.setattr(images, "sanitize_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = make_image(24, 16)
+    other = Owner("session", "someone-else")
+    with Session(store.engine) as s, s.begin():
+        first = store.images.put(s, data, owner=OWNER)
+        sha, path = first.sha256, store.images.path(first)
+        assert store.images.seen(data).sha256 == sha
+    with Session(store.engine) as s, s.begin():
+        again = store.images.put(s, data, owner=other)           # another uploader, same bytes
+        assert again.sha256 == sha
+        assert s.get(ImageOwnerRow, (sha, other.kind, other.id)) is not None   # recorded as its uploader too
+    assert calls == [1]
+    path.unlink()                                                # the kept file is gone: decode and write it again
+    assert store.images.seen(data) is None
+    with Session(store.engine) as s, s.begin():
+        store.images.put(s, data, owner=OWNER)
+    assert calls == [1, 1] and path.is_file()
+    assert store.images.seen(make_image(24, 17)) is None         # other bytes are not known
 
 
 def test_two_writers_storing_the_same_picture_at_once(store: Store) -> None:
