@@ -127,6 +127,8 @@ def save_exchange(store: Store, owner: Owner, conversation_id: str | None, model
                                   latency_ms=turn.latency_ms, stopped=turn.stopped)
         except NotFound as e:   # the conversation, or an image, is not the owner's
             raise RecordError(f"not in your history: {e}") from e
+        except ValueError as e:  # a value no backend stores (storage.values): a message, not a traceback
+            raise RecordError(f"this exchange cannot be stored: {e}") from e
         return SavedTurn(conversation_id, user.id, bot.id)
 
 

@@ -108,6 +108,13 @@ class _TokenQueue(BaseStreamer):
         self.queue.put(None)
 
 
+# C0 control characters other than tab, newline and carriage return, and DEL: a byte-level model
+# can write any byte, but a NUL or an escape in an answer is nothing a reader can see, and no
+# store keeps a NUL in text (PostgreSQL refuses it). Dropped per character, so every prefix of
+# the streamed text is still a prefix of the final answer.
+_CONTROL_CHARS = {c: None for c in (*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F)}
+
+
 def token_budget(context_length: int, prompt_length: int, settings: GenerationSettings) -> int:
     """`settings.max_new_tokens`, capped to the room the prompt leaves in `context_length`."""
     room = context_length - prompt_length
@@ -165,7 +172,8 @@ class Generator:
         ids = list(ids)
         if self.tokenizer.eos_token_id in ids:
             ids = ids[: ids.index(self.tokenizer.eos_token_id)]
-        return self.processor.template.clean_output(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return self.processor.template.clean_output(
+            self.tokenizer.decode(ids, skip_special_tokens=True).translate(_CONTROL_CHARS))
 
     def generate(self, conversations: Sequence[Conversation], images: Sequence[Any] | None = None,
                  settings: GenerationSettings | None = None, cancel: threading.Event | None = None) -> list[str]:
@@ -232,7 +240,7 @@ class Generator:
         done = eos in ids
         if done:
             ids = ids[: ids.index(eos)]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).translate(_CONTROL_CHARS).lstrip()
         for stop in self.stops:
             idx = text.find(stop)
             if idx >= 0:

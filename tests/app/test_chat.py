@@ -238,3 +238,17 @@ def test_the_same_upload_again_is_checked_and_kept_without_decoding_it_again(ctx
     broken.write_bytes(image_file.read_bytes()[:40])   # other bytes are checked, and refused with a message
     with pytest.raises(UserError):
         common.keep_upload(ctx, common.owner_of(ALICE), str(broken))
+
+
+def test_an_answer_the_store_cannot_keep_is_a_message_and_the_conversation_stays(ctx, image_file):
+    from app.records import TurnRecord, save_exchange
+
+    state = chat.submit(ctx, chat.ChatState(), ALICE, "Describe it.", [str(image_file)])
+    state = _answer(ctx, state)[-1].state
+    owner = Owner("session", ALICE.partition(":")[2])
+    with pytest.raises(RecordError, match="cannot be stored"):
+        save_exchange(ctx.store, owner, state.conversation_id, ctx.service.info,
+                      TurnRecord(prompt="again", answer="a NUL \x00 here", images=[], regions=None,
+                                 settings={}, latency_ms=1.0, stopped=False))
+    messages, _ = _stored(ctx, ALICE, state.conversation_id)
+    assert len(messages) == 2                          # the first exchange is kept, nothing half-written

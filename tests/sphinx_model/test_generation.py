@@ -79,3 +79,13 @@ def test_bad_settings_are_refused():
         GenerationSettings(max_new_tokens=0)
     with pytest.raises(ValueError):
         GenerationSettings(top_p=0)
+
+
+def test_control_bytes_a_model_writes_never_reach_the_answer(gen):
+    # a byte-level model can write any byte: a NUL (which no store keeps in text) or an escape
+    tok = gen.tokenizer
+    ids = tok.encode("A\x00 red\x1b[2J car.\tOK\n", add_special_tokens=False)
+    assert gen.visible_text(ids, final_piece=True) == ("A red[2J car.\tOK", False)
+    assert gen._finish(ids) == "A red[2J car.\tOK"
+    for k in range(1, len(ids)):                        # every streamed prefix is a prefix of the answer
+        assert "A red[2J car.\tOK".startswith(gen.visible_text(ids[:k])[0])
