@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
-
 from sqlalchemy.exc import SQLAlchemyError
 
 from storage import StorageError, open_store

@@ -8,7 +8,10 @@ Handlers build a `GenerationRequest` and never see tensors.
 Behind this interface concurrent requests are served together: the continuous-batching
 engine (`sphinx_model.serving`) decodes every running request in one batch, lets a new one
 join at the next step, reuses each image's visual tokens and each conversation's known
-prefix. The service adds what protects it: a per-user cap on requests waiting or running,
+prefix. It runs on a thread of this process (`ServingLimits.engine_mode="thread"`, the
+library default and ZeroGPU's), or in a process of its own (`"process"`, the app's default:
+`sphinx_model.engine_process`), where no Python of the web server holds up a decode step;
+then this process holds no model, only the processor. The service adds what protects it: a per-user cap on requests waiting or running,
 a global bound on those waiting, and a per-request time limit; each ends in a one-line
 ServiceError for the user, never a hang.
 
@@ -35,13 +38,18 @@ from typing import Any
 
 import torch
 
-from sphinx_model.checkpoint import CheckpointError, from_pretrained, load_model, resolve_checkpoint
+from sphinx_model.checkpoint import (
+    CheckpointError,
+    from_pretrained,
+    load_model,
+    resolve_checkpoint,
+)
 from sphinx_model.config import CONFIG_FILE, get_preset, list_presets
 from sphinx_model.conversation import Conversation, SchemaError
+from sphinx_model.engine_process import EngineProcess, EngineProcessError, seeded
 from sphinx_model.generation import GenerationSettings, Generator
 from sphinx_model.image_processing import ImageError
 from sphinx_model.processor import PromptTooLongError, SphinxProcessor
-from sphinx_model.engine_process import EngineProcess, EngineProcessError, seeded
 from sphinx_model.serving import MIB, ContinuousBatcher, EngineConfig, Job, Signal
 from sphinx_model.tiling import Canvas
 
@@ -146,7 +154,7 @@ class ModelService:
     # --- loading ---------------------------------------------------------------------
     @classmethod
     def load(cls, spec: str, device: str | None = None, dtype: str | None = None,
-             seed: int = 0, quantize: str | None = None, limits: ServingLimits | None = None) -> "ModelService":
+             seed: int = 0, quantize: str | None = None, limits: ServingLimits | None = None) -> ModelService:
         """A checkpoint folder, a hub repo id or a preset name; ServiceError if it cannot load."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         limits = limits or ServingLimits()

@@ -56,7 +56,7 @@ class EngineProcess(JobMaker):
     """A `ContinuousBatcher` running in a child process; `loader()` (picklable: a module-level
     function or a partial of one) builds (model, processor) there."""
 
-    def __init__(self, loader: Callable[[], tuple[Any, Any]], config: EngineConfig = EngineConfig(),
+    def __init__(self, loader: Callable[[], tuple[Any, Any]], config: EngineConfig | None = None,
                  threads: int | None = None, ready_timeout: float = READY_TIMEOUT_S):
         self._loader, self._ready_timeout = loader, ready_timeout
         self.threads = threads or default_threads()   # the child's intra-op threads
@@ -69,6 +69,7 @@ class EngineProcess(JobMaker):
         self._stats: queue.Queue = queue.Queue()
         self._closed = False
         self.restarts = -1
+        config = config or EngineConfig()
         processor, context_length = self._start(config)
         super().__init__(processor, context_length, config)
 

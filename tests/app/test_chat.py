@@ -5,6 +5,7 @@ import dataclasses
 import time
 
 import pytest
+from apptest_support import ALICE, BOB, scene
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -12,7 +13,6 @@ from app.handlers import chat
 from app.handlers.common import UserError, generation_settings
 from app.records import RecordError, StoredTurn
 from app.service import ModelService
-from apptest_support import ALICE, BOB, scene
 from storage.models import FeedbackEventRow, FeedbackRow, MessageRow
 from storage.repository import Owner, get_conversation
 
@@ -225,7 +225,7 @@ def test_boxes_in_an_answer_are_mapped_onto_the_image(ctx, image_file):
 
 
 def test_the_same_upload_again_is_checked_and_kept_without_decoding_it_again(ctx, image_file, tmp_path, monkeypatch):
-    import app.handlers.common as common
+    from app.handlers import common
 
     calls, real = [], common.load_image
     monkeypatch.setattr(common, "load_image", lambda *a, **k: calls.append(1) or real(*a, **k))

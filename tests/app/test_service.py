@@ -6,13 +6,13 @@ import threading
 
 import pytest
 import torch
+from apptest_support import ALICE
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.handlers import chat
 from app.handlers.common import generation_settings
 from app.service import GenerationRequest, ModelService, ServiceError
-from apptest_support import ALICE
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.generation import GenerationSettings
 from storage.models import MessageRow

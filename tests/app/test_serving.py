@@ -8,13 +8,13 @@ import threading
 import time
 
 import pytest
+from apptest_support import ALICE, BOB
 
 from app.handlers import chat
 from app.handlers.common import AppContext, generation_settings
 from app.launch import serving_limits
 from app.service import GenerationRequest, ModelService, ServiceError, ServingLimits
 from app.settings import DEMO_MODEL_DIR, AppSettings, SettingsError, parse_settings
-from apptest_support import ALICE, BOB
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.generation import GenerationSettings
 from storage import open_store
@@ -214,7 +214,7 @@ def test_the_engine_flag_its_twin_and_zerogpu(monkeypatch):
             parse_settings(bad, {})
     with pytest.raises(ValueError, match="engine_mode"):
         ServingLimits(engine_mode="fork")
-    import app.launch as launch
+    from app import launch
 
     monkeypatch.setattr(launch, "on_zerogpu", lambda: True)      # spaces.GPU decorates in this process only
     assert serving_limits(parse_settings([], {})).engine_mode == "thread"

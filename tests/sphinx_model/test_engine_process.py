@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,13 +22,9 @@ from sphinx_model.generation import GenerationSettings, Generator
 from sphinx_model.processor import PromptTooLongError
 from sphinx_model.serving import ContinuousBatcher, EngineConfig
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "assets" / "demo"
-EXAMPLES = ROOT / "assets" / "examples"
-SCENES = [str(EXAMPLES / n) for n in ("scene-objects.png", "scene-marks.png", "scene-words.png", "scene-tall.png")]
-QUESTIONS = ("Describe the image briefly.", "Detect all objects shown in the image.",
-             "What is the text in the image?", "How many objects are there?")
-GREEDY = GenerationSettings(max_new_tokens=24)
+sys.path.insert(0, str(Path(__file__).parent))
+from serving_support import DEMO, GREEDY, ROOT, ask, one_by_one
+
 LOAD = functools.partial(from_pretrained, DEMO, device="cpu")
 
 
@@ -42,14 +39,6 @@ def remote():
     engine = EngineProcess(LOAD, EngineConfig(max_batch=8), threads=1)
     yield engine
     engine.close()
-
-
-def ask(k: int) -> tuple[Conversation, list[str]]:
-    return Conversation([Message.user(QUESTIONS[k % 4], image=True)]), [SCENES[(k // 2) % 4]]
-
-
-def one_by_one(gen: Generator, cases, settings=GREEDY) -> list[str]:
-    return [gen.generate([c], [ims], settings)[0] for c, ims in cases]
 
 
 def test_requests_sent_together_answer_as_one_by_one_here(gen, remote):

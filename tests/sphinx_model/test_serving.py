@@ -8,6 +8,7 @@ so a row mixed up with another, a misplaced position or a stale cache shows in t
 one-by-one reference is `Generator` (transformers' own `generate`)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,8 @@ from sphinx_model.conversation import Conversation, Message
 from sphinx_model.generation import GenerationSettings, Generator
 from sphinx_model.serving import ContinuousBatcher, EngineConfig
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "assets" / "demo"
-EXAMPLES = ROOT / "assets" / "examples"
-SCENES = [str(EXAMPLES / n) for n in ("scene-objects.png", "scene-marks.png", "scene-words.png", "scene-tall.png")]
-QUESTIONS = ("Describe the image briefly.", "Detect all objects shown in the image.",
-             "What is the text in the image?", "How many objects are there?")
-GREEDY = GenerationSettings(max_new_tokens=24)
+sys.path.insert(0, str(Path(__file__).parent))
+from serving_support import DEMO, GREEDY, QUESTIONS, SCENES, ask, one_by_one
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +35,6 @@ def engine(gen):
     eng = ContinuousBatcher(gen, EngineConfig(max_batch=8))
     yield eng
     eng.close()
-
-
-def ask(k: int) -> tuple[Conversation, list[str]]:
-    return Conversation([Message.user(QUESTIONS[k % 4], image=True)]), [SCENES[(k // 2) % 4]]
-
-
-def one_by_one(gen: Generator, cases, settings=GREEDY) -> list[str]:
-    return [gen.generate([c], [ims], settings)[0] for c, ims in cases]
 
 
 def test_requests_started_together_decode_as_one_batch_and_answer_as_one_by_one(gen, engine):
