@@ -44,8 +44,8 @@ def build_context(settings: AppSettings) -> AppContext:
 
 def serving_limits(settings: AppSettings) -> ServingLimits:
     """The service's batch, queue, time and cache limits from the app's settings; the service's
-    global bound on waiting requests is the app's queue size. Where `spaces` imports (ZeroGPU)
-    the engine stays in the server's process: a GPU is attached only to functions decorated
+    global bound on waiting requests is the app's queue size. On a ZeroGPU Space the engine stays
+    in the server's process: a GPU is attached only to functions decorated
     there."""
     return ServingLimits(max_batch=settings.max_batch, max_waiting=settings.queue_size,
                          per_user=settings.user_queue, timeout_s=float(settings.request_timeout),

@@ -7,6 +7,7 @@ function is returned unchanged.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -26,8 +27,11 @@ def _spaces() -> Any:
 
 
 def on_zerogpu() -> bool:
-    """Whether model work must run under `spaces.GPU` in this process (the package imports)."""
-    return _spaces() is not None
+    """Whether this is a ZeroGPU Space: `spaces` imports and `SPACES_ZERO_GPU` is set (as the
+    package itself decides). Model work must then run under `spaces.GPU` in this process; on
+    any other Space the package is installed too, but decorates nothing."""
+    flag = os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true")
+    return flag and _spaces() is not None
 
 
 def gpu(fn: F) -> F:

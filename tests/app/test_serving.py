@@ -214,9 +214,13 @@ def test_the_engine_flag_its_twin_and_zerogpu(monkeypatch):
             parse_settings(bad, {})
     with pytest.raises(ValueError, match="engine_mode"):
         ServingLimits(engine_mode="fork")
-    from app import launch
 
-    monkeypatch.setattr(launch, "on_zerogpu", lambda: True)      # spaces.GPU decorates in this process only
+    import app.zerogpu as zerogpu
+
+    monkeypatch.setattr(zerogpu, "_spaces", lambda: object())      # `spaces` imports (as on every Space)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert serving_limits(parse_settings([], {})).engine_mode == "process"
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")                  # a ZeroGPU Space: spaces.GPU works here only
     assert serving_limits(parse_settings([], {})).engine_mode == "thread"
 
 
