@@ -11,9 +11,11 @@ join at the next step, reuses each image's visual tokens and each conversation's
 prefix. It runs on a thread of this process (`ServingLimits.engine_mode="thread"`, the
 library default and ZeroGPU's), or in a process of its own (`"process"`, the app's default:
 `sphinx_model.engine_process`), where no Python of the web server holds up a decode step;
-then this process holds no model, only the processor. The service adds what protects it: a per-user cap on requests waiting or running,
-a global bound on those waiting, and a per-request time limit; each ends in a one-line
-ServiceError for the user, never a hang.
+then this process holds no model, only the processor.
+
+The service adds what protects it: a per-user cap on requests waiting or running, a global
+bound on those waiting, and a per-request time limit; each ends in a one-line ServiceError
+for the user, never a hang.
 
 Images travel as a list per request, one per image part of the conversation, in order (a
 new image may come at any turn; text-only turns keep the earlier ones); `_model_images` is

@@ -63,7 +63,8 @@ class EngineProcess(JobMaker):
         self._jobs: dict[int, Job] = {}
         self._next_id = 0
         self._sent: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._lock = threading.Lock()                 # jobs, ids, sent keys, the pipe's sending end
+        self._lock = threading.Lock()                 # jobs, ids, sent keys
+        self._pipe = threading.Lock()                 # the pipe's sending end
         self._restart = threading.Lock()
         self._stats_lock = threading.Lock()
         self._stats: queue.Queue = queue.Queue()
@@ -123,8 +124,8 @@ class EngineProcess(JobMaker):
             elif kind == "need":                      # it no longer has an image's tokens: send the pixels
                 with self._lock:
                     job = self._jobs.get(rest[0])
-                    if job is not None:
-                        self._send_job(rest[0], job, full=True)
+                if job is not None:
+                    self._send_job(rest[0], job, full=True)
             elif kind == "stats":
                 self._stats.put(rest[0])
         proc.join(5)
@@ -152,33 +153,38 @@ class EngineProcess(JobMaker):
             with self._lock:
                 jid, self._next_id = self._next_id, self._next_id + 1
                 self._jobs[jid] = job
-                self._send_job(jid, job, full=False)
+            self._send_job(jid, job, full=False)
             job.cancel.on_set(lambda jid=jid, job=job: self._cancel(jid, job))
 
     def _send_job(self, jid: int, job: Job, full: bool) -> None:
-        """(under the lock) The job as the engine process takes it; pixels of images it was
-        sent before are left out unless `full`."""
+        """The job as the engine process takes it; pixels of images it was sent before are left
+        out unless `full`. Pickled outside the job table's lock: the reader keeps streaming."""
         images = []
-        for im, key in zip(job.images, job.image_keys):
-            known = not full and self.config.image_cache_bytes and key in self._sent
-            images.append(dataclasses.replace(im, pixels=None) if known else im)
-            self._sent[key] = None
-            self._sent.move_to_end(key)
-        while len(self._sent) > _SENT_KEYS:
-            self._sent.popitem(last=False)
+        with self._lock:
+            for im, key in zip(job.images, job.image_keys):
+                known = not full and self.config.image_cache_bytes and key in self._sent
+                images.append(dataclasses.replace(im, pixels=None) if known else im)
+                self._sent[key] = None
+                self._sent.move_to_end(key)
+            while len(self._sent) > _SENT_KEYS:
+                self._sent.popitem(last=False)
         wire = {"ids": job.ids, "images": images, "image_keys": job.image_keys, "keys": job.keys,
                 "settings": job.settings, "budget": job.budget, "seed": job.seed}
-        _send(self._conn, ("submit", jid, wire, job.cancel.is_set()))
+        self._send(("submit", jid, wire, job.cancel.is_set()))
+
+    def _send(self, message: tuple) -> None:
+        data = _dumps(message)
+        with self._pipe:
+            self._conn.send_bytes(data)
 
     def _cancel(self, jid: int, job: Job) -> None:
-        if job.done:
-            return
         with self._lock:
-            if jid in self._jobs:
-                try:
-                    _send(self._conn, ("cancel", jid))
-                except OSError:
-                    pass
+            running = not job.done and jid in self._jobs
+        if running:
+            try:
+                self._send(("cancel", jid))
+            except OSError:
+                pass
 
     @property
     def stats(self) -> collections.Counter:
@@ -186,11 +192,10 @@ class EngineProcess(JobMaker):
         with self._stats_lock:
             while not self._stats.empty():
                 self._stats.get_nowait()
-            with self._lock:
-                try:
-                    _send(self._conn, ("stats",))
-                except OSError:
-                    return collections.Counter()
+            try:
+                self._send(("stats",))
+            except OSError:
+                return collections.Counter()
             try:
                 return collections.Counter(self._stats.get(timeout=30))
             except queue.Empty:
@@ -212,10 +217,10 @@ class EngineProcess(JobMaker):
             if self._closed:
                 return
             self._closed = True
-            try:
-                _send(self._conn, ("close",))
-            except OSError:
-                pass
+        try:
+            self._send(("close",))
+        except OSError:
+            pass
         self._proc.join(timeout)
         if self._proc.is_alive():
             self._proc.terminate()
@@ -298,10 +303,14 @@ def _engine_main(conn: Any, loader: Callable[[], tuple[Any, Any]], config: Engin
 
 
 # --- the pipe ------------------------------------------------------------------------------------
-def _send(conn: Any, message: tuple) -> None:
+def _dumps(message: tuple) -> bytes:
     """Plain pickle (tensors as bytes), not multiprocessing's: no shared-memory segment and file
     descriptor per tensor for a few megabytes of pixels."""
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _send(conn: Any, message: tuple) -> None:
+    conn.send_bytes(_dumps(message))
 
 
 def _recv(conn: Any) -> tuple:

@@ -37,6 +37,7 @@ would not mean the same positions.
 """
 from __future__ import annotations
 
+import abc
 import collections
 import hashlib
 import inspect
@@ -117,7 +118,9 @@ class Job:
                  seed: int | None = None):
         self.ids, self.images, self.image_keys, self.keys = ids, images, image_keys, keys  # keys: per position
         self.settings, self.budget = settings, budget
-        self.seed = seed                      # of the sampling generator (drawn in `prepare` when not set)
+        if seed is None and settings.temperature > 0:   # drawn here, in the caller: it travels with the job
+            seed = random.getrandbits(63)
+        self.seed = seed                      # of the sampling generator
         self.cancel = cancel or Signal()
         self.events: queue.Queue = queue.Queue()
         self.tokens: dict[str, torch.Tensor] = {}   # visual tokens found for its images before it waits
@@ -146,7 +149,7 @@ class Job:
             if s.top_p < 1.0:
                 self.warpers.append(TopPLogitsWarper(s.top_p))
             self.rng = torch.Generator(device=device)
-            self.rng.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
+            self.rng.manual_seed(self.seed)
 
     def finish(self, reason: str) -> None:
         if not self.done:
@@ -159,7 +162,7 @@ class Job:
             self.events.put(("error", error))
 
 
-class JobMaker:
+class JobMaker(abc.ABC):
     """The callers' side of an engine, without the model: process images (a canvas cache keyed
     by content) and tokenise in the caller's thread, check the prompt fits, make the `Job`.
     Both the in-process engine and the engine process (engine_process.py) are one."""
@@ -179,12 +182,12 @@ class JobMaker:
         enc = self.processor.encode(conversation, processed, add_generation_prompt=True)
         budget = token_budget(self.context_length, len(enc.input_ids), settings)
         counts = [self.processor.num_visual_tokens(im) for im in enc.images]
-        seed = (settings.seed if settings.seed is not None else random.getrandbits(63)) if settings.temperature > 0 else None
         return Job(enc.input_ids, enc.images, keys, position_keys(enc.input_ids, keys, counts),
-                   settings, budget, cancel, seed)
+                   settings, budget, cancel, settings.seed)
 
+    @abc.abstractmethod
     def submit(self, *jobs: Job) -> None:
-        raise NotImplementedError
+        """Queue jobs for the model (this process's scheduler thread, or the engine process)."""
 
     def read(self, job: Job, timeout: float | None = None) -> Iterator[str]:
         """The job's pieces; raises its error; queue.Empty if nothing comes for `timeout` s."""
@@ -492,10 +495,11 @@ class _RoomyLayer(DynamicLayer):
     ROOM = 64                                    # positions of room made at each regrowth
 
     @classmethod
-    def taking(cls, layer: DynamicLayer) -> "_RoomyLayer":
+    def taking(cls, layer: DynamicLayer) -> _RoomyLayer:
         roomy = cls()
         roomy.__dict__.update(layer.__dict__)
         roomy._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        roomy._view: torch.Tensor | None = None  # the `keys` it handed out last (replaced: new buffers)
         return roomy
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -504,8 +508,7 @@ class _RoomyLayer(DynamicLayer):
             return super().update(key_states, value_states, *args, **kwargs)
         used, n = self.keys.shape[-2], key_states.shape[-2]
         bufs = self._buffers
-        if bufs is None or bufs[0].data_ptr() != self.keys.data_ptr() or bufs[0].shape[0] != self.keys.shape[0] \
-                or self.keys.stride() != bufs[0].stride() or used + n > bufs[0].shape[-2]:
+        if bufs is None or self.keys is not self._view or used + n > bufs[0].shape[-2]:
             rows, heads, _, dim = self.keys.shape
             bufs = tuple(t.new_empty(rows, heads, used + n + self.ROOM, dim) for t in (self.keys, self.values))
             bufs[0][:, :, :used].copy_(self.keys)
@@ -514,6 +517,7 @@ class _RoomyLayer(DynamicLayer):
         bufs[0][:, :, used:used + n].copy_(key_states)
         bufs[1][:, :, used:used + n].copy_(value_states)
         self.keys, self.values = bufs[0][:, :, :used + n], bufs[1][:, :, :used + n]
+        self._view = self.keys
         return self.keys, self.values
 
 
