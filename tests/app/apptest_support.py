@@ -1,7 +1,10 @@
-"""Helpers shared by the app's tests (owners, pictures made on the spot)."""
+"""Helpers shared by the app's tests (owners, pictures made on the spot, a pace for the model)."""
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,3 +43,34 @@ def tiny_text_model(folder: Path) -> Path:
         model.llm.lm_head.weight[~keep] = 0.0
     save_pretrained(model, processor, folder)
     return folder
+
+
+class Pace:
+    """A pause before every forward pass of the LLM (prefill and each decoding step).
+
+    The tiny random model writes ~500 tokens/s on this CPU, faster than a browser can show
+    two partial texts or a click on Stop can land. The pause slows the real model down to
+    a person's timescale; what it writes is unchanged (no scripted answers)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, module, args) -> None:  # a forward pre-hook
+        if self.seconds > 0:
+            time.sleep(self.seconds)
+
+
+@contextmanager
+def paced(model: torch.nn.Module, seconds: float) -> Iterator[Pace]:
+    """The LLM of `model` pauses `seconds` before each forward pass while the block runs.
+
+    With 10 ms a token, a 40-token answer spans at least eight of the service's 50 ms stream
+    intervals, so it must reach the reader in pieces; unpaced, the tiny model can write it all
+    within two intervals and a streaming test would pass or fail on the machine's speed."""
+    pace = Pace()
+    pace.seconds = seconds
+    hook = model.llm.register_forward_pre_hook(pace)
+    try:
+        yield pace
+    finally:
+        hook.remove()

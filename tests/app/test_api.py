@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from apptest_support import paced
 from gradio_client import Client, handle_file
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -44,9 +45,10 @@ def _assistant_rows(server, conversation_id=None):
 
 
 def test_chat_streams_and_continues_a_conversation(server, client):
-    job = client.submit("Describe the image.", [handle_file(EXAMPLES_DIR / "scene-objects.png")], "",
-                        0.0, 1.0, 40, api_name="/chat")
-    outputs = list(job)
+    with paced(server.context.service.generator.model, 0.01):
+        job = client.submit("Describe the image.", [handle_file(EXAMPLES_DIR / "scene-objects.png")], "",
+                            0.0, 1.0, 40, api_name="/chat")
+        outputs = list(job)
     assert len(outputs) >= 3                                   # streamed
     answer, conv_id, regions = outputs[-1]
     assert answer and conv_id and isinstance(regions, list)

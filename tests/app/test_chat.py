@@ -5,7 +5,7 @@ import dataclasses
 import time
 
 import pytest
-from apptest_support import ALICE, BOB, scene
+from apptest_support import ALICE, BOB, paced, scene
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -38,9 +38,10 @@ def _count(ctx, row=MessageRow) -> int:
 
 
 def test_a_turn_streams_in_pieces_and_is_stored(ctx, image_file):
-    state = chat.submit(ctx, chat.ChatState(), ALICE, "Describe the image.", [str(image_file)])
-    assert state.busy and state.request_id
-    views = _answer(ctx, state)
+    with paced(ctx.service.generator.model, 0.01):
+        state = chat.submit(ctx, chat.ChatState(), ALICE, "Describe the image.", [str(image_file)])
+        assert state.busy and state.request_id
+        views = _answer(ctx, state)
     partial = [v for v in views if not v.done]
     assert len(partial) >= 3                                 # streamed, not delivered at once
     assert [len(v.state.turns[-1].answer) for v in partial] == sorted(len(v.state.turns[-1].answer) for v in partial)

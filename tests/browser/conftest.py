@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,26 +34,11 @@ def chromium_path() -> str | None:
     return None
 
 
-class Pace:
-    """A pause before every forward pass of the LLM (prefill and each decoding step).
-
-    The tiny random model writes ~500 tokens/s on this CPU, faster than a browser can show
-    two partial texts or a click on Stop can land. The pause slows the real model down to
-    a person's timescale; what it writes is unchanged (no scripted answers)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def __call__(self, module, args) -> None:  # a forward pre-hook
-        if self.seconds > 0:
-            time.sleep(self.seconds)
-
-
 @dataclass
 class Served:
     url: str
     context: object        # app.handlers.common.AppContext: the store the app writes to
-    pace: Pace
+    pace: object           # apptest_support.Pace: the pause before each forward pass
     running: object
 
 
@@ -70,7 +54,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GRADIO_TEMP_DIR", str(tmp / "gradio"))   # uploads land here, not in /tmp/gradio
         mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-        from apptest_support import tiny_text_model
+        from apptest_support import Pace, tiny_text_model
 
         # replies that stream until stopped: the demo model answers in a few tokens
         model = tiny_text_model(tmp / "tiny-text")
