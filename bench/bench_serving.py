@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--model", default=None, help="folder, hub id or preset (default: the app's default)")
     ap.add_argument("--users", type=int, nargs="+", default=[1, 8], help="concurrency levels (default 1 8)")
     ap.add_argument("--requests", type=int, default=None,
-                    help="requests per level, split over its users (default 48: 6 each at 8 users, so the "
-                    "batch runs full most of the level instead of draining after two replies each)")
+                    help="requests per level, split over its users (default 64: 8 each at 8 users, each "
+                    "user asking every prompt/picture pair twice, so the users' work is equal and the batch "
+                    "runs full most of the level instead of draining while the last users finish)")
     ap.add_argument("--pairs", type=int, default=None, help="two-turn conversations (default 8)")
     ap.add_argument("--new-tokens", type=int, default=None, help="max new tokens per reply (default 128)")
     ap.add_argument("--engine", choices=("process", "thread"), default="process",
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> str:
     args = ap.parse_args(argv)
     if 1 not in args.users or any(u < 1 for u in args.users):
         ap.error("--users must be positive and include 1 (the reference level)")
-    requests = args.requests or (8 if args.quick else 48)
+    requests = args.requests or (8 if args.quick else 64)
     pairs = args.pairs or (2 if args.quick else 8)
     new_tokens = args.new_tokens or (16 if args.quick else 128)
 
@@ -156,7 +157,7 @@ def service_alone(spec: str | None, threads: int, levels_of: list[int], requests
     def level(users: int, per_user: int) -> float:
         def user(u: int) -> None:
             for r in range(per_user):
-                k = u * per_user + r
+                k = u + r                                                  # as bench_app.run_level
                 req = GenerationRequest(Conversation([Message.user(PROMPTS[k % len(PROMPTS)], image=True)]),
                                         [images[k % len(images)]], GenerationSettings(max_new_tokens=new_tokens))
                 service.generate(req)
@@ -172,7 +173,7 @@ def service_alone(spec: str | None, threads: int, levels_of: list[int], requests
         return (service.engine.stats["tokens"] - before) / wall
 
     try:
-        level(1, 2)                                                        # warm-up
+        level(1, len(PROMPTS))                                             # warm-up: each pair once
         return {users: level(users, max(1, requests // users)) for users in levels_of}
     finally:
         service.close()
@@ -260,11 +261,15 @@ def _body(server: Any, new_tokens: int, levels: list, turns: dict[str, list[tupl
         base = BASELINE.get(users)
         st = engine.get(users, {})
         c, n = cpu.get(users), max(len(samples), 1)
+        run_alone, in_step, reused = st.get("prefilled", 0), st.get("prefilled_in_step", 0), st.get("reused", 0)
         rows.append(row + [f"{st['row_steps'] / st['steps']:.1f}" if st.get("steps") else "—",
+                           f"{run_alone / n:.0f} / {in_step / n:.2f} / {reused / n:.0f}" if st else "—",
                            " / ".join(f"{1000 * c[k] / n:.0f}" for k in ("server", "engine", "users")) if c else "—",
                            f"{sum(c.values()) / wall:.2f}" if c else "—",
                            f"{base[0]:.2f} / {base[1]:.1f}" if base else "—"])
-    header = LEVEL_HEADER + ["rows per decode step (mean)", "CPU ms per request: server / engine / users",
+    header = LEVEL_HEADER + ["rows per decode step (mean)",
+                             "prompt positions per request: run alone / run in a decode step / reused",
+                             "CPU ms per request: server / engine / users",
                              "cores busy", "serialised baseline: TTFT p50 s / tokens/s"]
     turn_rows, turn_lines = [], []
     for name, pairs_of in turns.items():
@@ -308,8 +313,11 @@ def _body(server: Any, new_tokens: int, levels: list, turns: dict[str, list[tupl
         "(continuous batching: a request joins at the next step), with the image and prefix caches on "
         "(defaults); Gradio lets as many model events in at once.",
         f"- Levels: bench_app's workload (a new `/chat` conversation per request, an example scene uploaded, "
-        f"prompts cycled, greedy, max {new_tokens} new tokens, users start together, one warm-up first); "
-        "tokens counted by the serving engine (one per row of each decode step and one per prefill). CPU per request: "
+        f"4 prompt/picture pairs, user u's request r asks pair (u + r) mod 4, greedy, max {new_tokens} new tokens, "
+        "users start together, a warm-up request per pair first); tokens counted by the serving engine (one per row of each "
+        "decode step and one per prefill). Prompt positions: run alone (a prefill), run as a row of the next decode "
+        "step (a prompt known but for its last position joins the batch at once), reused (KV from the prefix "
+        "cache or from a row decoding at the time). CPU per request: "
         "the app's process, the engine process and the users' clients (this process), from /proc over the level; "
         "cores busy = their sum / the level's wall time.",
         f"- Follow-ups: one user, {max(map(len, turns.values()), default=0)} conversations per picture: turn 1 "

@@ -196,6 +196,10 @@ class PrefixCache(LRUBytes[PrefixEntry]):
         kv = [(k.detach().clone(), v.detach().clone()) for k, v in kv]
         return self.put(keys, PrefixEntry(keys, kv), nbytes)
 
+    def match(self, keys: Sequence[PositionKey], most: int) -> int:
+        """How many leading positions of `keys` (at most `most`) the best entry holds; no copy."""
+        return max((min(common_prefix(keys, entry.keys), most) for _, entry in self.items()), default=0)
+
     def longest(self, keys: Sequence[PositionKey], most: int) -> tuple[int, DynamicCache | None]:
         """(n, a new DynamicCache with the KV of keys[:n]) for the entry sharing the longest
         prefix, n <= `most`; (0, None) when nothing is shared."""

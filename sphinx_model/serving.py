@@ -2,10 +2,13 @@
 
 One scheduler thread owns the model. Requests wait in a queue; each iteration of the thread
 
-    admit   while fewer than `max_batch` rows decode: take a waiting job, get its images'
-            visual tokens (image cache, else the experts + projector), reuse the KV of the
-            longest known prefix of its prompt (prefix cache), prefill only the rest (alone:
-            batch 1, no padding), pick its first token, join the batch;
+    admit   while fewer than `max_batch` rows decode: take a waiting job, reuse the KV of the
+            longest known prefix of its prompt (the prefix cache, or a row decoding now that
+            holds more of it), get its images' visual tokens (image cache, else the experts +
+            projector), prefill only the rest (alone: batch 1, no padding), pick its first
+            token, join the batch. A prompt known but for its last position (asked again,
+            regenerated) skips the prefill: it joins at once and that position runs as its
+            row of the next step, which picks its first token;
     step    one LLM forward for every row of the batch (each row's last token, its own
             position, the batch's padding mask), one token per row, picked with the row's
             own settings (greedy, or sampled from the row's own seeded torch.Generator);
@@ -39,11 +42,13 @@ from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import hashlib
 import inspect
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +69,9 @@ from .caches import (
     ImageCache,
     LRUBytes,
     PrefixCache,
+    cache_from,
     cacheable,
+    common_prefix,
     image_key,
     position_keys,
     source_key,
@@ -73,7 +80,7 @@ from .caches import (
 )
 from .conversation import Conversation
 from .generation import GenerationSettings, Generator, token_budget
-from .processor import ProcessedImage, SphinxProcessor
+from .processor import IMAGE_TOKEN_ID, ProcessedImage, SphinxProcessor
 
 MIB = 1 << 20
 
@@ -107,6 +114,16 @@ class Signal(threading.Event):
         super().set()
         for callback in list(self._callbacks):
             callback()
+
+
+@contextlib.contextmanager
+def _timed(stats: collections.Counter, name: str) -> Iterator[None]:
+    """Add the block's wall time to `stats[name]`, in microseconds (the engine's time split)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats[name] += int((time.perf_counter() - t0) * 1e6)
 
 
 class Job:
@@ -295,7 +312,8 @@ class ContinuousBatcher(JobMaker):
                         job.fail(RuntimeError("the serving engine is closed"))
                     self._waiting.clear()
                     return
-            self._wrap(self._burst)()
+            with _timed(self.stats, "us_busy"):
+                self._wrap(self._burst)()
 
     def _burst(self) -> None:
         """Admit and step until nothing is waiting or decoding."""
@@ -328,15 +346,23 @@ class ContinuousBatcher(JobMaker):
                 continue
             try:
                 job.arm(self.model.device)
-                cache, logits = self._prefill(job)
-                self._accept(job, self._pick(job, logits))
+                with _timed(self.stats, "us_prefill"):
+                    reused, cache = self._reuse(job)
+                    if reused == len(job.ids) - 1 and job.ids[-1] != IMAGE_TOKEN_ID:
+                        logits = None           # its last position runs in the next step, with the batch
+                        self.stats["prefilled_in_step"] += 1
+                    else:
+                        cache, logits = self._prefill(job, reused, cache)
+                if logits is not None:
+                    self._accept(job, self._pick(job, logits))
             except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                 job.fail(e)
                 continue
-            if job.done:
-                self._remember(job, cache, 0)
-            else:
-                self._join(job, cache)
+            with _timed(self.stats, "us_join"):
+                if job.done:
+                    self._remember(job, cache, 0)
+                else:
+                    self._join(job, cache)
 
     def _forward(self, cache: DynamicCache, **inputs: Any) -> torch.Tensor:
         kw = {self._cache_kw: cache, "use_cache": True, **inputs}
@@ -344,12 +370,26 @@ class ContinuousBatcher(JobMaker):
             kw["logits_to_keep"] = 1
         return self.llm(**kw).logits[:, -1, :]                         # (B, V)
 
-    def _prefill(self, job: Job) -> tuple[DynamicCache, torch.Tensor]:
+    def _reuse(self, job: Job) -> tuple[int, DynamicCache | None]:
+        """(n, a new cache holding the KV of the prompt's first n positions) from the row
+        decoding now or the prefix cache entry that shares the most, n < len(job.ids): at least
+        one position is left to run. (0, None) when nothing is shared or reuse is off."""
+        most = len(job.ids) - 1
+        if not (self._batchable and self.config.prefix_cache_bytes) or most < 1:
+            return 0, None
+        row, shared = self._in_flight(job.keys, most)
+        if shared > self.prefixes.match(job.keys, most):
+            self.stats["reused_in_flight"] += shared
+            self.stats["reused"] += shared
+            return shared, self._row_prefix(row, shared)
+        reused, cache = self.prefixes.longest(job.keys, most)
+        self.stats["reused"] += reused
+        return reused, cache
+
+    def _prefill(self, job: Job, reused: int, cache: DynamicCache | None) -> tuple[DynamicCache, torch.Tensor]:
+        """Run the prompt's positions from `reused` on (alone) into `cache`; the last one's logits."""
         device, n = self.model.device, len(job.ids)
         visual = [self._visual(im, key, job.tokens) for im, key in zip(job.images, job.image_keys)]
-        reused, cache = 0, None
-        if self._batchable and self.config.prefix_cache_bytes:
-            reused, cache = self.prefixes.longest(job.keys, most=n - 1)   # at least one position to run
         ids = torch.tensor([job.ids], device=device)
         embeds = self.model.fill_image_tokens(ids, visual)[:, reused:]    # (1, n - reused, d)
         cache = cache if cache is not None else DynamicCache(config=self.llm.config)
@@ -359,8 +399,33 @@ class ContinuousBatcher(JobMaker):
         if self._batchable is None:
             self._batchable = cacheable(cache)
         self.stats["prefilled"] += n - reused
-        self.stats["reused"] += reused
         return cache, logits
+
+    def _in_flight(self, keys: tuple, most: int) -> tuple[int, int]:
+        """(row, n): the batch row whose prompt and answer so far share the longest prefix with
+        `keys`, n <= `most` (0 when none does). Two people asking about the same picture at
+        once, or a regenerate while the first answer is still written: the second need not
+        wait for the first to finish to reuse its prompt's KV."""
+        best, best_row = 0, 0
+        for r, job in enumerate(self._rows):
+            n = min(common_prefix(keys, self._held(job)), most)
+            if n > best:
+                best, best_row = n, r
+        return best_row, best
+
+    @staticmethod
+    def _held(job: Job) -> tuple:
+        """The keys of the positions a row's cache holds: its prompt and all but its last token
+        (not yet run), or all but the prompt's last position before its first step."""
+        return (job.keys + tuple(job.generated))[:len(job.ids) + len(job.generated) - 1]
+
+    def _row_prefix(self, row: int, n: int) -> DynamicCache:
+        """A new cache with the first n positions of a batch row's KV (rows are right-aligned:
+        the row's own positions are the last len(ids) + len(generated) - 1 columns)."""
+        job, width = self._rows[row], self._mask.shape[1]
+        start = width - (len(job.ids) + len(job.generated) - 1)
+        return cache_from([(layer.keys[row:row + 1, :, start:start + n].clone(),
+                            layer.values[row:row + 1, :, start:start + n].clone()) for layer in self._cache.layers])
 
     def _visual(self, image: ProcessedImage, key: str, job_tokens: dict[str, torch.Tensor] | None = None
                 ) -> torch.Tensor:
@@ -412,11 +477,13 @@ class ContinuousBatcher(JobMaker):
         if not self._rows:
             return
         device, rows = self.model.device, self._rows
-        last = torch.tensor([[j.generated[-1]] for j in rows], device=device)                 # (B, 1)
+        # a row that joined with its prompt's last position still to run feeds that position
+        last = torch.tensor([[(j.generated or j.ids)[-1]] for j in rows], device=device)     # (B, 1)
         pos = torch.tensor([[len(j.ids) + len(j.generated) - 1] for j in rows], device=device)  # (B, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)       # (B, W + 1)
         try:
-            logits = self._forward(self._cache, input_ids=last, attention_mask=self._mask, position_ids=pos)
+            with _timed(self.stats, "us_step"):
+                logits = self._forward(self._cache, input_ids=last, attention_mask=self._mask, position_ids=pos)
             greedy = logits.argmax(dim=-1).tolist()           # one call for the rows that need nothing else
             for r, job in enumerate(rows):
                 plain = not (job.penalty or job.sampling)
@@ -429,7 +496,8 @@ class ContinuousBatcher(JobMaker):
         self.stats["steps"] += 1
         self.stats["row_steps"] += len(rows)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
-        self._leave()
+        with _timed(self.stats, "us_leave"):
+            self._leave()
 
     # --- the batch's cache ----------------------------------------------------------------
     def _join(self, job: Job, cache: DynamicCache) -> None:
@@ -479,9 +547,12 @@ class ContinuousBatcher(JobMaker):
         """Keep a finished row's KV (its prompt and all but its last token) for later turns."""
         if not (self._batchable and self.config.prefix_cache_bytes):
             return
-        n = len(job.ids) + len(job.generated) - 1                        # positions in the cache
+        keys = self._held(job)
+        n = len(keys)                                                    # positions in the cache
+        if n < 1:
+            return
         kv = [(layer.keys[row:row + 1, :, -n:], layer.values[row:row + 1, :, -n:]) for layer in cache.layers]
-        self.prefixes.store(job.keys + tuple(job.generated[:-1]), kv)
+        self.prefixes.store(keys, kv)
 
 
 class _RoomyLayer(DynamicLayer):

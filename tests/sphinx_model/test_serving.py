@@ -90,6 +90,41 @@ def test_each_request_samples_with_its_own_seed_whoever_shares_the_batch(gen, en
     assert together == alone
 
 
+def _prefixes_hold_what_they_say(engine: ContinuousBatcher) -> bool:
+    """Every prefix cache entry holds KV for exactly the positions its keys name."""
+    return all(len(e.keys) == e.kv[0][0].shape[2] for _, e in engine.prefixes.items())
+
+
+def test_a_prompt_asked_again_joins_the_batch_at_once_and_answers_the_same(gen, engine):
+    long = GenerationSettings(max_new_tokens=48)
+    again = ask(1)
+    first = "".join(engine.stream(engine.prepare(*again, GREEDY)))
+    busy = engine.stream(engine.prepare(*ask(0), long))
+    head = next(busy)                                   # a row is decoding...
+    prefilled = engine.stats["prefilled"]
+    job = engine.prepare(*again, GREEDY)
+    engine.submit(job)                                  # ...when the same prompt comes again
+    assert "".join(engine.read(job)) == first == one_by_one(gen, [again])[0]
+    assert head + "".join(busy) == one_by_one(gen, [ask(0)], long)[0]
+    assert engine.stats["prefilled_in_step"] == 1       # its last position ran as a row of a step
+    assert engine.stats["prefilled"] == prefilled       # no prefill of its own
+    assert engine.stats["max_rows"] == 2 and _prefixes_hold_what_they_say(engine)
+
+
+def test_a_request_reuses_the_prompt_kv_of_a_row_still_decoding(gen, engine):
+    long = GenerationSettings(max_new_tokens=48)
+    conv, ims = ask(0)
+    a = engine.stream(engine.prepare(conv, ims, long))
+    head = next(a)                                      # nothing cached yet: a's prompt is only in the batch
+    same_picture = ask(1)                               # the same scene, another question
+    jobs = [engine.prepare(conv, ims, GREEDY), engine.prepare(*same_picture, GREEDY)]
+    engine.submit(*jobs)
+    assert ["".join(engine.read(j)) for j in jobs] == one_by_one(gen, [(conv, ims), same_picture])
+    assert head + "".join(a) == one_by_one(gen, [(conv, ims)], long)[0]
+    assert engine.stats["reused_in_flight"] > 2 * 95   # both took a's system prompt and picture
+    assert engine.stats["images_encoded"] == 1 and _prefixes_hold_what_they_say(engine)
+
+
 def conversation_turns(engine: ContinuousBatcher) -> list[str]:
     """Four turns; a second image arrives at turn 3 (the demo preset takes up to four)."""
     turns = [(QUESTIONS[0], SCENES[0]), (QUESTIONS[3], None), (QUESTIONS[1], SCENES[2]), (QUESTIONS[2], None)]
