@@ -153,6 +153,16 @@ class Job:
     def sampling(self) -> bool:
         return self.settings.temperature > 0
 
+    @property
+    def cached(self) -> int:
+        """Positions its KV cache holds: the prompt and all but its last token (the next step's
+        input, at this position), or all but the prompt's last position before its first step."""
+        return len(self.ids) + len(self.generated) - 1
+
+    def held(self) -> tuple:
+        """The keys of those positions (prompt keys, then token ids)."""
+        return (self.keys + tuple(self.generated))[:self.cached]
+
     def arm(self, device: torch.device) -> None:
         """Build its logits processors and seeded generator on the engine's device (done where it
         decodes: they need not travel to another process)."""
@@ -408,22 +418,15 @@ class ContinuousBatcher(JobMaker):
         wait for the first to finish to reuse its prompt's KV."""
         best, best_row = 0, 0
         for r, job in enumerate(self._rows):
-            n = min(common_prefix(keys, self._held(job)), most)
+            n = min(common_prefix(keys, job.held()), most)
             if n > best:
                 best, best_row = n, r
         return best_row, best
 
-    @staticmethod
-    def _held(job: Job) -> tuple:
-        """The keys of the positions a row's cache holds: its prompt and all but its last token
-        (not yet run), or all but the prompt's last position before its first step."""
-        return (job.keys + tuple(job.generated))[:len(job.ids) + len(job.generated) - 1]
-
     def _row_prefix(self, row: int, n: int) -> DynamicCache:
         """A new cache with the first n positions of a batch row's KV (rows are right-aligned:
-        the row's own positions are the last len(ids) + len(generated) - 1 columns)."""
-        job, width = self._rows[row], self._mask.shape[1]
-        start = width - (len(job.ids) + len(job.generated) - 1)
+        the row's own positions are its last `cached` columns)."""
+        start = self._mask.shape[1] - self._rows[row].cached
         return cache_from([(layer.keys[row:row + 1, :, start:start + n].clone(),
                             layer.values[row:row + 1, :, start:start + n].clone()) for layer in self._cache.layers])
 
@@ -479,7 +482,7 @@ class ContinuousBatcher(JobMaker):
         device, rows = self.model.device, self._rows
         # a row that joined with its prompt's last position still to run feeds that position
         last = torch.tensor([[(j.generated or j.ids)[-1]] for j in rows], device=device)     # (B, 1)
-        pos = torch.tensor([[len(j.ids) + len(j.generated) - 1] for j in rows], device=device)  # (B, 1)
+        pos = torch.tensor([[j.cached] for j in rows], device=device)                        # (B, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)       # (B, W + 1)
         try:
             with _timed(self.stats, "us_step"):
@@ -547,9 +550,9 @@ class ContinuousBatcher(JobMaker):
         """Keep a finished row's KV (its prompt and all but its last token) for later turns."""
         if not (self._batchable and self.config.prefix_cache_bytes):
             return
-        keys = self._held(job)
+        keys = job.held()
         n = len(keys)                                                    # positions in the cache
-        if n < 1:
+        if n < 1:                                                        # (-0: would slice them all)
             return
         kv = [(layer.keys[row:row + 1, :, -n:], layer.values[row:row + 1, :, -n:]) for layer in cache.layers]
         self.prefixes.store(keys, kv)

@@ -52,8 +52,8 @@ class Pace:
     two partial texts or a click on Stop can land. The pause slows the real model down to
     a person's timescale; what it writes is unchanged (no scripted answers)."""
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
 
     def __call__(self, module, args) -> None:  # a forward pre-hook
         if self.seconds > 0:
@@ -67,8 +67,7 @@ def paced(model: torch.nn.Module, seconds: float) -> Iterator[Pace]:
     With 10 ms a token, a 40-token answer spans at least eight of the service's 50 ms stream
     intervals, so it must reach the reader in pieces; unpaced, the tiny model can write it all
     within two intervals and a streaming test would pass or fail on the machine's speed."""
-    pace = Pace()
-    pace.seconds = seconds
+    pace = Pace(seconds)
     hook = model.llm.register_forward_pre_hook(pace)
     try:
         yield pace
