@@ -34,7 +34,8 @@ DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 PROJECTORS: tuple[str, ...] = ("linear_ln",)
 QUANTIZE_NAMES: tuple[str, ...] = ("8bit", "4bit")  # bitsandbytes modes (sphinx_model.quantize)
 MAX_CANVAS = 16384                  # pixels per side; the released models use 512 and 1024
-RESERVED_KEYS = frozenset({"llm", "visual_proj", "start_img", "end_img", "skip_img", "config", "expert_keys"})
+RESERVED_KEYS = frozenset({"llm", "visual_proj", "start_img", "end_img", "skip_img", "canvas_pos", "config",
+                           "expert_keys"})
 
 
 class ConfigError(ValueError):
@@ -111,6 +112,8 @@ class SphinxConfig:
     max_pixels: int = 64_000_000      # images beyond this are refused before decoding
     max_length: int = 4096            # longest sequence (visual + text tokens) the model accepts
     max_images: int = 1               # images one conversation may hold (released models: 1)
+    canvas_positions: bool = False    # a learned embedding of each visual token's canvas cell, added after the
+                                      # projector (canvas_positions.py); off in every released preset
 
     def __post_init__(self) -> None:
         from .templates import TEMPLATES  # torch-free; imported here, as templates needs the schema only
@@ -132,6 +135,11 @@ class SphinxConfig:
         if len(set(keys)) != len(keys):
             raise ConfigError(f"experts: each expert needs its own key, got {keys}")
         _one_of(self.template, tuple(sorted(TEMPLATES)), "template")
+        if self.canvas_positions:
+            g = math.isqrt(self.tokens_per_view - 1)
+            if g * g != self.tokens_per_view - 1:
+                raise ConfigError(f"canvas_positions needs tokens_per_view = 1 + g*g (a pooled token and a g x g "
+                                  f"map per view), got {self.tokens_per_view}")
 
     @property
     def num_views(self) -> int:

@@ -6,6 +6,7 @@ Tensors in, tensors out (the processor prepares them). Forward path:
     --concat channels--> (N*V_kept, T, sum c_e) --visual_proj--> (N*V_kept, T, d)
     [experts with fused = False (the Q-Former): (N*V_kept, Q, c_q) --{key}_proj--> (N*V_kept, Q, d),
      placed before the fused tokens]
+    [+ canvas positions of each token's slot, when config.canvas_positions]
     --layout per image--> [start, Q + T tokens, end] per encoded view, one skip token per skipped view
     --scatter into the placeholder positions of input_ids--> inputs_embeds (B, L, d) --> LLM
 
@@ -21,6 +22,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .canvas_positions import CanvasPositions
 from .config import LLMConfig, SphinxConfig
 from .experts import build_expert
 from .processor import IMAGE_TOKEN_ID
@@ -164,6 +166,11 @@ class SphinxForCausalLM(nn.Module):
         self.start_img = nn.Parameter(torch.zeros(1, 1, d))
         self.end_img = nn.Parameter(torch.zeros(1, 1, d))
         self.skip_img = nn.Parameter(torch.zeros(1, 1, d)) if config.skip_tokens else None
+        self.canvas_pos = None
+        if config.canvas_positions:
+            if any(not e.fused for e in self.experts):
+                raise ValueError("canvas_positions needs every expert fused on channels (no separate query tokens)")
+            self.canvas_pos = CanvasPositions(config.grid, config.tokens_per_view, d)
         for p in (self.start_img, self.end_img, self.skip_img):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
@@ -205,7 +212,14 @@ class SphinxForCausalLM(nn.Module):
 
     def image_embeddings(self, pixel_values: torch.Tensor, view_skip: torch.Tensor) -> list[torch.Tensor]:
         """Per image: the full visual token sequence (start/view/end and skip tokens) -> (K_i, d)."""
-        tokens = self.encode_views(pixel_values, view_skip)
+        return self.layout_images(self.encode_views(pixel_values, view_skip), view_skip)
+
+    def layout_images(self, tokens: torch.Tensor, view_skip: torch.Tensor) -> list[torch.Tensor]:
+        """Projected tokens of the kept views (K, T, d) -> per image (K_i, d): canvas positions added
+        (when configured), each kept view between start/end, one skip token per skipped view."""
+        if self.canvas_pos is not None:
+            views = (~view_skip.cpu()).nonzero()[:, 1].to(tokens.device)  # view index of each kept view
+            tokens = tokens + self.canvas_pos(views).to(tokens.dtype)      # (K, T, d)
         start, end = self.start_img[0], self.end_img[0]                  # (1, d)
         out, k = [], 0
         for skips in view_skip.tolist():

@@ -12,6 +12,7 @@ call `visual_token_count`; nothing else may compute that number.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -82,6 +83,26 @@ def skipped_views(canvas: Canvas, grid: int, skip_tokens: bool = True) -> list[b
         overlap_w = min(x1, bx1 * s) - max(x0, bx0 * s)
         overlap_h = min(y1, by1 * s) - max(y0, by0 * s)
         out.append(not (overlap_w > 0 and overlap_h > 0))
+    return out
+
+
+def token_cells(grid: int, tokens_per_view: int) -> list[Box]:
+    """The canvas box (fractions) of every visual-token slot of one image, views in sequence order.
+
+    Within a view, token 0 is the expert's pooled token (its box is the whole view) and tokens
+    1..g*g the expert's g x g map, row-major, each covering one cell of the view. Only layouts of
+    that shape have places on the canvas (`tokens_per_view - 1` must be a square).
+    """
+    g = math.isqrt(tokens_per_view - 1) if tokens_per_view > 1 else 0
+    if g < 1 or g * g != tokens_per_view - 1:
+        raise ValueError(f"tokens_per_view {tokens_per_view} is not 1 + g*g: its tokens have no canvas cells")
+    out: list[Box] = []
+    for vx0, vy0, vx1, vy1 in view_boxes(grid):
+        side = vx1 - vx0
+        out.append((vx0, vy0, vx1, vy1))
+        for r in range(g):
+            for c in range(g):
+                out.append((vx0 + c * side / g, vy0 + r * side / g, vx0 + (c + 1) * side / g, vy0 + (r + 1) * side / g))
     return out
 
 

@@ -41,7 +41,7 @@ class Question:
     id: str
     metric: str
     scene: Scene
-    image: Path
+    image: Path | None  # None where no picture is needed (oracle features)
     prompt: str
     truth: dict  # what scoring needs: boxes, names, count, attribute, words
 
@@ -55,43 +55,49 @@ def make_questions(data: Path, limit: int | None = None, seed: int = 0) -> list[
     out: list[Question] = []
     for row in rows:
         scene = Scene.from_dict({k: v for k, v in row.items() if k != "image"})
-        rng = random.Random(f"eval-{seed}-{scene.id}")
-        image = data / row["image"]
+        out += scene_questions(scene, data / row["image"], seed, first_index=len(out))
+    return out
 
-        def add(metric: str, prompt: str, truth: dict) -> None:
-            out.append(Question(f"{scene.id}/{metric}/{len(out)}", metric, scene, image, prompt, truth))
 
-        objs = scene.objects
-        named = [(o, describe(o, scene)) for o in objs]
-        named = [(o, p) for o, p in named if p]
-        if named:
-            o, phrase = rng.choice(named)
-            add("grounding", PROMPTS["grounding"][0].format(phrase=phrase), {"box": list(o.box), "phrase": phrase})
-        if objs:
-            add("detection", PROMPTS["detection"][0],
-                {"objects": [[object_name(o.size, o.colour, o.shape), list(o.box)] for o in objs]})
-            shape = rng.choice([o.shape for o in objs])
-            add("counting", PROMPTS["count_shape"][0].format(plural=PLURALS[shape]),
-                {"count": sum(o.shape == shape for o in objs)})
-            colour = rng.choice([o.colour for o in objs])
-            add("counting", PROMPTS["count_colour"][0].format(colour=colour),
-                {"count": sum(o.colour == colour for o in objs)})
-        shape_counts, colour_counts = Counter(o.shape for o in objs), Counter(o.colour for o in objs)
-        singles = [o for o in objs if shape_counts[o.shape] == 1]
-        if singles:
-            o = rng.choice(singles)
-            add("attribute", PROMPTS["colour_of"][0].format(shape=o.shape), {"answer": o.colour})
-        singles = [o for o in objs if colour_counts[o.colour] == 1]
-        if singles:
-            o = rng.choice(singles)
-            add("attribute", PROMPTS["shape_of"][0].format(colour=o.colour), {"answer": o.shape})
-        if scene.words:
-            add("ocr", PROMPTS["ocr"][0], {"words": [w.text for w in scene.words]})
-            add("spotting", PROMPTS["spotting"][0], {"words": [[w.text, list(w.box)] for w in scene.words]})
-        marked = [o for o in objs if o.mark is not None]
-        if marked:
-            o = rng.choice(marked)
-            add("som", PROMPTS["som"][0].format(k=o.mark), {"colour": o.colour, "shape": o.shape})
+def scene_questions(scene: Scene, image: Path | None, seed: int = 0, first_index: int = 0) -> list[Question]:
+    """The questions of one scene (ids numbered from `first_index`), drawn from (seed, scene id) alone."""
+    rng = random.Random(f"eval-{seed}-{scene.id}")
+    out: list[Question] = []
+
+    def add(metric: str, prompt: str, truth: dict) -> None:
+        out.append(Question(f"{scene.id}/{metric}/{first_index + len(out)}", metric, scene, image, prompt, truth))
+
+    objs = scene.objects
+    named = [(o, describe(o, scene)) for o in objs]
+    named = [(o, p) for o, p in named if p]
+    if named:
+        o, phrase = rng.choice(named)
+        add("grounding", PROMPTS["grounding"][0].format(phrase=phrase), {"box": list(o.box), "phrase": phrase})
+    if objs:
+        add("detection", PROMPTS["detection"][0],
+            {"objects": [[object_name(o.size, o.colour, o.shape), list(o.box)] for o in objs]})
+        shape = rng.choice([o.shape for o in objs])
+        add("counting", PROMPTS["count_shape"][0].format(plural=PLURALS[shape]),
+            {"count": sum(o.shape == shape for o in objs)})
+        colour = rng.choice([o.colour for o in objs])
+        add("counting", PROMPTS["count_colour"][0].format(colour=colour),
+            {"count": sum(o.colour == colour for o in objs)})
+    shape_counts, colour_counts = Counter(o.shape for o in objs), Counter(o.colour for o in objs)
+    singles = [o for o in objs if shape_counts[o.shape] == 1]
+    if singles:
+        o = rng.choice(singles)
+        add("attribute", PROMPTS["colour_of"][0].format(shape=o.shape), {"answer": o.colour})
+    singles = [o for o in objs if colour_counts[o.colour] == 1]
+    if singles:
+        o = rng.choice(singles)
+        add("attribute", PROMPTS["shape_of"][0].format(colour=o.colour), {"answer": o.shape})
+    if scene.words:
+        add("ocr", PROMPTS["ocr"][0], {"words": [w.text for w in scene.words]})
+        add("spotting", PROMPTS["spotting"][0], {"words": [[w.text, list(w.box)] for w in scene.words]})
+    marked = [o for o in objs if o.mark is not None]
+    if marked:
+        o = rng.choice(marked)
+        add("som", PROMPTS["som"][0].format(k=o.mark), {"colour": o.colour, "shape": o.shape})
     return out
 
 

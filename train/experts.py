@@ -39,12 +39,15 @@ from sphinx_model.modeling import extract_views
 from sphinx_model.tiling import num_views
 
 from .config import ConfigError, build, read_yaml, resolve_path
-from .world.scene import Scene
-from .world.targets import MAX_MARK, ViewTargets, view_targets
+from .world.scene import Scene, render_scene
+from .world.targets import CASES, LETTERS, MAX_CHARS, MAX_MARK, ViewTargets, view_targets
 from .world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 
 HEADS = {"obj": 1, "shape": len(SHAPES), "colour": len(COLOUR_NAMES), "size": len(SIZES), "obj_box": 4,
          "has_word": 1, "word": len(WORDS) + 1, "word_box": 4, "mark": MAX_MARK + 1}
+# v5: reading per letter (which letter at each place of the word, case apart) and marks learnt on
+# marked tokens only (68% of object tokens carry no mark: a mark head over all of them learnt "none").
+SPELL_HEADS = {"has_mark": 1, "chars": MAX_CHARS * (len(LETTERS) + 1), "case": len(CASES)}
 WHERE = ("obj_where", "word_where")  # boxes in the view's frame: a head of their own (added in v3),
                                       # so earlier states still load into `token`
 POS_WEIGHT = 4.0  # most tokens hold nothing: presence losses weigh the rare positive tokens up
@@ -73,6 +76,10 @@ class ExpertRun:
                                                          "obj_where": 8.0, "word_where": 4.0})
     init_from: Path | None = None          # an earlier run's state/ folder: its experts (and heads) start
                                            # this run, with a fresh optimizer and schedule
+    world_seed: int | None = None          # render scenes on the fly from this seed instead of reading `data`;
+                                           # held-out read-outs then use seeds 1001 (train renderer) and 1002 (held-out)
+    imagenet_init: bool = False            # timm_cnn experts start from EfficientNet-Lite0's ImageNet weights
+    spell_heads: bool = False              # the v5 heads: letters per place, case, has-mark (SPELL_HEADS)
 
 
 class SceneViews(Dataset):
@@ -92,6 +99,23 @@ class SceneViews(Dataset):
         return pixels, view_targets(scene, self.config.anchor, self.config.grid, self.token_grid)
 
 
+class RenderedViews(Dataset):
+    """Scene `index` of world `seed` rendered on the fly -> (canvas tensor, dense targets): no world folder."""
+
+    def __init__(self, seed: int, count: int, config: SphinxConfig, token_grid: int, renderer: str = "train",
+                 offset: int = 0):
+        self.seed, self.count, self.config, self.token_grid = seed, count, config, token_grid
+        self.renderer, self.offset = renderer, offset
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ViewTargets]:
+        scene, image = render_scene(self.seed, self.offset + i, self.renderer)
+        pixels, _ = canvas_tensor(image, self.config.anchor, self.config.canvas_size)
+        return pixels, view_targets(scene, self.config.anchor, self.config.grid, self.token_grid)
+
+
 def collate(items: list[tuple[torch.Tensor, ViewTargets]]) -> tuple[torch.Tensor, ViewTargets]:
     pixels = torch.stack([p for p, _ in items])
     fields = ViewTargets.__dataclass_fields__
@@ -102,16 +126,20 @@ def collate(items: list[tuple[torch.Tensor, ViewTargets]]) -> tuple[torch.Tensor
 class DenseHeads(nn.Module):
     """Linear read-outs of one expert's tokens: per grid token, and counts from token 0."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, spell: bool = False):
         super().__init__()
         self.token = nn.Linear(dim, sum(HEADS.values()))
         self.where = nn.Linear(dim, 4 * len(WHERE))
         self.counts = nn.Linear(dim, COUNTS)
+        self.spell = nn.Linear(dim, sum(SPELL_HEADS.values())) if spell else None
 
     def forward(self, feats: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         out = self.token(feats[:, 1:])                       # (V, G, sum heads)
         parts = dict(zip(HEADS, out.split(list(HEADS.values()), dim=-1)))
         parts.update(zip(WHERE, self.where(feats[:, 1:]).split(4, dim=-1)))
+        if self.spell is not None:
+            parts.update(zip(SPELL_HEADS, self.spell(feats[:, 1:]).split(list(SPELL_HEADS.values()), dim=-1)))
+            parts["chars"] = parts["chars"].unflatten(-1, (MAX_CHARS, len(LETTERS) + 1))  # (V, G, P, 27)
         return parts, self.counts(feats[:, 0])               # (V, COUNTS)
 
 
@@ -134,6 +162,14 @@ def head_losses(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTarg
         "obj_where": F.l1_loss(pred["obj_where"][has_obj], t.obj_where[has_obj]) if has_obj.any() else zero,
         "word_where": F.l1_loss(pred["word_where"][has_word], t.word_where[has_word]) if has_word.any() else zero,
     }
+    if "chars" in pred:
+        has_mark = t.mark > 0
+        terms["mark"] = F.cross_entropy(pred["mark"][has_mark], t.mark[has_mark]) if has_mark.any() else zero
+        terms["has_mark"] = (F.binary_cross_entropy_with_logits(pred["has_mark"][..., 0][has_obj],
+                                                                 has_mark[has_obj].float()) if has_obj.any() else zero)
+        terms["chars"] = F.cross_entropy(pred["chars"][has_word].flatten(0, 1), t.chars[has_word].flatten()) \
+            if has_word.any() else zero
+        terms["case"] = F.cross_entropy(pred["case"][has_word], t.case[has_word]) if has_word.any() else zero
     total = sum(weights.get(k, 1.0) * v for k, v in terms.items())
     return total, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -156,7 +192,27 @@ def head_accuracy(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTa
         iou = box_iou(pred["obj_where"][::views_per_scene][g_obj], t.obj_where[::views_per_scene][g_obj]).diagonal()
         acc["global_iou50"] = float((iou >= 0.5).float().mean()) if g_obj.any() else 0.0
     acc["count_exact"] = float((counts.round() == t.counts).all(-1).float().mean())
+    acc["box_iou50"] = _cell_box_iou50(pred["obj_box"], t, has_obj)
+    if "chars" in pred:
+        acc["word_exact"] = float((pred["chars"].argmax(-1)[has_word] == t.chars[has_word]).all(-1).float().mean()) \
+            if has_word.any() else 0.0
+        acc["case"] = float((pred["case"].argmax(-1)[has_word] == t.case[has_word]).float().mean()) \
+            if has_word.any() else 0.0
+        acc["has_mark_f1"] = _f1((pred["has_mark"][..., 0] > 0)[has_obj], has_mark[has_obj])
     return acc
+
+
+def _cell_box_iou50(rel: torch.Tensor, t: ViewTargets, has_obj: torch.Tensor) -> float:
+    """Share of object tokens whose cell-relative box, placed in its cell, overlaps the truth at IoU >= 0.5
+    (in the view's frame; IoU does not depend on the frame's scale)."""
+    if not has_obj.any():
+        return 0.0
+    g = math.isqrt(rel.shape[1])
+    k = torch.arange(rel.shape[1])
+    origin = torch.stack([k % g, k // g, k % g, k // g], dim=-1).float()  # (G, 4) cell column/row
+    boxes = (origin + rel) / g                                           # (V, G, 4) view frame
+    iou = box_iou(boxes[has_obj], t.obj_where[has_obj]).diagonal()
+    return float((iou >= 0.5).float().mean())
 
 
 def _f1(pred: torch.Tensor, truth: torch.Tensor) -> float:
@@ -202,7 +258,11 @@ class ExpertTrainer:
             expert = build_expert(ecfg)
             expert.requires_grad_(True)  # trained here; frozen again in the model (build_expert)
             self.experts[ecfg.key] = expert
-            self.heads[ecfg.key] = DenseHeads(expert.out_dim)
+            if run.imagenet_init and ecfg.kind == "timm_cnn":
+                from .imagenet_init import load_imagenet_trunk
+
+                load_imagenet_trunk(expert.trunk)
+            self.heads[ecfg.key] = DenseHeads(expert.out_dim, spell=run.spell_heads)
         grids = {e.grid_size for e in self.experts.values()}
         if len(grids) != 1:
             raise ConfigError(f"experts disagree on the token grid: {grids}")
@@ -299,11 +359,7 @@ class ExpertTrainer:
             print(f"started from {run.init_from}; fresh: {', '.join(fresh) or 'nothing'}", file=sys.stderr)
         if run.threads:
             torch.set_num_threads(run.threads)
-        scenes = _read_scenes(run.data)
-        if len(scenes) <= run.eval_scenes:
-            raise ConfigError(f"{run.data} has {len(scenes)} scenes; need more than eval_scenes={run.eval_scenes}")
-        train_set = SceneViews(run.data, scenes[:-run.eval_scenes], self.config, self.token_grid)
-        eval_set = SceneViews(run.data, scenes[-run.eval_scenes:], self.config, self.token_grid)
+        train_set, eval_sets = self.datasets()
         gen = torch.Generator().manual_seed(run.seed + self.step)  # a resumed run draws fresh batches
         loader = DataLoader(train_set, batch_size=run.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
                             num_workers=run.workers, generator=gen, persistent_workers=run.workers > 0)
@@ -329,15 +385,32 @@ class ExpertTrainer:
                                               "elapsed_s": round(time.time() - t0, 1), **logs, **accs}) + "\n")
                     metrics.flush()
                 if self.step % run.eval_every == 0 or self.step == run.steps:
-                    metrics.write(json.dumps({"step": self.step, "split": "eval", **self.evaluate(eval_set)}) + "\n")
+                    for split, eval_set in eval_sets.items():
+                        metrics.write(json.dumps({"step": self.step, "split": split,
+                                                  **self.evaluate(eval_set)}) + "\n")
                     metrics.flush()
                 if self.step % run.save_every == 0 or self.step == run.steps:
                     self.save_state()
         bar.close()
         metrics.close()
 
+    def datasets(self) -> tuple[Dataset, dict[str, Dataset]]:
+        """Training scenes and the held-out ones: rendered on the fly from `world_seed`, or a world folder's."""
+        run = self.run
+        if run.world_seed is not None:
+            big = 10_000_000  # as many scenes as steps ask for; indices never repeat within a run
+            train_set = RenderedViews(run.world_seed, big, self.config, self.token_grid)
+            return train_set, {
+                "eval": RenderedViews(1001, run.eval_scenes, self.config, self.token_grid, "train"),
+                "eval_heldout": RenderedViews(1002, run.eval_scenes, self.config, self.token_grid, "heldout")}
+        scenes = _read_scenes(run.data)
+        if len(scenes) <= run.eval_scenes:
+            raise ConfigError(f"{run.data} has {len(scenes)} scenes; need more than eval_scenes={run.eval_scenes}")
+        return (SceneViews(run.data, scenes[:-run.eval_scenes], self.config, self.token_grid),
+                {"eval": SceneViews(run.data, scenes[-run.eval_scenes:], self.config, self.token_grid)})
+
     @torch.no_grad()
-    def evaluate(self, dataset: SceneViews) -> dict[str, float]:
+    def evaluate(self, dataset: Dataset) -> dict[str, float]:
         loader = DataLoader(dataset, batch_size=self.run.batch_size, collate_fn=collate)
         sums: dict[str, float] = {}
         n = 0

@@ -16,7 +16,7 @@ def world(tmp_path_factory):
 
 
 def test_loss_falls_and_the_init_checkpoint_loads(world, tmp_path):
-    run = ExpertRun(data=world, output_dir=tmp_path / "run", eval_scenes=8, steps=12, batch_size=4, lr=3e-3,
+    run = ExpertRun(preset="sphinx-test-tiny", data=world, output_dir=tmp_path / "run", eval_scenes=8, steps=12, batch_size=4, lr=3e-3,
                     warmup_steps=2, log_every=1, eval_every=100, save_every=6, workers=0, vocab_size=600)
     trainer = ExpertTrainer(run)
     trainer.train()
@@ -62,7 +62,7 @@ def test_init_from_starts_a_new_run_on_earlier_experts_with_fresh_new_heads(worl
     from train.config import ConfigError
     from train.experts import load_run
 
-    first = ExpertRun(data=world, output_dir=tmp_path / "first", eval_scenes=8, steps=2, batch_size=4,
+    first = ExpertRun(preset="sphinx-test-tiny", data=world, output_dir=tmp_path / "first", eval_scenes=8, steps=2, batch_size=4,
                       warmup_steps=1, eval_every=100, save_every=2, workers=0)
     trainer = ExpertTrainer(first)
     trainer.train()
@@ -72,7 +72,7 @@ def test_init_from_starts_a_new_run_on_earlier_experts_with_fresh_new_heads(worl
     save_file({k: v for k, v in load_file(state / "weights.safetensors").items() if ".where." not in k},
               older / "weights.safetensors")
 
-    second = ExpertTrainer(ExpertRun(data=world, output_dir=tmp_path / "second", seed=5, workers=0))
+    second = ExpertTrainer(ExpertRun(preset="sphinx-test-tiny", data=world, output_dir=tmp_path / "second", seed=5, workers=0))
     fresh = second.load_init(older)
     assert sorted(fresh) == sorted(f"{key}.where.{p}" for key in trainer.experts for p in ("weight", "bias"))
     for key in trainer.experts:
@@ -84,3 +84,47 @@ def test_init_from_starts_a_new_run_on_earlier_experts_with_fresh_new_heads(worl
     cfg.write_text(f"data: {world}\noutput_dir: {tmp_path / 'third'}\ninit_from: {tmp_path / 'nowhere'}\n")
     with pytest.raises(ConfigError, match="init_from"):
         load_run(cfg, {})
+
+
+def test_v5_run_renders_its_world_spells_words_and_reads_boxes_in_their_cells(tmp_path):
+    from train.experts import RenderedViews, _cell_box_iou50
+    from train.world.targets import view_targets
+    from train.world.scene import render_scene
+
+    run = ExpertRun(preset="sphinx-test-tiny", world_seed=3, spell_heads=True, output_dir=tmp_path / "v5",
+                    eval_scenes=4, steps=3, batch_size=4, warmup_steps=1, log_every=1, eval_every=3, save_every=3,
+                    workers=0)
+    trainer = ExpertTrainer(run)
+    trainer.train()
+    rows = [json.loads(line) for line in open(run.output_dir / "metrics.jsonl")]
+    assert {r["split"] for r in rows} == {"train", "eval", "eval_heldout"}
+    last = rows[-1]
+    for key in trainer.experts:
+        for name in ("word_exact", "case", "has_mark_f1", "box_iou50"):
+            assert 0.0 <= last[f"{key}/acc/{name}"] <= 1.0
+    first = RenderedViews(3, 2, trainer.config, trainer.token_grid)[0]      # the same scene every time
+    again = RenderedViews(3, 2, trainer.config, trainer.token_grid)[0]
+    assert (first[0] == again[0]).all()
+
+    # the box read-out: the truth's own cell-relative box, placed in its cell, is the truth
+    scene, _ = render_scene(5, 3)
+    t = view_targets(scene, "top-left", 2, 4)
+    assert _cell_box_iou50(t.obj_box, t, t.obj > 0) == 1.0
+    shifted = t.obj_box + 0.5                                                # half a cell off on every edge
+    assert _cell_box_iou50(shifted, t, t.obj > 0) < 1.0
+
+
+def test_imagenet_weights_map_onto_the_cnn_expert_by_order_with_every_shape_checked():
+    import timm
+    import torch
+
+    from train.imagenet_init import efficientnet_lite0_weights, load_imagenet_trunk, map_by_order
+
+    trunk = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(3, 4))
+    load_imagenet_trunk(trunk)
+    source = efficientnet_lite0_weights()
+    assert torch.equal(trunk.state_dict()["conv_stem.weight"], source["_conv_stem.weight"])
+    bad = dict(source)
+    bad["_conv_stem.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="does not fit"):
+        map_by_order(bad, trunk.state_dict())

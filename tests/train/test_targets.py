@@ -57,3 +57,23 @@ def test_empty_tokens_have_no_box():
     t = view_targets(scene, "top-left", GRID_VIEWS, TOKENS)
     empty = t.obj == 0
     assert (t.obj_where[empty] == 0).all() and (t.obj_box[empty] == 0).all()
+
+
+def test_words_are_spelt_letter_by_letter_with_their_case_on_their_token():
+    from train.world.targets import CASES, LETTERS, MAX_CHARS, spell
+    from train.world.vocab import WORDS
+
+    assert max(map(len, WORDS)) <= MAX_CHARS
+    letters, case = spell("Mother")
+    assert "".join(LETTERS[i - 1] for i in letters if i) == "mother" and CASES[case] == "capitalised"
+    assert CASES[spell("CITY")[1]] == "upper" and CASES[spell("city")[1]] == "lower"
+    for i in range(80):
+        scene, _ = render_scene(11, i)
+        if scene.words:
+            break
+    t = view_targets(scene, "top-left", GRID_VIEWS, TOKENS)
+    has_word = t.word > 0
+    assert has_word.any()
+    assert (t.chars[has_word] >= 0).all() and (t.chars[~has_word] == -100).all()
+    spelt = {"".join(LETTERS[i - 1] for i in row if i) for row in t.chars[has_word].tolist()}
+    assert spelt <= {w.text.lower() for w in scene.words}

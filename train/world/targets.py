@@ -25,6 +25,9 @@ from .vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 
 WORD_INDEX = {w: i + 1 for i, w in enumerate(WORDS)}  # 0 = no word
 MAX_MARK = 8
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+MAX_CHARS = 10                  # longer than any word of the world (a test checks)
+CASES = ("lower", "upper", "capitalised")
 
 
 @dataclass
@@ -41,6 +44,8 @@ class ViewTargets:
     word_box: torch.Tensor  # (N, G, 4)
     word_where: torch.Tensor  # (N, G, 4)
     mark: torch.Tensor     # (N, G) mark number, 0 = none
+    chars: torch.Tensor    # (N, G, MAX_CHARS) the word's letters (1..26, case-folded), 0 after its end, -100 no word
+    case: torch.Tensor     # (N, G) index in CASES, -100 where no word
     counts: torch.Tensor   # (N, len(SHAPES) + len(COLOURS)) objects per shape and colour whose centre is in view
 
 
@@ -64,13 +69,23 @@ def _assign(items: list[tuple[tuple[float, ...], dict]], view: tuple[float, ...]
     return out
 
 
+def spell(text: str) -> tuple[np.ndarray, int]:
+    """A word -> (its letters as 1..26, 0-padded to MAX_CHARS; its case as an index in CASES)."""
+    letters = np.zeros(MAX_CHARS, dtype=np.int64)
+    folded = text.lower()[:MAX_CHARS]
+    letters[:len(folded)] = [LETTERS.index(c) + 1 if c in LETTERS else 0 for c in folded]
+    case = 1 if text.isupper() and len(text) > 1 else 2 if text[:1].isupper() else 0
+    return letters, case
+
+
 def view_targets(scene: Scene, anchor: Anchor, grid_views: int, tokens_grid: int) -> ViewTargets:
     """Targets for every view of the scene's canvas (global first, then the cells)."""
     canvas = canvas_geometry(scene.width, scene.height, anchor)
     objects = [(pixels_to_canvas(o.box, canvas), {"shape": SHAPES.index(o.shape), "colour": COLOUR_NAMES.index(o.colour),
                                                    "size": SIZES.index(o.size), "mark": o.mark or 0})
                for o in scene.objects]
-    words = [(pixels_to_canvas(w.box, canvas), {"word": WORD_INDEX.get(w.text.lower(), 0)}) for w in scene.words]
+    words = [(pixels_to_canvas(w.box, canvas), {"word": WORD_INDEX.get(w.text.lower(), 0), "text": w.text})
+             for w in scene.words]
     views = view_boxes(grid_views)
     n, g2 = len(views), tokens_grid * tokens_grid
     t = {k: np.full((n, g2), -100, dtype=np.int64) for k in ("shape", "colour", "size")}
@@ -81,6 +96,8 @@ def view_targets(scene: Scene, anchor: Anchor, grid_views: int, tokens_grid: int
     word_box = np.zeros((n, g2, 4), dtype=np.float32)
     word_where = np.zeros((n, g2, 4), dtype=np.float32)
     mark = np.zeros((n, g2), dtype=np.int64)
+    chars = np.full((n, g2, MAX_CHARS), -100, dtype=np.int64)
+    case = np.full((n, g2), -100, dtype=np.int64)
     counts = np.zeros((n, len(SHAPES) + len(COLOUR_NAMES)), dtype=np.float32)
     for v, view in enumerate(views):
         for k, (_, rel, where, p) in _assign(objects, view, tokens_grid).items():
@@ -91,6 +108,7 @@ def view_targets(scene: Scene, anchor: Anchor, grid_views: int, tokens_grid: int
             mark[v, k] = min(p["mark"], MAX_MARK)
         for k, (_, rel, where, p) in _assign(words, view, tokens_grid).items():
             word[v, k] = p["word"]
+            chars[v, k], case[v, k] = spell(p["text"])
             word_box[v, k], word_where[v, k] = rel, where
         for box, p in objects:
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
@@ -99,4 +117,5 @@ def view_targets(scene: Scene, anchor: Anchor, grid_views: int, tokens_grid: int
                 counts[v, len(SHAPES) + p["colour"]] += 1
     as_t = torch.from_numpy
     return ViewTargets(as_t(obj), as_t(t["shape"]), as_t(t["colour"]), as_t(t["size"]), as_t(obj_box),
-                       as_t(obj_where), as_t(word), as_t(word_box), as_t(word_where), as_t(mark), as_t(counts))
+                       as_t(obj_where), as_t(word), as_t(word_box), as_t(word_where), as_t(mark), as_t(chars),
+                       as_t(case), as_t(counts))

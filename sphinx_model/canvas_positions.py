@@ -1,0 +1,69 @@
+"""Canvas positions of visual tokens: what lets the LLM *point*.
+
+A convolutional expert's token says what is in its cell, not where the cell is; in the LLM's
+sequence a visual token's place on the canvas is known only through its index. A box answer,
+though, must write canvas coordinates. With `SphinxConfig.canvas_positions` on, every visual
+token gets a learned embedding of its slot (view, cell) added after the projector, initialised
+with sine-cosine features of the slot's canvas box (`tiling.token_cells`), four groups of d/4
+channels, one per box edge (x0, y0, x1, y1). The coordinate tokens `0.00`..`1.00` can start from
+the same features of their value (`coordinate_features`), so "which token sits here" and "which
+coordinate to write" are the same direction in the residual stream from step 0.
+
+Off in every released preset (their checkpoints have no such table, and parity is untouched).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .tiling import token_cells
+
+MIN_FREQ, MAX_FREQ = 1.0, 400.0  # radians per canvas side: from the whole canvas down to ~1/60 of it
+
+
+def sincos(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """(...,) values in [0, 1] -> (..., dim) [sin(w_k v), cos(w_k v)] over dim/2 geometric frequencies."""
+    if dim % 2:
+        raise ValueError(f"sincos needs an even width, got {dim}")
+    k = dim // 2
+    freqs = MIN_FREQ * (MAX_FREQ / MIN_FREQ) ** (torch.arange(k, dtype=torch.float64) / max(k - 1, 1))
+    angles = values.to(torch.float64)[..., None] * freqs                  # (..., k)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()        # (..., dim)
+
+
+def box_features(boxes: torch.Tensor, dim: int) -> torch.Tensor:
+    """(..., 4) boxes -> (..., dim): one sincos group of dim/4 channels per edge."""
+    if dim % 8:
+        raise ValueError(f"canvas positions need a hidden size divisible by 8, got {dim}")
+    return torch.cat([sincos(boxes[..., i], dim // 4) for i in range(4)], dim=-1)
+
+
+def coordinate_features(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N,) coordinate values -> (N, dim): the value in all four edge groups, so a coordinate token
+    lines up with a slot whose edge (whichever the answer is writing) has that value."""
+    return box_features(values[:, None].expand(-1, 4), dim) / 2.0  # four groups: keep the norm near a slot's
+
+
+class CanvasPositions(nn.Module):
+    """One learned vector per visual-token slot: (views * tokens_per_view, d)."""
+
+    def __init__(self, grid: int, tokens_per_view: int, dim: int):
+        super().__init__()
+        cells = torch.tensor(token_cells(grid, tokens_per_view), dtype=torch.float64)  # (V*T, 4)
+        self.tokens_per_view = tokens_per_view
+        self.table = nn.Parameter(box_features(cells, dim))                   # (V*T, d)
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        """(K,) view index of each encoded view -> (K, T, d)."""
+        return self.table.view(-1, self.tokens_per_view, self.table.shape[-1])[views]
+
+
+def init_coordinate_embeddings(weight: torch.Tensor, token_ids: list[int], values: list[float]) -> None:
+    """Overwrite the rows of the coordinate tokens (input embeddings or LM head) with their value's
+    features, scaled to the rows' current norm."""
+    if len(token_ids) != len(values):
+        raise ValueError("one value per coordinate token")
+    with torch.no_grad():
+        feats = coordinate_features(torch.tensor(values), weight.shape[1])
+        scale = weight[token_ids].norm(dim=1).mean() / feats.norm(dim=1).mean()
+        weight[token_ids] = (feats * scale).to(weight.dtype)

@@ -1,0 +1,86 @@
+"""The canvas-position option: each visual token's slot on the canvas, as an embedding (issue: the LLM must point)."""
+import pytest
+import torch
+
+from sphinx_model.canvas_positions import box_features, coordinate_features, init_coordinate_embeddings
+from sphinx_model.checkpoint import build_from_config, from_pretrained, save_pretrained
+from sphinx_model.config import ConfigError, SphinxConfig, get_preset, list_presets
+from sphinx_model.conversation import Conversation, Message
+from sphinx_model.tiling import token_cells, view_boxes
+
+
+def test_token_cells_put_the_pooled_token_on_its_view_and_tile_the_view_row_major():
+    cells = token_cells(grid=2, tokens_per_view=5)                 # 5 views x (1 pooled + 2x2 map)
+    assert len(cells) == 25
+    for v, view in enumerate(view_boxes(2)):
+        assert cells[5 * v] == view
+    assert cells[1:5] == [(0, 0, 0.5, 0.5), (0.5, 0, 1, 0.5), (0, 0.5, 0.5, 1), (0.5, 0.5, 1, 1)]
+    assert cells[5 * 4 + 4] == (0.75, 0.75, 1.0, 1.0)              # last cell of the bottom-right view
+    with pytest.raises(ValueError, match="1 \\+ g\\*g"):
+        token_cells(2, 6)
+
+
+def test_config_validates_saves_and_loads_the_option(tmp_path):
+    cfg = get_preset("sphinx-test-tiny").replace(canvas_positions=True)
+    assert SphinxConfig.from_json(cfg.to_json()).canvas_positions is True
+    cfg.save(tmp_path)
+    assert SphinxConfig.load(tmp_path).canvas_positions is True
+    with pytest.raises(ConfigError, match="canvas_positions needs tokens_per_view"):
+        get_preset("sphinx-test-tiny").replace(canvas_positions=True, tokens_per_view=6)
+    with pytest.raises(ConfigError, match="canvas_positions must be true or false"):
+        get_preset("sphinx-test-tiny").replace(canvas_positions="yes")
+
+
+def test_every_released_preset_keeps_it_off():
+    released = [n for n in list_presets() if n != "sphinx-demo"]
+    assert released and not any(get_preset(n).canvas_positions for n in released)
+    model, _ = build_from_config(get_preset("sphinx-test-released"))
+    assert model.canvas_pos is None and not any(k.startswith("canvas_pos") for k in model.state_dict())
+
+
+def test_positions_on_add_each_slots_row_and_survive_save_and_load(make_image, tmp_path):
+    torch.manual_seed(0)
+    on, proc = build_from_config(get_preset("sphinx-test-tiny").replace(canvas_positions=True))
+    off, _ = build_from_config(get_preset("sphinx-test-tiny"))
+    off.load_state_dict({k: v for k, v in on.state_dict().items() if not k.startswith("canvas_pos")})
+    on.eval(), off.eval()
+    conv = Conversation([Message.user("Where is the box?", image=True)])
+    batch = proc(conv, make_image(120, 40))                        # wide: the bottom views are skipped
+    skip = batch["view_skip"]
+    assert skip[0].tolist() == [False, False, False, True, True]
+    with torch.no_grad():
+        a = on.image_embeddings(batch["pixel_values"], skip)[0]
+        b = off.image_embeddings(batch["pixel_values"], skip)[0]
+    table = on.canvas_pos.table.detach()                           # (25, d)
+    t = on.config.tokens_per_view
+    # [start, 5 tokens, end] for views 0..2, then two skip tokens
+    for v in range(3):
+        block = slice(v * (t + 2) + 1, v * (t + 2) + 1 + t)
+        assert torch.allclose(a[block] - b[block], table[v * t:(v + 1) * t], atol=1e-5)
+    outside = torch.ones(a.shape[0], dtype=torch.bool)
+    for v in range(3):
+        outside[v * (t + 2) + 1: v * (t + 2) + 1 + t] = False
+    assert torch.equal(a[outside], b[outside])                     # start/end/skip untouched
+    folder = save_pretrained(on, proc, tmp_path / "ckpt")
+    loaded, lproc = from_pretrained(folder)
+    assert loaded.config.canvas_positions and torch.equal(loaded.canvas_pos.table, on.canvas_pos.table)
+    with torch.no_grad():
+        assert torch.equal(on(**batch).logits, loaded(**lproc(conv, make_image(120, 40))).logits)
+
+
+def test_a_coordinate_row_lines_up_with_the_slot_edge_of_its_value():
+    values = torch.arange(101) / 100
+    coords = coordinate_features(values, 256)                      # (101, 256)
+    for edge in (0.0, 0.13, 0.5, 0.87):
+        slot = box_features(torch.tensor([[edge, 0.3, 0.6, 0.9]]), 256)[0]
+        x0_group = slice(0, 64)
+        best = (coords[:, x0_group] @ slot[x0_group]).argmax().item()
+        assert best == round(edge * 100)
+
+
+def test_coordinate_rows_are_rewritten_at_the_rows_scale():
+    weight = torch.randn(50, 64) * 0.02
+    before = weight.clone()
+    init_coordinate_embeddings(weight, [3, 7, 9], [0.0, 0.5, 1.0])
+    assert torch.equal(weight[:3], before[:3]) and not torch.equal(weight[7], before[7])
+    assert weight[[3, 7, 9]].norm(dim=1).mean().item() == pytest.approx(before[[3, 7, 9]].norm(dim=1).mean().item(), rel=1e-4)

@@ -1,0 +1,48 @@
+"""Oracle visual features: what perfect experts would hand the LLM, built from a scene's truth.
+
+Per view token (`train.world.targets`, the same assignment the experts are trained on): is an
+object there, its shape / colour / size / mark (one-hot) and its box edges relative to the
+token's own cell (what a convolution can see locally); is a word there, which one, and its
+cell-relative box. Token 0 of each view carries the view's counts per shape and colour. No
+canvas position is in them: where a token sits is the model's business (`canvas_positions`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sphinx_model.tiling import Anchor
+
+from ..world.scene import Scene
+from ..world.targets import MAX_MARK, ViewTargets, view_targets
+from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
+
+COUNTS = len(SHAPES) + len(COLOUR_NAMES)
+FEATURES = (1 + len(SHAPES) + len(COLOUR_NAMES) + len(SIZES) + 4 + (MAX_MARK + 1)
+            + 1 + (len(WORDS) + 1) + 4 + COUNTS)
+
+
+def _one_hot(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, G) class ids, -100 / out of range where absent -> (N, G, n), zeros where absent."""
+    valid = (labels >= 0) & (labels < n)
+    return F.one_hot(labels.clamp(0, n - 1), n).float() * valid[..., None]
+
+
+def oracle_features(t: ViewTargets) -> torch.Tensor:
+    """ViewTargets of N views with a g x g grid -> (N, 1 + g*g, FEATURES)."""
+    obj = t.obj[..., None]                                               # (N, G, 1)
+    has_word = (t.word > 0).float()[..., None]
+    grid = torch.cat([
+        obj, _one_hot(t.shape, len(SHAPES)), _one_hot(t.colour, len(COLOUR_NAMES)), _one_hot(t.size, len(SIZES)),
+        t.obj_box * obj, _one_hot(t.mark, MAX_MARK + 1) * obj,
+        has_word, _one_hot(t.word, len(WORDS) + 1) * has_word, t.word_box * has_word,
+        torch.zeros(*t.obj.shape, COUNTS),
+    ], dim=-1)                                                           # (N, G, F)
+    pooled = torch.zeros(t.obj.shape[0], 1, FEATURES)
+    pooled[:, 0, -COUNTS:] = t.counts / 4.0                              # counts, roughly unit scale
+    return torch.cat([pooled, grid], dim=1)                              # (N, 1 + G, F)
+
+
+def scene_features(scene: Scene, anchor: Anchor, grid: int, token_grid: int) -> torch.Tensor:
+    """Every view's oracle tokens of one scene -> (V, 1 + g*g, FEATURES)."""
+    return oracle_features(view_targets(scene, anchor, grid, token_grid))
