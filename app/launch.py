@@ -16,6 +16,7 @@ from .examples import EXAMPLES_DIR
 from .handlers.common import AppContext
 from .service import ModelService, ServingLimits
 from .settings import AppSettings
+from .ui import CSS, build_demo
 from .zerogpu import on_zerogpu
 
 MAX_UPLOAD = "50mb"
@@ -66,8 +67,6 @@ def _allowed_paths(ctx: AppContext) -> list[str]:
 def launch(demo: gr.Blocks, settings: AppSettings, *, block: bool = True, port: int | None = None,
            quiet: bool = False) -> str:
     """Serve `demo` (from `ui.build_demo`); returns the local URL (when not blocking)."""
-    from .ui import CSS
-
     ctx: AppContext = demo.sphinx_context  # type: ignore[attr-defined]
     _, url, _ = demo.launch(server_name=settings.host, server_port=port or settings.port, share=settings.share,
                             prevent_thread_lock=not block, allowed_paths=_allowed_paths(ctx),
@@ -95,11 +94,10 @@ class Running:
 
 
 def serve_in_background(settings: AppSettings, context: AppContext | None = None) -> Running:
-    """The app on 127.0.0.1 and a free port, without blocking (for tests and benchmarks)."""
-    from .ui import build_demo
-
+    """The app on 127.0.0.1 and a free port, without blocking (for tests and benchmarks);
+    `context` defaults to loading the model and the store."""
     settings = settings.with_(host="127.0.0.1")
-    demo = build_demo(settings, context)
+    demo = build_demo(settings, context if context is not None else build_context(settings))
     logging.getLogger("httpx").setLevel(logging.WARNING)
     url = launch(demo, settings, block=False, port=free_port(), quiet=True)
     return Running(demo, url, demo.sphinx_context)  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ engine (`sphinx_model.serving`) decodes every running request in one batch, lets
 join at the next step, reuses each image's visual tokens and each conversation's known
 prefix. It runs on a thread of this process (`ServingLimits.engine_mode="thread"`, the
 library default and ZeroGPU's), or in a process of its own (`"process"`, the app's default:
-`sphinx_model.engine_process`), where no Python of the web server holds up a decode step;
+`sphinx_model.serving.engine_process`), where no Python of the web server holds up a decode step;
 then this process holds no model, only the processor.
 
 The service adds what protects it: a per-user cap on requests waiting or running, a global
@@ -40,19 +40,20 @@ from typing import Any
 
 import torch
 
-from sphinx_model.checkpoint import (
+import sphinx_model.released  # noqa: F401  (registers released:NAME with the loader)
+from sphinx_model.config import CONFIG_FILE, get_preset, list_presets
+from sphinx_model.conversation import Conversation, SchemaError
+from sphinx_model.image_processing import ImageError
+from sphinx_model.loading import (
     CheckpointError,
     from_pretrained,
     load_model,
     resolve_checkpoint,
 )
-from sphinx_model.config import CONFIG_FILE, get_preset, list_presets
-from sphinx_model.conversation import Conversation, SchemaError
-from sphinx_model.engine_process import EngineProcess, EngineProcessError, seeded
-from sphinx_model.generation import GenerationSettings, Generator
-from sphinx_model.image_processing import ImageError
 from sphinx_model.processor import PromptTooLongError, SphinxProcessor
 from sphinx_model.serving import MIB, ContinuousBatcher, EngineConfig, Job, Signal
+from sphinx_model.serving.engine_process import EngineProcess, EngineProcessError, seeded
+from sphinx_model.serving.generation import GenerationSettings, Generator
 from sphinx_model.tiling import Canvas
 
 from .zerogpu import gpu

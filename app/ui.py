@@ -56,12 +56,9 @@ def _header(ctx: AppContext) -> None:
             gr.Markdown(info.card_path.read_text(encoding="utf-8", errors="replace"))
 
 
-def build_demo(settings: AppSettings, context: AppContext | None = None) -> gr.Blocks:
-    """The whole app, queue configured; `context` defaults to loading the model and the store."""
-    if context is None:
-        from .launch import build_context
-
-        context = build_context(settings)
+def build_demo(settings: AppSettings, context: AppContext) -> gr.Blocks:
+    """The whole app, queue configured, over `context` (the model service and the store:
+    `launch.build_context`)."""
     ctx = context
     examples = load_examples()
     with gr.Blocks(title="SPHINX-X") as demo:

@@ -37,9 +37,9 @@ if __package__ in (None, ""):
 
 from bench.common import (TokenClock, base_args, bench_config, config_line, generate_fixed, machine_line,  # noqa: E402
                           make_image, md_table, median, publish, setup)
-from sphinx_model.checkpoint import build_from_config  # noqa: E402
 from sphinx_model.conversation import Conversation, Message  # noqa: E402
-from sphinx_model.generation import StopOnStrings  # noqa: E402
+from sphinx_model.loading import build_from_config  # noqa: E402
+from sphinx_model.serving.generation import StopOnStrings  # noqa: E402
 
 NAME = "bench_batching"
 TARGET = 3.0

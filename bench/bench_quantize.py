@@ -33,8 +33,8 @@ if __package__ in (None, ""):
 
 from bench.common import (TokenClock, base_args, bench_config, config_line, generate_fixed, machine_line,  # noqa: E402
                           make_image, md_table, median, publish, setup)
-from sphinx_model.checkpoint import build_from_config, from_pretrained, save_pretrained  # noqa: E402
 from sphinx_model.conversation import Conversation, Message  # noqa: E402
+from sphinx_model.loading import build_from_config, from_pretrained, save_pretrained  # noqa: E402
 
 NAME = "bench_quantize"
 VARIANTS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"}, "8-bit": {"quantize": "8bit"},
@@ -119,8 +119,8 @@ def released_table() -> str:
     from accelerate import init_empty_weights
 
     from sphinx_model.config import get_preset
+    from sphinx_model.loading.quantize import bytes_per_weight, quantized_weight_names
     from sphinx_model.modeling import SphinxForCausalLM
-    from sphinx_model.quantize import bytes_per_weight, quantized_weight_names
 
     rows = []
     for member, preset, llm in MEMBERS:

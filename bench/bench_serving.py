@@ -147,7 +147,7 @@ def service_alone(spec: str | None, threads: int, levels_of: list[int], requests
     from app.service import GenerationRequest, ModelService, ServingLimits
     from app.settings import AppSettings
     from sphinx_model.conversation import Conversation, Message
-    from sphinx_model.generation import GenerationSettings
+    from sphinx_model.serving.generation import GenerationSettings
 
     torch.set_num_threads(threads)
     service = ModelService.load(AppSettings(model=spec).model_spec, device="cpu",

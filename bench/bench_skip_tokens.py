@@ -36,8 +36,8 @@ if __package__ in (None, ""):
 
 from bench.common import (base_args, bench_config, config_line, fmt_ms, machine_line, make_image, md_table,  # noqa: E402
                           median, pct, publish, setup)
-from sphinx_model.checkpoint import build_from_config  # noqa: E402
 from sphinx_model.conversation import Conversation, Message  # noqa: E402
+from sphinx_model.loading import build_from_config  # noqa: E402
 from sphinx_model.processor import SphinxProcessor  # noqa: E402
 
 NAME = "bench_skip_tokens"

@@ -62,7 +62,7 @@ def _push_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
 
 def _convert_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from .convert_accessory import add_arguments
+    from .released.cli import add_arguments
 
     add_arguments(sub.add_parser("convert-accessory", parents=[common],
                                  help="convert a released LLaMA2-Accessory SPHINX folder to our format",
@@ -113,10 +113,11 @@ def _read_question() -> str | None:
 def chat(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_model, resolve_device
+    from . import released  # noqa: F401  (registers released:NAME with the loader)
     from .conversation import Conversation, Message
-    from .generation import GenerationSettings, Generator
     from .image_processing import load_image
+    from .loading.checkpoint import load_model, resolve_device
+    from .serving.generation import GenerationSettings, Generator
     from .text import check_text
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -147,7 +148,7 @@ def chat(args: argparse.Namespace) -> int:
 
 def _foreseen() -> tuple[type[BaseException], ...]:
     """Failures a user can cause; each class carries a message meant for them."""
-    from .checkpoint import CheckpointError
+    from .loading import CheckpointError
 
     return (CheckpointError, ValueError, KeyError, OSError, UnicodeError, MemoryError)
 
@@ -166,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "convert-accessory":
-            from .convert_accessory import run_convert
+            from .released.cli import run_convert
 
             return run_convert(args)
         if args.command == "push":
-            from .released import push_to_hub
+            from .released.hub import push_to_hub
 
             print(push_to_hub(args.folder, args.repo_id, private=args.private))
             return 0

@@ -102,8 +102,8 @@ def _fail(e: BaseException) -> int:
 
 
 def _train(cfg: RunConfig, resume: Path | None) -> int:
-    from sphinx_model.checkpoint import CheckpointError
     from sphinx_model.experts import ExpertWeightsUnavailable
+    from sphinx_model.loading import CheckpointError
 
     from .trainer import Trainer
 

@@ -219,9 +219,10 @@ def generate_answers(model_path: str, questions: list[Question], batch_size: int
                      device: str = "cpu") -> list[str]:
     from tqdm import tqdm
 
-    from sphinx_model.checkpoint import from_pretrained
+    import sphinx_model.released  # noqa: F401  (registers released:NAME with the loader)
     from sphinx_model.conversation import Conversation, Message
-    from sphinx_model.generation import GenerationSettings, Generator
+    from sphinx_model.loading import from_pretrained
+    from sphinx_model.serving.generation import GenerationSettings, Generator
 
     model, processor = from_pretrained(model_path, device=device)
     gen = Generator(model, processor)
@@ -279,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                 answers = [given.get(q.id, "") for q in questions]
                 anchor: Anchor = "top-left"
             else:
+                import sphinx_model.released  # noqa: F401  (registers released:NAME)
                 from sphinx_model.config import SphinxConfig
-                from sphinx_model.checkpoint import resolve_checkpoint
+                from sphinx_model.loading import resolve_checkpoint
 
                 anchor = SphinxConfig.load(resolve_checkpoint(model)).anchor
                 answers = generate_answers(model, questions, args.batch_size, args.max_new_tokens, args.device)

@@ -433,7 +433,7 @@ def _unprefixed(prefix: str, sd: dict) -> dict:
 # --- the starting checkpoint of the one-stage run ----------------------------------------------
 def write_init(trainer: ExpertTrainer, out: Path) -> Path:
     """Trained experts + a BPE tokenizer of the dialogues + random LLM/projector -> `out`."""
-    from sphinx_model.checkpoint import save_pretrained
+    from sphinx_model.loading import save_pretrained
     from sphinx_model.modeling import SphinxForCausalLM
     from sphinx_model.processor import SphinxProcessor
 

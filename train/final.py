@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from sphinx_model.checkpoint import load_weights_into, save_pretrained
+from sphinx_model.loading import load_weights_into, save_pretrained
 from sphinx_model.modeling import SphinxForCausalLM
 from sphinx_model.processor import SphinxProcessor
 

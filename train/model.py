@@ -67,7 +67,8 @@ def load_processor(config: SphinxConfig, section: ModelSection):
 
 def build_model(config: SphinxConfig, section: ModelSection):
     """Trainable weights in `section.dtype` (fp32 master weights by default); frozen ones in `frozen_dtype`."""
-    from sphinx_model.checkpoint import CheckpointError, build_from_config, from_pretrained
+    import sphinx_model.released  # noqa: F401  (registers released:NAME with the loader)
+    from sphinx_model.loading import CheckpointError, build_from_config, from_pretrained
     from sphinx_model.modeling import resolve_dtype
 
     if Path(section.init).is_dir():
@@ -93,7 +94,8 @@ def replace_experts(model, source: str) -> None:
     The experts must be configured alike (same kinds, sizes and keys); they stay frozen."""
     from dataclasses import asdict
 
-    from sphinx_model.checkpoint import CheckpointError, read_weights
+    import sphinx_model.released  # noqa: F401  (registers released:NAME with the loader)
+    from sphinx_model.loading import CheckpointError, read_weights
 
     try:
         theirs = SphinxConfig.load(source)

@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from sphinx_model.conversation import Conversation, Message, Part
-from sphinx_model.generation import GenerationSettings
+from sphinx_model.serving.generation import GenerationSettings
 
 from ..records import RecordError, StoredImage, StoredTurn, TurnRecord, record_feedback, save_exchange
 from ..regions import PixelRegion, regions_in_pixels

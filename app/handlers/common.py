@@ -11,8 +11,8 @@ from typing import Any
 from PIL import Image
 
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.generation import GenerationSettings
 from sphinx_model.image_processing import ImageError, KeyedImage, load_image
+from sphinx_model.serving.generation import GenerationSettings
 from sphinx_model.tiling import Canvas
 from storage import Owner, Store
 

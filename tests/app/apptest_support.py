@@ -32,8 +32,8 @@ def tiny_text_model(folder: Path) -> Path:
     """The tiny random-init preset, saved as a checkpoint folder. Its output layer keeps only the
     rows of printable ASCII bytes, so that its (random, unscripted) answers are text that
     streams in many pieces and never ends early; everything else is the preset's random init."""
-    from sphinx_model.checkpoint import build_from_config, save_pretrained
     from sphinx_model.config import get_preset
+    from sphinx_model.loading import build_from_config, save_pretrained
 
     torch.manual_seed(0)
     model, processor = build_from_config(get_preset("sphinx-test-tiny"))

@@ -14,7 +14,7 @@ from app.handlers import chat
 from app.handlers.common import generation_settings
 from app.service import GenerationRequest, ModelService, ServiceError
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.generation import GenerationSettings
+from sphinx_model.serving.generation import GenerationSettings
 from storage.models import MessageRow
 
 

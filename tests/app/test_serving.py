@@ -16,7 +16,7 @@ from app.launch import serving_limits
 from app.service import GenerationRequest, ModelService, ServiceError, ServingLimits
 from app.settings import DEMO_MODEL_DIR, AppSettings, SettingsError, parse_settings
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.generation import GenerationSettings
+from sphinx_model.serving.generation import GenerationSettings
 from storage import open_store
 
 EXAMPLES = DEMO_MODEL_DIR.parent / "examples"

@@ -59,7 +59,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         # replies that stream until stopped: the demo model answers in a few tokens
         model = tiny_text_model(tmp / "tiny-text")
         # the engine in this process: the pace is a hook on the model, which the engine process
-        # would keep out of reach (that process is tested in tests/sphinx_model/test_engine_process.py)
+        # would keep out of reach (that process is tested in tests/sphinx_model/serving/test_engine_process.py)
         settings = AppSettings(model=str(model), data_dir=tmp / "data", browser_secret="browser-test-secret",
                                max_new_tokens=MAX_NEW_TOKENS, task_max_new_tokens=TASK_MAX_NEW_TOKENS,
                                engine="thread")

@@ -6,8 +6,8 @@ import sentencepiece as spm
 import torch
 from PIL import Image, ImageDraw
 
-from sphinx_model.checkpoint import build_from_config
 from sphinx_model.config import get_preset
+from sphinx_model.loading import build_from_config
 
 
 @pytest.fixture(scope="session")

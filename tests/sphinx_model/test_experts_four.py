@@ -18,9 +18,9 @@ from torch import nn
 from transformers import Blip2Config, Blip2Model
 
 from sphinx_model.config import ExpertConfig, get_preset
-from sphinx_model.convert_accessory import _empty_model, _map_all, llm_config
 from sphinx_model.experts import ClipViTExpert, QFormerExpert, build_expert
 from sphinx_model.experts.clip_vit import build_tower
+from sphinx_model.released.convert import _empty_model, _map_all, llm_config
 
 RELEASED_TSV = Path(__file__).resolve().parents[3] / "shared/reference/released_keys_sphinx_tiny.tsv"
 CLIP_TINY = ExpertConfig("clip_vit", "ViT-L-14", 28, "clip", None, {"width": 32, "layers": 2, "head_width": 16})

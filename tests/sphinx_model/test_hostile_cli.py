@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sphinx_model import __main__ as cli
-from sphinx_model.checkpoint import save_pretrained
+from sphinx_model.loading import save_pretrained
 
 MODEL = ["chat", "--model", "sphinx-test-tiny"]
 
@@ -107,7 +107,7 @@ def test_invalid_utf8_on_stdin_is_one_line(files, capsys, monkeypatch):
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_an_unforeseen_failure_is_one_line_and_debug_shows_the_traceback(capsys, monkeypatch, debug):
-    from sphinx_model import checkpoint
+    from sphinx_model.loading import checkpoint
 
     def boom(*args, **kwargs):
         raise RuntimeError("the tensor\nexploded")
@@ -121,7 +121,7 @@ def test_an_unforeseen_failure_is_one_line_and_debug_shows_the_traceback(capsys,
 
 
 def test_debug_after_the_command_works_too(capsys, monkeypatch):
-    from sphinx_model import checkpoint
+    from sphinx_model.loading import checkpoint
 
     monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: 1 / 0)
     assert cli.main(MODEL + ["--prompt", "x", "--debug"]) == 1

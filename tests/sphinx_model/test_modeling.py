@@ -80,8 +80,8 @@ def test_loss_only_on_answers_and_gradients_skip_frozen_experts(tiny, make_image
 
 
 def test_moe_backbone_adds_router_loss():
-    from sphinx_model.checkpoint import build_from_config
     from sphinx_model.config import get_preset
+    from sphinx_model.loading import build_from_config
     torch.manual_seed(0)
     model, proc = build_from_config(get_preset("sphinx-test-moe"))
     conv = Conversation([Message.user("Hi"), Message.assistant("Hello there.")])
@@ -95,8 +95,8 @@ def test_moe_backbone_adds_router_loss():
 
 
 def test_bf16_is_configuration_not_code(make_image):
-    from sphinx_model.checkpoint import build_from_config
     from sphinx_model.config import get_preset
+    from sphinx_model.loading import build_from_config
     cfg = get_preset("sphinx-test-tiny")
     cfg = cfg.replace(llm={**cfg.llm.__dict__, "dtype": "bfloat16"})
     model, proc = build_from_config(cfg)
@@ -107,8 +107,8 @@ def test_bf16_is_configuration_not_code(make_image):
 
 
 def test_unknown_backbone_type_is_a_clear_error():
-    from sphinx_model.modeling import build_llm
     from sphinx_model.config import LLMConfig
+    from sphinx_model.modeling import build_llm
     with pytest.raises(ValueError, match="trust_remote_code"):
         build_llm(LLMConfig(config={"model_type": "internlm2", "hidden_size": 8}), load_weights=False)
 

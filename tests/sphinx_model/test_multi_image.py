@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from sphinx_model.conversation import Conversation, Message, Part
-from sphinx_model.generation import GenerationSettings, Generator
 from sphinx_model.modeling import _check_placeholders
 from sphinx_model.processor import IMAGE_TOKEN_ID, SphinxProcessor, TooManyImagesError
+from sphinx_model.serving.generation import GenerationSettings, Generator
 from sphinx_model.templates import get_template
 from sphinx_model.tiling import visual_token_count
 

@@ -7,11 +7,11 @@ import random
 import pytest
 import sentencepiece as spm
 
-from sphinx_model.checkpoint import build_from_config
 from sphinx_model.config import get_preset
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.generation import Generator
+from sphinx_model.loading import build_from_config
 from sphinx_model.processor import IMAGE_TOKEN_ID, SphinxProcessor
+from sphinx_model.serving.generation import Generator
 from sphinx_model.tokenizer import SentencePieceTokenizer, load_tokenizer, sentencepiece_tokenizer
 
 CORPUS = ["A chat between a curious human and an artificial intelligence assistant.",

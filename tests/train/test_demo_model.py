@@ -30,7 +30,7 @@ def heldout(tmp_path_factory):
 
 
 def test_demo_checkpoint_is_shipped_small_and_loads():
-    from sphinx_model.checkpoint import from_pretrained
+    from sphinx_model.loading import from_pretrained
 
     size = sum(f.stat().st_size for f in DEMO.iterdir() if f.is_file())
     assert size <= 50 * 2**20

@@ -51,7 +51,7 @@ def runs(tmp_path_factory, data_dir) -> dict[str, Path]:
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_two_processes_train_checkpoint_and_export(runs, kind):
-    from sphinx_model.checkpoint import from_pretrained
+    from sphinx_model.loading import from_pretrained
 
     out = runs[kind]
     state = json.loads((out / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["state"]

@@ -31,9 +31,9 @@ def test_loss_falls_and_the_init_checkpoint_loads(world, tmp_path):
         for (name, a), b in zip(trainer.experts[key].state_dict().items(), resumed.experts[key].state_dict().values()):
             assert (a == b).all(), name
 
-    from sphinx_model.checkpoint import from_pretrained
     from sphinx_model.conversation import Conversation, Message
-    from sphinx_model.generation import GenerationSettings, Generator
+    from sphinx_model.loading import from_pretrained
+    from sphinx_model.serving.generation import GenerationSettings, Generator
 
     out = write_init(trainer, tmp_path / "init")
     model, processor = from_pretrained(out)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sphinx_model.checkpoint import build_from_config, save_pretrained
 from sphinx_model.config import get_preset
+from sphinx_model.loading import build_from_config, save_pretrained
 from train.config import ConfigError, ModelSection
 from train.model import build_model, check_init, model_config
 

@@ -30,7 +30,7 @@ def run(path, **overrides):
 
 
 def test_loss_falls_over_30_steps_and_the_final_model_loads(tmp_path, data_dir):
-    from sphinx_model.checkpoint import from_pretrained
+    from sphinx_model.loading import from_pretrained
 
     path = write_run(tmp_path, data_dir / "mixture.yaml",
                      train={"max_steps": 30, "eval_every": 15, "tensorboard": True},
@@ -91,7 +91,7 @@ def test_all_samples_bad_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_freeze_spec_and_lora(tmp_path, data_dir):
-    from sphinx_model.checkpoint import from_pretrained
+    from sphinx_model.loading import from_pretrained
 
     path = write_run(tmp_path, data_dir / "mixture.yaml", train={"max_steps": 2},
                      freeze={"train": ["visual_proj", "start_img", "end_img", "skip_img"]},

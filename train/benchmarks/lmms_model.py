@@ -3,14 +3,14 @@
     lmms-eval --model sphinx_x --model_args pretrained=PATH_OR_ID[,quantize=4bit,device=cuda,dtype=bfloat16]
               --tasks pope,refcoco_bbox_rec_val,... --batch_size 8
 
-`pretrained` is anything `sphinx_model.checkpoint.load_model` takes: a checkpoint folder of
+`pretrained` is anything `sphinx_model.loading.load_model` takes: a checkpoint folder of
 ours, a hub repo id, a preset name, or `released:NAME`; `quantize=4bit|8bit` and `device_map=auto` go to that
 loader too (refused in one line by a loader that does not take them). The chat template comes with the checkpoint (the
 released "### Human / ### Assistant" one for released checkpoints, ours otherwise), as in
 every other entry point.
 
 * `generate_until`: requests grouped by their decoding settings, sorted by prompt length,
-  decoded `batch_size` at a time through `sphinx_model.generation.Generator` (left-padded
+  decoded `batch_size` at a time through `sphinx_model.serving.generation.Generator` (left-padded
   batches); `until` stops decoding and is cut from the answer; `max_new_tokens`, `temperature`,
   `top_p`, `top_k`, `do_sample` are honoured. Boxes go where the task's metric reads them
   (`postprocess.map_answer`, profile from `prompts.resolve_profile`).
@@ -42,10 +42,11 @@ from tqdm import tqdm
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
-from sphinx_model.checkpoint import load_model
+import sphinx_model.released  # noqa: F401  (registers released:NAME with the loader)
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.generation import GenerationSettings, Generator
+from sphinx_model.loading import load_model
 from sphinx_model.processor import Encoded
+from sphinx_model.serving.generation import GenerationSettings, Generator
 from sphinx_model.templates import IGNORE_INDEX, encode_continuation
 
 from .postprocess import cut_at_stops, map_answer
@@ -338,6 +339,6 @@ def _load(pretrained: str, device: str, dtype: str | None, options: dict[str, An
     accepted = inspect.signature(load_model).parameters
     for name, value in given.items():
         if name not in accepted:
-            raise ValueError(f"sphinx_x: {name}={value} needs sphinx_model.checkpoint.load_model(..., {name}=), "
+            raise ValueError(f"sphinx_x: {name}={value} needs sphinx_model.loading.load_model(..., {name}=), "
                              "which this version of sphinx_model does not offer")
     return load_model(pretrained, device=device, dtype=dtype, **given)

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The tiny preset at a fixed random init, saved in our checkpoint format."""
-    from sphinx_model.checkpoint import build_from_config, save_pretrained
     from sphinx_model.config import get_preset
+    from sphinx_model.loading import build_from_config, save_pretrained
 
     torch.manual_seed(0)
     model, processor = build_from_config(get_preset("sphinx-test-tiny"))

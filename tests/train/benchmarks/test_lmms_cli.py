@@ -42,7 +42,7 @@ def test_bad_documents_are_reported_and_the_run_goes_on(cli_run):
 
 def test_world_numbers_agree_with_train_evaluate(cli_run, tiny_checkpoint, world):
     """Same questions, same greedy answers, same scores: lmms-eval and `python -m train.evaluate` agree."""
-    from sphinx_model.checkpoint import from_pretrained
+    from sphinx_model.loading import from_pretrained
     from train.benchmarks.postprocess import map_answer
     from train.benchmarks.world_tasks import BOX_METRICS, task_name
     from train.evaluate import generate_answers, make_questions, score, summarise

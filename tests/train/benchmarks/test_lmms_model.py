@@ -188,7 +188,7 @@ def test_bad_model_args_are_one_clear_error(tiny_checkpoint, kwargs, message):
 
 
 def test_a_missing_checkpoint_is_the_loaders_one_line_error(tmp_path):
-    from sphinx_model.checkpoint import CheckpointError
+    from sphinx_model.loading import CheckpointError
 
     with pytest.raises(CheckpointError, match="local folder"):
         SphinxX(pretrained=str(tmp_path / "nope"), device="cpu")
@@ -196,7 +196,7 @@ def test_a_missing_checkpoint_is_the_loaders_one_line_error(tmp_path):
 
 def test_quantize_reaches_the_loader_or_is_refused_in_one_line(tiny_checkpoint, images):
     """Passed through when `sphinx_model`'s loader offers quantisation (bitsandbytes runs on CPU), else refused."""
-    from sphinx_model.checkpoint import load_model
+    from sphinx_model.loading import load_model
 
     if "quantize" not in inspect.signature(load_model).parameters:
         with pytest.raises(ValueError, match="does not offer"):

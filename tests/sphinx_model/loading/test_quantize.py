@@ -10,12 +10,12 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 
 from sphinx_model.__main__ import main  # noqa: E402
-from sphinx_model.checkpoint import CheckpointError, build_from_config, from_pretrained, save_pretrained  # noqa: E402
 from sphinx_model.config import get_preset  # noqa: E402
 from sphinx_model.conversation import Conversation, Message  # noqa: E402
-from sphinx_model.generation import GenerationSettings, Generator  # noqa: E402
-from sphinx_model.placement import device_lookup, parse_max_memory, plan_device_map  # noqa: E402
-from sphinx_model.quantize import QuantizedExperts, bytes_per_weight, special_dtypes  # noqa: E402
+from sphinx_model.loading import CheckpointError, build_from_config, from_pretrained, save_pretrained  # noqa: E402
+from sphinx_model.loading.placement import device_lookup, parse_max_memory, plan_device_map  # noqa: E402
+from sphinx_model.loading.quantize import QuantizedExperts, bytes_per_weight, special_dtypes  # noqa: E402
+from sphinx_model.serving.generation import GenerationSettings, Generator  # noqa: E402
 
 BNB = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 CONV = Conversation([Message.user("What is in the image?", image=True)])
@@ -132,7 +132,7 @@ def test_device_map_auto_on_this_machine_and_max_memory_parsing(saved):
 
 def test_quantize_names_are_checked_everywhere(saved):
     from sphinx_model.config import ConfigError
-    from sphinx_model.export_accessory import export_accessory
+    from sphinx_model.released.export import export_accessory
 
     with pytest.raises(ConfigError, match="llm.quantize must be one of"):
         get_preset("sphinx-test-tiny").replace(llm={**get_preset("sphinx-test-tiny").llm.__dict__, "quantize": "3bit"})

@@ -1,7 +1,7 @@
 """The serving caches: visual tokens per image, and KV caches of known conversation prefixes.
 
 Both are least-recently-used maps bounded by the bytes of the tensors they hold (an entry
-larger than the whole bound is not kept). The engine (serving.py) owns them and is their only
+larger than the whole bound is not kept). The engine (batcher.py) owns them and is their only
 user, from its one scheduler thread; they take no locks.
 
 Image key = sha256 of the image's content as given (PIL pixels or file bytes, `source_key`)
@@ -29,9 +29,9 @@ from PIL import Image
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .config import SphinxConfig
-from .image_processing import KeyedImage
-from .processor import IMAGE_TOKEN_ID, ProcessedImage
+from ..config import SphinxConfig
+from ..image_processing import KeyedImage
+from ..processor import IMAGE_TOKEN_ID, ProcessedImage
 
 V = TypeVar("V")
 PositionKey = Hashable          # a token id (int), or (image key, offset) for an image placeholder

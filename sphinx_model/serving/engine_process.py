@@ -8,7 +8,7 @@ the model and the web server take turns instead of sharing the cores. Measured o
 model, 2 CPU cores, 8 concurrent requests: a thread burning Python half the time cut the
 engine's throughput from 521 to 188 tokens/s; the same load in another process left 533.
 
-`EngineProcess` has the interface of `serving.ContinuousBatcher` (`prepare`, `submit`, the
+`EngineProcess` has the interface of `batcher.ContinuousBatcher` (`prepare`, `submit`, the
 job's events, `stats`, `idle`, `close`), so a caller does not know which it has:
 
   * `prepare` runs in the caller's process and thread (`JobMaker`: images processed once,
@@ -16,7 +16,7 @@ job's events, `stats`, `idle`, `close`), so a caller does not know which it has:
     before anything is sent;
   * `submit` sends the job to the engine process over a pipe; the pixels of an image that
     process was sent before stay home, and it asks for them only if its image cache let them
-    go; a cancel (`serving.Signal`) is sent the moment it is set;
+    go; a cancel (`jobs.Signal`) is sent the moment it is set;
   * a reader thread puts the engine's pieces and its end on each job's own `events` queue.
 
 If the engine process dies, every job in it fails with one line and the next `submit` starts
@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from .serving import ContinuousBatcher, EngineConfig, Job, JobMaker, Signal
+from .batcher import ContinuousBatcher
+from .jobs import EngineConfig, Job, JobMaker, Signal
 
 READY_TIMEOUT_S = 900.0     # loading a large checkpoint from a slow disk
 _SENT_KEYS = 4096           # images whose pixels the engine process was sent (it may still have them)

@@ -5,7 +5,7 @@ shards, each `{"model": state_dict}` with keys under `llma.`), `config.json` (th
 ModelArgs), `meta.json` (`{"llama_type": ...}`) and a SentencePiece `tokenizer.model`.
 
     convert_accessory(src, dst)            released folder -> checkpoint.save_pretrained folder
-    export_accessory(model, spm, dst, n)   our model -> released layout (export_accessory.py)
+    export_accessory(model, spm, dst, n)   our model -> released layout (export.py)
 
 What conversion does, in order: merge the shards (split dims below), map LLaMA names to
 transformers names with the rotary row permutation of wq/wk (Meta's interleaved pairs ->
@@ -21,7 +21,6 @@ per expert and `mlp.experts.down_proj` (E, dim, ffn).
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from dataclasses import dataclass, field
@@ -30,14 +29,14 @@ from typing import Any
 
 import torch
 
-from .accessory_shards import (_MOE_EXPERTS, PREFIX, SHARD_RE, find_shards, load_shard, merge_shards,  # noqa: F401
-                               model_arg, read_json_object, split_dim)
-from .checkpoint import CheckpointError, save_pretrained
-from .config import SphinxConfig, get_preset
-from .experts import get_expert_class
-from .modeling import DTYPES, SphinxForCausalLM
-from .processor import SphinxProcessor
-from .tokenizer import load_tokenizer, sentencepiece_tokenizer
+from ..config import SphinxConfig, get_preset
+from ..experts import get_expert_class
+from ..loading.checkpoint import CheckpointError, save_pretrained
+from ..modeling import DTYPES, SphinxForCausalLM
+from ..processor import SphinxProcessor
+from ..tokenizer import load_tokenizer, sentencepiece_tokenizer
+from .shards import (_MOE_EXPERTS, PREFIX, SHARD_RE, find_shards, load_shard, merge_shards,  # noqa: F401
+                     model_arg, read_json_object, split_dim)
 
 
 
@@ -320,7 +319,7 @@ def _write_card(dst: Path, src: Path, llama_type: Any, config: SphinxConfig, rep
     text = (f"---\nlibrary_name: sphinx_model\ntags: [sphinx, multimodal, llama2-accessory]\n---\n\n"
             f"# {config.name}\n\nConverted from the released LLaMA2-Accessory folder `{src.resolve().name}` "
             f"(`llama_type` {llama_type!r}) with `python -m sphinx_model convert-accessory`; load it with "
-            f"`sphinx_model.checkpoint.from_pretrained`. The weights are the authors' (see their license).\n\n"
+            f"`sphinx_model.from_pretrained`. The weights are the authors' (see their license).\n\n"
             f"- LLM: {(config.llm.config or {}).get('model_type')}, {config.llm.dtype}\n- experts: {experts}\n"
             f"- canvas {config.canvas_size}, grid {config.grid}, {config.tokens_per_view} tokens per view\n"
             f"- conversion: {report.lines()[0]}\n")
@@ -384,42 +383,3 @@ def _assign(model: SphinxForCausalLM, state: dict[str, torch.Tensor]) -> None:
     for key in model.expert_keys:
         getattr(model, key).requires_grad_(False)
 
-
-# --- CLI ------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The converter's command-line arguments (shared by `python -m sphinx_model convert-accessory`)."""
-    parser.add_argument("src", help="released folder (consolidated.*.model.pth, config.json, meta.json, "
-                                    "tokenizer.model), or released:NAME to download it first (e.g. released:SPHINX-Tiny)")
-    parser.add_argument("dst", help="output checkpoint folder")
-    parser.add_argument("--base-preset", help="preset giving experts/canvas/template (default: from meta.json)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the checkpoint's)")
-    parser.add_argument("--allow-unmapped", action="store_true", help="convert even if keys do not map")
-    return parser
-
-
-def run_convert(ns: argparse.Namespace) -> int:
-    """Convert with parsed arguments; foreseeable failures print one `error:` line, exit 2."""
-    from .released import download_released, is_released
-
-    try:
-        src = download_released(ns.src) if is_released(ns.src) else ns.src
-        report = convert_accessory(src, ns.dst, base_preset=ns.base_preset, dtype=ns.dtype,
-                                   allow_unmapped=ns.allow_unmapped, progress=True)
-    except (CheckpointError, OSError, ValueError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-        return 2
-    print("\n".join(report.lines()))
-    print(f"wrote {ns.dst}")
-    return 0
-
-
-def main_convert(argv: list[str]) -> int:
-    """`python -m sphinx_model convert-accessory SRC DST [...]`; returns the exit code."""
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m sphinx_model convert-accessory",
-                                                   description="Convert a released LLaMA2-Accessory SPHINX folder."))
-    try:
-        ns = parser.parse_args(argv)
-    except SystemExit as e:  # usage errors and --help
-        return int(e.code or 0)
-    return run_convert(ns)

@@ -15,11 +15,12 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 from PIL import Image
 
-from sphinx_model import convert_accessory as ca
-from sphinx_model import released
+from sphinx_model import from_pretrained  # the package's API, as the README shows it
 from sphinx_model.__main__ import main
-from sphinx_model.checkpoint import CheckpointError, from_pretrained
 from sphinx_model.conversation import Conversation, Message
+from sphinx_model.loading import CheckpointError
+from sphinx_model.released import convert as ca
+from sphinx_model.released import hub as released
 
 sys.path.insert(0, str(Path(__file__).parent))
 from released_reference import MEMBERS, tiny_config, write_released  # noqa: E402

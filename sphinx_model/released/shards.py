@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError
-from .files import UnsafePathError, check_regular_file, read_text
+from ..files import UnsafePathError, check_regular_file, read_text
+from ..loading.checkpoint import CheckpointError
 
 PREFIX = "llma."
 SHARD_RE = re.compile(r"^consolidated\.(\d+)-of-(\d+)\.model\.pth$")

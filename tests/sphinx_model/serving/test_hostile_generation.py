@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from sphinx_model.checkpoint import DeviceError, resolve_device
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.generation import GenerationSettings, Generator
+from sphinx_model.loading import DeviceError, resolve_device
 from sphinx_model.processor import PromptTooLongError, SphinxProcessor
+from sphinx_model.serving.generation import GenerationSettings, Generator
 
 BAD_SETTINGS = [
     {"temperature": math.nan}, {"temperature": math.inf}, {"temperature": -0.1}, {"temperature": "0.7"},

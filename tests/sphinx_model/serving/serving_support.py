@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.generation import GenerationSettings, Generator
+from sphinx_model.serving.generation import GenerationSettings, Generator
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "assets" / "demo"
 EXAMPLES = ROOT / "assets" / "examples"
 SCENES = [str(EXAMPLES / n) for n in ("scene-objects.png", "scene-marks.png", "scene-words.png", "scene-tall.png")]

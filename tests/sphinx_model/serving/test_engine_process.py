@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sphinx_model.checkpoint import CheckpointError, from_pretrained
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.engine_process import EngineProcess
-from sphinx_model.generation import GenerationSettings, Generator
+from sphinx_model.loading import CheckpointError, from_pretrained
 from sphinx_model.processor import PromptTooLongError
 from sphinx_model.serving import ContinuousBatcher, EngineConfig
+from sphinx_model.serving.engine_process import EngineProcess
+from sphinx_model.serving.generation import GenerationSettings, Generator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serving_support import DEMO, GREEDY, ROOT, ask, one_by_one

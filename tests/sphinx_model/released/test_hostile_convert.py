@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from sphinx_model.__main__ import main
-from sphinx_model.checkpoint import build_from_config
 from sphinx_model.config import get_preset
-from sphinx_model.convert_accessory import find_shards
-from sphinx_model.export_accessory import export_accessory
+from sphinx_model.loading import build_from_config
+from sphinx_model.released.convert import find_shards
+from sphinx_model.released.export import export_accessory
 
 PRESET = "sphinx-test-released"   # hidden 64, 4 heads, 2 kv heads
 

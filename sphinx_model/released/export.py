@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from .convert_accessory import (_HF_LAYER, _LAYER_NAMES, _MOE_EXPERTS, _TOP_NAMES, PREFIX, glue_names, split_dim,
-                                unpermute_rotary)
-from .experts import get_expert_class
-from .modeling import SphinxForCausalLM
+from ..experts import get_expert_class
+from ..modeling import SphinxForCausalLM
+from .convert import (_HF_LAYER, _LAYER_NAMES, _MOE_EXPERTS, _TOP_NAMES, PREFIX, glue_names, split_dim,
+                      unpermute_rotary)
 
 
 def export_accessory(model: SphinxForCausalLM, tokenizer_model: str | Path | None, dst: str | Path,

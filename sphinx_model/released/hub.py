@@ -28,7 +28,7 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-from .checkpoint import CheckpointError
+from ..loading.checkpoint import CheckpointError
 
 SCHEME = "released:"
 RELEASED_REPO = "Alpha-VLLM/LLaMA2-Accessory"
@@ -113,7 +113,7 @@ def resolve_released(spec: str, cache: Path | None = None, progress: bool = True
 
 def convert_into(source: Path, target: Path, progress: bool = False, stamp: dict | None = None) -> None:
     """Convert `source` into `target` through a temporary sibling folder renamed at the end."""
-    from .convert_accessory import convert_accessory
+    from .convert import convert_accessory
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -1,12 +1,12 @@
-"""sphinx_model/caches.py: the serving caches are least-recently-used, bounded by bytes, cut a
+"""sphinx_model/serving/caches.py: the serving caches are least-recently-used, bounded by bytes, cut a
 shared prefix to its length, and key images by their content (and the model's vision config)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sphinx_model.caches import ImageCache, LRUBytes, PrefixCache, position_keys
 from sphinx_model.processor import IMAGE_TOKEN_ID
+from sphinx_model.serving.caches import ImageCache, LRUBytes, PrefixCache, position_keys
 
 
 def test_lru_bytes_evicts_the_least_recently_used_and_refuses_what_cannot_fit():
@@ -67,7 +67,7 @@ def test_a_different_image_at_the_same_placeholders_is_not_a_shared_prefix():
 def test_images_are_keyed_by_their_content(tmp_path, make_image):
     import io
 
-    from sphinx_model.caches import source_key
+    from sphinx_model.serving.caches import source_key
 
     a, b = make_image(64, 48, 1), make_image(64, 48, 1)
     assert source_key(a) == source_key(b)                    # two objects, one content
@@ -81,10 +81,10 @@ def test_images_are_keyed_by_their_content(tmp_path, make_image):
 def test_a_keyed_image_is_opened_only_when_its_canvas_is_not_cached(tiny, make_image):
     import hashlib
 
-    from sphinx_model.caches import source_key
-    from sphinx_model.generation import Generator
     from sphinx_model.image_processing import ImageError, KeyedImage, load_image
     from sphinx_model.serving import ContinuousBatcher, EngineConfig
+    from sphinx_model.serving.caches import source_key
+    from sphinx_model.serving.generation import Generator
 
     opened = []
     picture = make_image(64, 48, 2)

@@ -18,9 +18,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .conversation import Conversation
-from .modeling import SphinxForCausalLM
-from .processor import PromptTooLongError, SphinxProcessor
+from ..conversation import Conversation
+from ..modeling import SphinxForCausalLM
+from ..processor import PromptTooLongError, SphinxProcessor
 
 
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes 0 .. 2**64 - 1

@@ -17,26 +17,26 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-from sphinx_model.checkpoint import CheckpointError, build_from_config, from_pretrained
 from sphinx_model.config import get_preset
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.export_accessory import export_accessory
-from sphinx_model.convert_accessory import (
+from sphinx_model.loading import CheckpointError, build_from_config, from_pretrained
+from sphinx_model.released.cli import main_convert
+from sphinx_model.released.convert import (
     _empty_model,
     _map_all,
     convert_accessory,
     find_shards,
     llm_config,
     load_shard,
-    main_convert,
     merge_shards,
     permute_rotary,
     split_dim,
     unpermute_rotary,
 )
+from sphinx_model.released.export import export_accessory
 
 PRESET = "sphinx-test-released"
-RELEASED_KEYS = Path(__file__).resolve().parents[3] / "shared/reference/released_keys_sphinx_tiny.tsv"
+RELEASED_KEYS = Path(__file__).resolve().parents[4] / "shared/reference/released_keys_sphinx_tiny.tsv"
 TEXT = ["A chat between a curious human and an artificial intelligence assistant.",
         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
         "### Human: What is in the image?", "### Assistant: A red square [0.12,0.30,0.55,0.91].",

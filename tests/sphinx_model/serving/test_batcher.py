@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sphinx_model.checkpoint import from_pretrained
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.generation import GenerationSettings, Generator
+from sphinx_model.loading import from_pretrained
 from sphinx_model.serving import ContinuousBatcher, EngineConfig
+from sphinx_model.serving.generation import GenerationSettings, Generator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serving_support import DEMO, GREEDY, QUESTIONS, SCENES, ask, one_by_one

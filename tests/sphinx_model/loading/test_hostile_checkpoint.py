@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sphinx_model.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from sphinx_model.config import CONFIG_FILE
+from sphinx_model.loading import CheckpointError, from_pretrained, save_pretrained
 
 INDEX = "model.safetensors.index.json"
 
@@ -190,7 +190,7 @@ SINGLE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(SHARDED_CASES))
 def test_hostile_sharded_checkpoint(saved, tmp_path, case, monkeypatch):
-    from sphinx_model import checkpoint
+    from sphinx_model.loading import checkpoint
 
     damage, message = SHARDED_CASES[case]
     folder = copy(saved[1], tmp_path / "ckpt")
@@ -224,7 +224,7 @@ def test_links_inside_the_checkpoint_and_hub_snapshots_load(saved, tmp_path, tin
         blob = repo / "blobs" / f"blob-{f.name}"
         shutil.copy(f, blob)
         (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
-    from sphinx_model import checkpoint
+    from sphinx_model.loading import checkpoint
 
     monkey = pytest.MonkeyPatch()
     monkey.setattr(checkpoint, "snapshot_download", lambda repo_id: str(snapshot))

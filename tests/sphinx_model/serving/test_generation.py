@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.generation import GenerationSettings, Generator
+from sphinx_model.serving.generation import GenerationSettings, Generator
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_stop_string_is_cut_and_held_back(gen):
     assert (text, done) == ("A red car.", True)
     partial = tok.encode("A red car.\n#", add_special_tokens=False)
     assert gen.visible_text(partial) == ("A red car.", False)   # "\n#" may begin "\n###": held back
-    from sphinx_model.generation import StopOnStrings
+    from sphinx_model.serving.generation import StopOnStrings
     crit = StopOnStrings(tok, ["\n###"], prompt_len=0)
     stopped = tok.encode("A red car.\n###", add_special_tokens=False)   # checked after every new token
     batch = torch.tensor([stopped, tok.encode("no stop here at all, none", add_special_tokens=False)[:len(stopped)]])

@@ -4,9 +4,9 @@ import sys
 import pytest
 import torch
 
-from sphinx_model.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from sphinx_model.config import SphinxConfig, get_preset, list_presets
 from sphinx_model.conversation import Conversation, Message
+from sphinx_model.loading import CheckpointError, from_pretrained, save_pretrained
 
 
 def test_presets_round_trip_as_json_without_downloads():
@@ -112,7 +112,7 @@ def test_backbone_with_hub_code_builds_saves_and_reloads(tmp_path, make_image):
     """InternLM2's path: modeling code shipped beside the weights, `trust_remote_code` from config."""
     import json
 
-    from sphinx_model.checkpoint import build_from_config
+    from sphinx_model.loading import build_from_config
     code = tmp_path / "remote_llm"
     code.mkdir()
     (code / "configuration_tinyremote.py").write_text(REMOTE_CONFIG)

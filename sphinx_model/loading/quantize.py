@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import QUANTIZE_NAMES as QUANTIZE_MODES  # the config validates the same names
+from ..config import QUANTIZE_NAMES as QUANTIZE_MODES  # the config validates the same names
 
 SKIP_MODULES = ("lm_head",)        # kept in the model's dtype, as transformers' bitsandbytes loading does
 INT8_THRESHOLD = 6.0               # LLM.int8 outlier threshold (transformers' default)

@@ -6,7 +6,7 @@ A checkpoint is one folder:
   tokenizer files                          (tokenizer.save_pretrained)
 
 `from_pretrained` takes a local folder or a Hugging Face Hub repo id (downloaded through
-huggingface_hub); the model is built on the meta device and the weights are assigned
+huggingface_hub), or a name whose scheme a room registered (`released:NAME`, see schemes.py); the model is built on the meta device and the weights are assigned
 directly, so a 13B model is never initialised twice.
 
 Loading is the one checkpoint loader, and a checkpoint is data from elsewhere: every file it
@@ -27,11 +27,12 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, O
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .config import CONFIG_FILE, ConfigError, SphinxConfig
-from .files import UnsafePathError, check_regular_file, inside, read_text
-from .modeling import SphinxForCausalLM, resolve_dtype
-from .processor import SphinxProcessor
-from .tokenizer import load_tokenizer
+from ..config import CONFIG_FILE, ConfigError, SphinxConfig
+from ..files import UnsafePathError, check_regular_file, inside, read_text
+from ..modeling import SphinxForCausalLM, resolve_dtype
+from ..processor import SphinxProcessor
+from ..tokenizer import load_tokenizer
+from .schemes import registered_schemes, resolver_for, scheme_of
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -98,10 +99,15 @@ def read_weights(name_or_path: str | Path) -> dict[str, torch.Tensor]:
 
 def _locate(name_or_path: str | Path) -> tuple[Path, Path]:
     """(checkpoint folder, the root its files must resolve into)."""
-    from .released import is_released, resolve_released
-
-    if is_released(name_or_path):  # released:NAME -> its converted folder in the cache
-        folder = resolve_released(str(name_or_path))
+    scheme = scheme_of(name_or_path)
+    if scheme is not None:  # e.g. released:NAME -> its converted folder in the cache
+        resolver = resolver_for(scheme)
+        if resolver is None:
+            known = ", ".join(registered_schemes()) or "none"
+            raise CheckpointError(f"{name_or_path!r}: no resolver is registered for {scheme!r} (registered: "
+                                  f"{known}); `import sphinx_model.released` registers released:NAME, as the CLI, "
+                                  "the app and `sphinx_model.from_pretrained` do")
+        folder = resolver(str(name_or_path))
         return folder, folder
     path = Path(name_or_path)
     if path.is_dir():
@@ -331,7 +337,7 @@ def load_model(spec: str | Path, device: str | torch.device | None = None, dtype
                max_memory: str | dict[Any, str] | None = None) -> tuple[SphinxForCausalLM, SphinxProcessor]:
     """A preset name (weights from the hub where the preset names them), a folder, a hub id, or
     `released:NAME`; `quantize`, `device_map` and `max_memory` as in `from_pretrained`."""
-    from .config import get_preset, list_presets
+    from ..config import get_preset, list_presets
     from .placement import parse_max_memory
     from .quantize import check_mode
 

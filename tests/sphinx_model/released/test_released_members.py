@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from sphinx_model.checkpoint import build_from_config, from_pretrained
 from sphinx_model.config import get_preset
 from sphinx_model.conversation import Conversation, Message
-from sphinx_model.convert_accessory import convert_accessory, find_shards, load_shard, merge_shards
-from sphinx_model.export_accessory import export_accessory
+from sphinx_model.loading import build_from_config, from_pretrained
 from sphinx_model.processor import IMAGE_TOKEN_ID
+from sphinx_model.released.convert import convert_accessory, find_shards, load_shard, merge_shards
+from sphinx_model.released.export import export_accessory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from released_reference import MEMBERS, reference_logits, tiny_config, write_released  # noqa: E402
