@@ -32,7 +32,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 CONFIG_FILE = "sphinx_config.json"
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 PROJECTORS: tuple[str, ...] = ("linear_ln",)
-QUANTIZE_NAMES: tuple[str, ...] = ("8bit", "4bit")  # bitsandbytes modes (sphinx_model.quantize)
+QUANTIZE_NAMES: tuple[str, ...] = ("8bit", "4bit")  # bitsandbytes modes (sphinx_model.loading.quantize)
 MAX_CANVAS = 16384                  # pixels per side; the released models use 512 and 1024
 RESERVED_KEYS = frozenset({"llm", "visual_proj", "start_img", "end_img", "skip_img", "canvas_pos", "config",
                            "expert_keys"})

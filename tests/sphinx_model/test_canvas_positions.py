@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sphinx_model.canvas_positions import box_features, coordinate_features, init_coordinate_embeddings
-from sphinx_model.checkpoint import build_from_config, from_pretrained, save_pretrained
+from sphinx_model.loading import build_from_config, from_pretrained, save_pretrained
 from sphinx_model.config import ConfigError, SphinxConfig, get_preset, list_presets
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.tiling import token_cells, view_boxes
