@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
+from sphinx_model.feedback_data import DATA_FILE, download, write_data_file
 from sphinx_model.conversation import write_jsonl
 
 from .export import IMAGES_DIR, ExportReport, _copy_images, _fresh_file, _real_folder, build_samples
@@ -38,6 +40,7 @@ from .models import ConversationRow, FeedbackRow, MessageRow
 
 CONVERSATIONS_DIR = "conversations"
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_IMAGE_NAME = re.compile(r"[0-9a-f]{64}\.[a-z]{2,5}")
 BATCH = 100
 
 Manifest = MutableMapping[str, dict[str, Any]]  # id -> {"sig": str, "images": [refs]}
@@ -160,3 +163,25 @@ def save_manifest(path: Path, manifest: Manifest) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def export_from_hub(source: str, out: str | Path) -> tuple[int, int]:
+    """`python -m storage export --from-hub`: a Hub dataset the app's sync pushed -> OUT/data.jsonl
+    + OUT/images/, as `export_training_data` writes them. Returns (records, images)."""
+    snapshot = download(source)
+    out = Path(out)
+    _real_folder(out / IMAGES_DIR)
+    records = write_data_file(snapshot, out / DATA_FILE)
+    copied = 0
+    src_dir = snapshot / IMAGES_DIR
+    for src in sorted(src_dir.iterdir()) if src_dir.is_dir() else []:
+        if not _IMAGE_NAME.fullmatch(src.name) or not src.is_file():
+            continue  # only the store's own names: <sha256>.<ext>
+        tmp = _fresh_file(out / IMAGES_DIR, src.name)
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, out / IMAGES_DIR / src.name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        copied += 1
+    return records, copied
