@@ -15,9 +15,12 @@ Stable `elem_id`s (for browser tests; `#ID textarea`, `#ID input[type=file]`, ..
     Document OCR  ocr-file, ocr-note, ocr-page, ocr-mode, ocr-run, ocr-page-image, ocr-text,
                   ocr-download, ocr-words, ocr-embedded, ocr-score, ocr-status, ocr-examples
     History       history-list, history-refresh, history-open, history-delete, history-status
+    Host          tab-host (only the host sees it; see host_panel.py), host-summary, host-table,
+                  host-plot, host-corrections, host-sync, host-refresh, host-export, host-export-file
 
 Events: UI events are private (not callable through gradio_client); the public API is
-`/chat` (streaming), `/ground`, `/som`, `/ocr` on hidden components (see handlers/api.py).
+`/chat` (streaming), `/ground`, `/som`, `/ocr` on hidden components (see handlers/api.py), and
+`/host_overview`, `/host_export` for a client sending the host's token (host_panel.py).
 Model work shares one concurrency group (`model`, as wide as the service's batch); cheap events
 skip the queue.
 """
@@ -27,6 +30,7 @@ from typing import Any
 
 import gradio as gr
 
+from . import host_panel
 from . import tabs as layout
 from .handlers import api, history
 from .handlers.common import USER_ERRORS, AppContext, api_owner_key, new_browser_id, owner_key
@@ -79,11 +83,16 @@ def build_demo(settings: AppSettings, context: AppContext | None = None) -> gr.B
                 layout.ocr_tab(ctx, owner, examples)
             with gr.Tab("History", id="tab-history", elem_id="tab-history"):
                 h = layout.history_tab(ctx, owner, tabs, c)
+            with gr.Tab("Host", id="tab-host", elem_id="tab-host", visible=False) as host_tab:
+                granted = gr.State(False)   # server-side: whether this page is the host's
+                hp = host_panel.host_tab(ctx, granted)
         for event in c["answered"]:
             event.then(guard(lambda key: gr.update(choices=_history_choices(ctx, key))),
                        inputs=[owner], outputs=[h["list"]], **CHEAP)
         _api(ctx)
+        host_panel.host_api(ctx)
         _on_load(demo, ctx, settings, browser_id, owner, h["list"])
+        host_panel.grant_on_load(demo, ctx, host_tab, granted, hp)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=4)
     demo.sphinx_context = ctx  # type: ignore[attr-defined]  # for tests and the launcher
     return demo
