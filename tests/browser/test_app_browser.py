@@ -209,3 +209,43 @@ def check_store(ctx) -> None:
         assert (m[1].feedback.rating, m[1].feedback.corrected) == ("like", CORRECTED)
         events = feedback_history(s, owner, m[1].id)
         assert [e.rating for e in events][:1] == ["like"] and events[-1].corrected == CORRECTED
+
+
+HOST_TOKEN = "browser-host-token"
+
+
+def test_the_host_sees_the_panel_and_a_visitor_does_not(served, page, screenshots):
+    from app.handlers import host
+    from storage.repository import create_conversation, save_turn, set_feedback
+
+    ctx = served.context
+    ctx.settings = ctx.settings.with_(admin_token=HOST_TOKEN)
+    guest = Owner("session", "c" * 32)
+    with Session(ctx.store.engine) as s, s.begin():
+        cid = create_conversation(s, guest, model_id="m", model_version="host-test").id
+        _, bot = save_turn(s, guest, cid, prompt="How many squares?", answer="Two.")
+        set_feedback(s, guest, bot.id, rating="dislike", corrected="Three squares.")
+    totals = host.overview(ctx, True).totals()
+
+    for url in (served.url, served.url + "?host=not-the-token"):        # a visitor, a wrong token
+        page.goto(url)
+        expect(page.locator("#model-info")).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(1000)                                   # the load events have run
+        expect(page.get_by_role("tab", name="Host", exact=True)).to_have_count(0)
+        assert "Latest corrections" not in page.content() or not page.locator("#host-summary").is_visible()
+
+    page.goto(served.url + f"?host={HOST_TOKEN}")
+    open_tab(page, "Host")
+    summary = page.locator("#host-summary")
+    expect(summary).to_contain_text(f"{totals['conversations']} conversations")
+    expect(summary).to_contain_text(f"{totals['corrections']} corrections")
+    expect(page.locator("#host-table")).to_contain_text("host-test")
+    expect(page.locator("#host-corrections")).to_contain_text("Three squares.")
+    expect(page.locator("#host-corrections")).to_contain_text("Two.")
+    expect(page.locator("#host-plot canvas, #host-plot svg").first).to_be_visible()   # the plot is drawn
+    expect(page.locator("#host-sync")).to_contain_text("Hub sync")
+    page.locator("#host-export").click()
+    wait_status(page, "host-status", r"^Export written: sphinx-feedback-.*\.zip")
+    expect(page.locator("#host-export-file")).to_contain_text(".zip")
+    shoot(page, screenshots, "host")
+    no_error_toast(page)
