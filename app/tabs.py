@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from .handlers import chat, grounding, history, ocr, som
+from .grounded import grounded
 from .handlers.common import AppContext, generation_settings
 from .regions import TABLE_HEADERS, regions_table
 from .wiring import CHEAP, PRIVATE, queued, soft
@@ -54,6 +55,7 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
         with gr.Column(scale=2):
             overlay = gr.Image(label="Boxes and points in the last answer", elem_id="chat-overlay",
                                interactive=False, type="pil", format="png")
+            grounded_view, raw = grounded_output("chat", "Grounded phrases in the last answer")
             regions = gr.Dataframe(headers=TABLE_HEADERS, label="Regions (pixels)", elem_id="chat-regions",
                                    interactive=False, wrap=True)
             with gr.Accordion("Settings", open=False):
@@ -116,8 +118,10 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
     stop_btn.click(soft(1, 0)(lambda st: chat.stop(ctx, st)), [state], [status], **CHEAP)
     regen = regen_btn.click(do_regenerate, [state], [state, bot, status], **CHEAP)
     answered.append(regen.success(**respond_args))
-    undo_btn.click(do_undo, [state], outputs, **CHEAP)
-    clear_btn.click(do_clear, None, outputs, **CHEAP)
+    show = {"fn": lambda st: grounded_values(chat.last_answer(st)), "inputs": [state],
+            "outputs": [grounded_view, raw], **CHEAP}
+    undo_btn.click(do_undo, [state], outputs, **CHEAP).then(**show)
+    clear_btn.click(do_clear, None, outputs, **CHEAP).then(**show)
     bot.like(do_like, [state, owner], [state, status, corrected], **CHEAP)
     fb_btn.click(do_annotate, [state, owner, comment, corrected], [state, bot, status, comment, corrected], **CHEAP)
     if examples.chat:
@@ -125,8 +129,25 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
                          label="Examples (click one to ask it)", preload=False, **PRIVATE)
         loaded = ex.load_input_event.then(do_submit, [state, owner, box], [state, bot, box, status], **CHEAP)
         answered.append(loaded.success(**respond_args))
+    for event in answered:
+        event.then(**show)
     return {"state": state, "chatbot": bot, "overlay": overlay, "regions": regions, "status": status,
-            "input": box, "answered": answered}
+            "input": box, "answered": answered, "show_grounded": show}
+
+
+def grounded_output(prefix: str, label: str) -> tuple[gr.HighlightedText, gr.Textbox]:
+    """An answer's grounded phrases, highlighted in their boxes' colours, and the model's exact
+    text one click away (elem_ids PREFIX-grounded, PREFIX-raw)."""
+    view = gr.HighlightedText(label=label, elem_id=f"{prefix}-grounded", combine_adjacent=False,
+                              show_legend=False, show_inline_category=True, interactive=False)
+    with gr.Accordion("The model's exact text", open=False, elem_id=f"{prefix}-raw-accordion"):
+        raw = gr.Textbox(show_label=False, elem_id=f"{prefix}-raw", buttons=["copy"], interactive=False)
+    return view, raw
+
+
+def grounded_values(text: str, phrase: str | None = None) -> tuple[Any, str]:
+    g = grounded(text or "", phrase)
+    return gr.update(value=g.segments or None, color_map=g.colors), text or ""
 
 
 # --- Grounding -------------------------------------------------------------------------
@@ -146,16 +167,20 @@ def grounding_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
             table = gr.Dataframe(headers=TABLE_HEADERS, label="Regions (pixels)", interactive=False,
                                  elem_id="ground-table")
             download = gr.File(label="JSON (pixels and the model's text format)", elem_id="ground-json")
-            answer = gr.Textbox(label="The model's answer", elem_id="ground-answer", buttons=["copy"])
+            view = gr.HighlightedText(label="The answer's regions, in their boxes' colours", elem_id="ground-grounded",
+                                      combine_adjacent=False, show_legend=False, show_inline_category=True,
+                                      interactive=False)
+            answer = gr.Textbox(label="The model's exact text", elem_id="ground-answer", buttons=["copy"])
 
     def run(detect_all: bool) -> Callable:
-        @soft(5, 4)
+        @soft(6, 4)
         def go(key: str, img: Any, text: str):
             res = grounding.ground(ctx, key, img, text, detect_all)
-            return res.annotated, res.rows, str(res.json_path), res.shot.text, res.summary
+            shown, _ = grounded_values(res.shot.text, None if detect_all else str(text).strip().rstrip("."))
+            return res.annotated, res.rows, str(res.json_path), res.shot.text, res.summary, shown
         return go
 
-    outs = [output, table, download, answer, status]
+    outs = [output, table, download, answer, status, view]
     find.click(run(False), [owner, image, phrase], outs, **queued(ctx))
     phrase.submit(run(False), [owner, image, phrase], outs, **queued(ctx))
     detect.click(run(True), [owner, image, phrase], outs, **queued(ctx))
@@ -311,6 +336,7 @@ def history_tab(ctx: AppContext, owner: gr.State, tabs: gr.Tabs, c: dict[str, An
 
     refresh.click(do_refresh, [owner], [listing, status], **CHEAP)
     open_btn.click(do_open, [owner, listing],
-                   [c["chatbot"], c["state"], c["overlay"], c["regions"], c["status"], tabs, status], **CHEAP)
+                   [c["chatbot"], c["state"], c["overlay"], c["regions"], c["status"], tabs, status],
+                   **CHEAP).then(**c["show_grounded"])
     delete.click(do_delete, [owner, listing], [listing, status], **CHEAP)
     return {"list": listing}

@@ -6,10 +6,11 @@ Stable `elem_id`s (for browser tests; `#ID textarea`, `#ID input[type=file]`, ..
                   a card), login (on a Space), tabs, tab-chat, tab-grounding, tab-som, tab-ocr, tab-history
     Chat          chat-chatbot, chat-input (MultimodalTextbox), chat-stop, chat-regenerate, chat-undo,
                   chat-clear, chat-temperature, chat-top-p, chat-max-new-tokens, chat-status,
-                  chat-overlay (boxes of the last answer), chat-regions (their table), chat-comment,
+                  chat-overlay (boxes of the last answer), chat-grounded (its phrases in their boxes'
+                  colours), chat-raw (its exact text), chat-regions (their table), chat-comment,
                   chat-corrected, chat-feedback-send, chat-examples, chat-image-note
     Grounding     ground-image, ground-phrase, ground-find, ground-detect, ground-output, ground-table,
-                  ground-json, ground-answer, ground-status, ground-examples
+                  ground-json, ground-grounded, ground-answer, ground-status, ground-examples
     Set-of-Mark   som-image, som-source, som-auto, som-click-mode, som-clear, som-canvas (click to
                   mark), som-question, som-ask, som-answer, som-status, som-examples
     Document OCR  ocr-file, ocr-note, ocr-page, ocr-mode, ocr-run, ocr-page-image, ocr-text,
