@@ -182,6 +182,69 @@ def test_a_visitor_chats_uses_every_tab_and_finds_it_all_in_history_and_the_stor
     # the store: one owner (this browser); turns, the stop and the feedback are there
     check_store(served.context)
 
+    # a grounded answer (stored for this browser, as a trained model would write it) reopened from
+    # History: its phrases are highlighted in the colours of their boxes in the overlay
+    check_grounded_phrases(served, page, screenshots)
+
+
+GROUNDED = ("<p>blue square</p> [0.30,0.35,0.52,0.62], <p>brown triangle</p> [0.60,0.30,0.85,0.62] "
+            "and <p>yellow triangles</p> [0.05,0.70,0.20,0.90];[0.25,0.72,0.40,0.92]")
+GROUNDED_PROMPT = "Where are the blue square and the triangles?"
+
+
+def _rgb(css: str) -> tuple[int, int, int]:
+    r, g, b = (int(float(v)) for v in re.findall(r"[\d.]+", css)[:3])
+    return r, g, b
+
+
+def check_grounded_phrases(served, page: Page, screenshots: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from storage.repository import create_conversation, save_turn
+
+    ctx = served.context
+    with Session(ctx.store.engine) as s, s.begin():
+        (owner,) = {(r.owner_kind, r.owner_id) for r in s.scalars(select(ConversationRow))}
+        owner = Owner(*owner)
+        img = ctx.store.images.put(s, SCENE.read_bytes(), owner=owner)
+        cid = create_conversation(s, owner, model_id=ctx.service.info.model_id,
+                                  model_version=ctx.service.info.version).id
+        save_turn(s, owner, cid, prompt=GROUNDED_PROMPT, answer=GROUNDED, images=[img])
+    open_tab(page, "History")
+    page.locator("#history-refresh").click()
+    wait_status(page, "history-status", r"conversation\(s\)")
+    page.locator("#history-list input").click()
+    page.get_by_role("option", name=re.compile(re.escape(GROUNDED_PROMPT))).click()
+    page.locator("#history-open").click()
+    wait_status(page, "chat-status", r"^Reopened a conversation of 1 turn")
+    view = page.locator("#chat-grounded")
+    for phrase in ("blue square", "brown triangle", "yellow triangles"):
+        expect(view).to_contain_text(phrase)
+    expect(page.locator(BOT).first).to_contain_text("blue square ‹box 1›")       # a tag, not <p>..</p> [..]
+    expect(page.locator(BOT).first).not_to_contain_text("</p>")
+    # the colour each tag is drawn in on the page ...
+    shown = page.evaluate("""() => [...document.querySelectorAll('#chat-grounded *')]
+        .filter(e => e.children.length === 0 && /^(box|point) \\d+$/.test(e.textContent.trim()))
+        .map(e => { let n = e; let bg = getComputedStyle(n).backgroundColor;
+                    while (n && (bg === 'rgba(0, 0, 0, 0)' || bg === 'transparent')) {
+                        n = n.parentElement; bg = n ? getComputedStyle(n).backgroundColor : bg; }
+                    return [e.textContent.trim(), bg]; })""")
+    tags = dict(shown)
+    assert set(tags) == {"box 1", "box 2", "box 3", "box 4"}, shown
+    # ... is the colour of that box's outline in the overlay picture the page shows
+    src = page.locator("#chat-overlay img").get_attribute("src")
+    overlay = Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")
+    pixels = {}
+    for rgb in overlay.getdata():
+        pixels[rgb] = pixels.get(rgb, 0) + 1
+    for tag, css in tags.items():
+        assert pixels.get(_rgb(css), 0) > 50, (tag, css, "not drawn in the overlay")
+    assert len({_rgb(c) for c in tags.values()}) == 4                        # four boxes, four colours
+    shoot(page, screenshots, "chat_grounded")
+    no_error_toast(page)
+
 
 def check_store(ctx) -> None:
     with Session(ctx.store.engine) as s:
