@@ -43,7 +43,7 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
                                        sources=["upload"], placeholder="Ask about an image: attach it, type, Enter",
                                        show_label=False)
             with gr.Row():
-                stop_btn = gr.Button("Stop", elem_id="chat-stop", variant="stop")
+                stop_btn = gr.Button("Stop", elem_id="chat-stop", variant="secondary", interactive=False)
                 regen_btn = gr.Button("Regenerate", elem_id="chat-regenerate")
                 undo_btn = gr.Button("Undo", elem_id="chat-undo")
                 clear_btn = gr.Button("Clear", elem_id="chat-clear")
@@ -114,10 +114,16 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
     sub = box.submit(do_submit, [state, owner, box], [state, bot, box, status], **CHEAP)
     respond_args = dict(fn=do_respond, inputs=[state, owner, temperature, top_p, max_new], outputs=outputs,
                         **queued(ctx))
+    # Stop looks pressable only while an answer is being written
+    writing = {"fn": lambda: gr.update(interactive=True, variant="stop"), "inputs": None, "outputs": [stop_btn],
+               **CHEAP}
+    written = {**writing, "fn": lambda: gr.update(interactive=False, variant="secondary")}
     answered = [sub.success(**respond_args)]
+    sub.success(**writing)
     stop_btn.click(soft(1, 0)(lambda st: chat.stop(ctx, st)), [state], [status], **CHEAP)
     regen = regen_btn.click(do_regenerate, [state], [state, bot, status], **CHEAP)
     answered.append(regen.success(**respond_args))
+    regen.success(**writing)
     show = {"fn": lambda st: grounded_values(chat.last_answer(st)), "inputs": [state],
             "outputs": [grounded_view, raw], **CHEAP}
     undo_btn.click(do_undo, [state], outputs, **CHEAP).then(**show)
@@ -129,8 +135,10 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
                          label="Examples (click one to ask it)", preload=False, **PRIVATE)
         loaded = ex.load_input_event.then(do_submit, [state, owner, box], [state, bot, box, status], **CHEAP)
         answered.append(loaded.success(**respond_args))
+        loaded.success(**writing)
     for event in answered:
         event.then(**show)
+        event.then(**written)
     return {"state": state, "chatbot": bot, "overlay": overlay, "regions": regions, "status": status,
             "input": box, "answered": answered, "show_grounded": show}
 

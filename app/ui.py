@@ -40,7 +40,12 @@ from .settings import AppSettings
 from .wiring import CHEAP, MODEL, guard, model_group, soft  # noqa: F401  (MODEL, soft: part of the layout's interface)
 
 STORAGE_KEY = "sphinx-x-owner"  # BrowserState key: the per-browser owner id
-CSS = "#noise-banner {background: #fff3cd; border: 1px solid #e0b000; padding: 6px 12px; border-radius: 6px}"
+CSS = ("#noise-banner {background: #fff3cd; border: 1px solid #e0b000; padding: 6px 12px; border-radius: 6px}\n"
+       # a rated answer must read as rated at a glance (Gradio marks it only by a filled icon)
+       "#chat-chatbot button[aria-label='Liked'] {background: #dcfce7 !important; "
+       "box-shadow: 0 0 0 2px #16a34a; border-radius: 4px}\n"
+       "#chat-chatbot button[aria-label='Disliked'] {background: #fee2e2 !important; "
+       "box-shadow: 0 0 0 2px #dc2626; border-radius: 4px}")
 
 
 def _header(ctx: AppContext) -> None:

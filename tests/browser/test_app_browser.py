@@ -103,16 +103,21 @@ def test_a_visitor_chats_uses_every_tab_and_finds_it_all_in_history_and_the_stor
     expect(page.locator("#model-info")).to_contain_text(served.context.service.info.name, timeout=30_000)
 
     # Chat: an image and a question; the reply streams in pieces
+    expect(page.locator("#chat-stop")).to_be_disabled()           # nothing is being written yet
     served.pace.seconds = STREAM_PACE_S
     send(page, FIRST, (SCENE,))
     partials = watch_reply(page, 1)
     assert len(set(partials)) >= 2, f"the reply did not stream: {partials}"
     assert wait_status(page, "chat-status", r"^Answered in")
+    expect(page.locator("#chat-stop")).to_be_disabled()           # written: Stop is idle again
     expect(page.locator("#chat-overlay img")).to_be_visible()      # the boxes' picture, drawn on the image
 
     # like it, then correct it
     page.locator("#chat-chatbot button[aria-label='Like']").first.click()
     wait_status(page, "chat-status", r"^Feedback stored: like on answer 1")
+    liked = page.locator("#chat-chatbot button[aria-label='Liked']")
+    expect(liked).to_have_count(1)                                 # and it shows at a glance
+    assert liked.evaluate("e => getComputedStyle(e).boxShadow") != "none"
     page.locator("#chat-corrected textarea").fill(CORRECTED)
     page.locator("#chat-feedback-send").click()
     wait_status(page, "chat-status", r"^Feedback stored on answer 1 \(corrected answer kept\)")
@@ -147,6 +152,12 @@ def test_a_visitor_chats_uses_every_tab_and_finds_it_all_in_history_and_the_stor
     auto = int(wait_status(page, "som-status", r"^[1-9]\d* marks?\.").split()[0])
     page.locator("#som-canvas img").click()      # the middle of the picture: a point mark
     wait_status(page, "som-status", rf"^{auto + 1} marks\.")
+    picture = page.locator("#som-canvas img").bounding_box()
+    frame = page.locator("#som-canvas").bounding_box()
+    margin_x = (frame["x"] + picture["x"]) / 2 if picture["x"] - frame["x"] > 8 else picture["x"] + 2
+    page.mouse.click(margin_x, picture["y"] + picture["height"] / 2)    # beside the picture
+    page.wait_for_timeout(800)
+    assert status(page, "som-status").startswith(f"{auto + 1} marks."), status(page, "som-status")
     page.locator("#som-question textarea").fill("What is 1?")
     page.locator("#som-ask").click()
     wait_status(page, "som-status", r"^Marks named in the answer")
