@@ -220,7 +220,10 @@ def som_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
         with gr.Column():
             canvas = gr.Image(label="Marks (click to add; named marks turn yellow)", interactive=False,
                               type="pil", format="png", elem_id="som-canvas")
-            answer = gr.Textbox(label="Answer", elem_id="som-answer", buttons=["copy"])
+            view = gr.HighlightedText(label="The answer: the marks it names, in the yellow they turn",
+                                      elem_id="som-grounded", combine_adjacent=False, show_legend=False,
+                                      show_inline_category=True, interactive=False)
+            answer = gr.Textbox(label="The model's exact text", elem_id="som-answer", buttons=["copy"])
 
     def _status(st: som.MarksState) -> str:
         if st.corner is not None:
@@ -248,25 +251,27 @@ def som_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
         st = som.clear(st)
         return st, som.picture(ctx, st), _status(st)
 
-    @soft(4, 3)
+    @soft(5, 3)
     def do_ask(key: str, st: som.MarksState, q: str):
         res = som.ask(ctx, key, st, q)
         named = ", ".join(map(str, res.named)) or "none"
-        return st, res.marked, res.shot.text, f"Marks named in the answer: {named}."
+        shown = som.answer_view(res.shot.text, st.marks, res.shot.regions)
+        return (st, res.marked, res.shot.text, f"Marks named in the answer: {named}.",
+                gr.update(value=shown.segments or None, color_map=shown.colors))
 
     image.change(do_load, [owner, image], [state, canvas, status], **CHEAP)
     auto.click(do_auto, [owner, state, source], [state, canvas, status], **queued(ctx))
     canvas.select(do_click, [state, mode], [state, canvas, status], **CHEAP)
     clear.click(do_clear, [state], [state, canvas, status], **CHEAP)
-    ask.click(do_ask, [owner, state, question], [state, canvas, answer, status], **queued(ctx))
-    question.submit(do_ask, [owner, state, question], [state, canvas, answer, status], **queued(ctx))
+    ask.click(do_ask, [owner, state, question], [state, canvas, answer, status, view], **queued(ctx))
+    question.submit(do_ask, [owner, state, question], [state, canvas, answer, status, view], **queued(ctx))
     if examples.som:
         ex = gr.Examples(examples.som, inputs=[image, question], elem_id="som-examples",
                          label="Examples (click one: marks are placed, then the question is asked)",
                          preload=False, **PRIVATE)
         ex.load_input_event.then(do_load, [owner, image], [state, canvas, status], **CHEAP).then(
             do_auto, [owner, state, source], [state, canvas, status], **queued(ctx)).then(
-            do_ask, [owner, state, question], [state, canvas, answer, status], **queued(ctx))
+            do_ask, [owner, state, question], [state, canvas, answer, status, view], **queued(ctx))
 
 
 # --- Document OCR ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ Stable `elem_id`s (for browser tests; `#ID textarea`, `#ID input[type=file]`, ..
     Grounding     ground-image, ground-phrase, ground-find, ground-detect, ground-output, ground-table,
                   ground-json, ground-grounded, ground-answer, ground-status, ground-examples
     Set-of-Mark   som-image, som-source, som-auto, som-click-mode, som-clear, som-canvas (click to
-                  mark), som-question, som-ask, som-answer, som-status, som-examples
+                  mark), som-question, som-ask, som-grounded, som-answer, som-status, som-examples
     Document OCR  ocr-file, ocr-note, ocr-page, ocr-mode, ocr-run, ocr-page-image, ocr-text,
                   ocr-download, ocr-words, ocr-embedded, ocr-score, ocr-status, ocr-examples
     History       history-list, history-refresh, history-open, history-delete, history-status

@@ -45,3 +45,19 @@ def test_text_without_regions_is_escaped_and_unchanged():
 def test_bare_boxes_of_a_grounding_answer_take_the_phrase():
     g = grounded("[0.1,0.2,0.3,0.4];[0.2,0.2,0.3,0.4]", phrase="the dog")
     assert g.segments == [("the dog", "box 1"), ("+", "box 2")]
+
+
+def test_set_of_mark_answers_tag_the_marks_they_name_in_the_yellow_they_turn():
+    from app.handlers.som import NOT_DRAWN, answer_view
+    from app.render import HIGHLIGHT, Mark
+
+    marks = [Mark(1, (10, 10, 50, 50)), Mark(2, (120, 120)), Mark(3, (150, 20, 190, 60))]
+    canvas = Canvas(side=200, width=200, height=200, offset_x=0, offset_y=0)
+    text = "Mark 2 is a circle; <p>the square</p> [0.05,0.05,0.25,0.25] and [0.70,0.70,0.80,0.80]. 7 is none."
+    from app.regions import regions_in_pixels
+    g = answer_view(text, marks, regions_in_pixels(text, canvas))
+    yellow = HIGHLIGHT.as_hex()
+    assert ("2", "mark 2") in g.segments and ("the square", "mark 1") in g.segments   # by number; by a box on it
+    assert ("", "box 2") in g.segments and g.colors["box 2"] == NOT_DRAWN             # a box over no mark
+    assert g.colors["mark 1"] == g.colors["mark 2"] == yellow and "mark 7" not in g.colors
+    assert "".join(t for t, tag in g.segments if tag is None or tag.startswith("mark")).startswith("Mark 2 is")
