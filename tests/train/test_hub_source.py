@@ -13,7 +13,7 @@ from sphinx_model import feedback_data
 from train.__main__ import main
 from train.config import load_run_config
 from train.mixture import load_mixture
-from train.trainer import Trainer
+from train.trainer import METRICS, Trainer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 REPO = "host/sphinx-feedback"
@@ -28,13 +28,29 @@ def hub_cache(tmp_path, monkeypatch):
     return cache
 
 
-def _run(tmp_path, name, dataset_path):
+def _reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def _config(tmp_path, name, dataset_path):
     mixture = write_mixture(tmp_path / f"{name}.yaml", [("feedback", dataset_path, 1.0)], samples_per_epoch=8)
-    return Trainer(load_run_config(write_run(tmp_path / name, mixture, train={"max_steps": 3}), {})).run()
+    return write_run(tmp_path / name, mixture, train={"max_steps": 3})
+
+
+def _run(tmp_path, name, dataset_path):
+    _reset_accelerate()
+    return Trainer(load_run_config(_config(tmp_path, name, dataset_path), {})).run()
+
+
+def _cli_losses(tmp_path, name, dataset_path) -> dict[int, float]:
+    """`python -m train --config RUN` (its main, in this process); the losses it logged."""
+    _reset_accelerate()
+    assert main(["--config", str(_config(tmp_path, name, dataset_path))]) == 0
+    rows = [json.loads(line) for line in (tmp_path / name / "out" / METRICS).read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 def test_a_hub_dataset_trains_exactly_like_the_local_export(tmp_path, data_dir, hub_cache):
@@ -43,10 +59,10 @@ def test_a_hub_dataset_trains_exactly_like_the_local_export(tmp_path, data_dir, 
     # the duplicate line is dropped; every image reference resolves against the snapshot
     assert spec.path.read_bytes() == (data_dir / "export" / "data.jsonl").read_bytes()
     assert spec.image_root.parent.name == "snapshots"
-    from_hub = _run(tmp_path, "hub", f"hf://datasets/{REPO}")
-    local = _run(tmp_path, "local", str(data_dir / "export"))
-    assert from_hub.steps == 3 and from_hub.final_dir is not None
-    assert from_hub.losses == pytest.approx(local.losses, abs=1e-6)
+    from_hub = _cli_losses(tmp_path, "hub", f"hf://datasets/{REPO}")
+    local = _cli_losses(tmp_path, "local", str(data_dir / "export"))
+    assert sorted(from_hub) == [1, 2, 3] and (tmp_path / "hub" / "out" / "final").is_dir()
+    assert from_hub == pytest.approx(local, abs=1e-6)
 
 
 def test_hostile_records_from_the_hub_are_skipped_and_counted(tmp_path, data_dir, hub_cache):
