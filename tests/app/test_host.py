@@ -106,3 +106,30 @@ def test_the_api_answers_the_token_and_refuses_everyone_else(host_ctx, tmp_path)
         assert zipfile.ZipFile(client.predict(api_name="/host_export")).read("data.jsonl")
     finally:
         running.close()
+
+
+def test_the_panel_shows_the_hub_syncs_pushes_pending_and_errors(host_ctx, tmp_path):
+    from app.hub_sync import FeedbackSync, start_hub_sync
+    from hub_double import LocalHub
+
+    hub = LocalHub(tmp_path / "hub")
+    sync = start_hub_sync(host_ctx.store, host_ctx.settings.data_dir, "host/feedback", every=60, hf_api=hub)
+    assert isinstance(sync, FeedbackSync)
+    host_ctx.hub_sync = sync
+    try:
+        sync.trigger().result()
+        state = host.sync_state(host_ctx, True)
+        assert (state["repo"], state["state"], state["last_push"], state["pending"]) == ("host/feedback", "on", "—", 0)
+        _collect(host_ctx)
+        assert host.sync_state(host_ctx, True)["pending"] == 2            # two new conversations
+        hub.fail_next = 1
+        with pytest.raises(ConnectionError):
+            sync.trigger().result()
+        state = host.sync_state(host_ctx, True)
+        assert state["last_error"] == "ConnectionError: the Hub cannot be reached" and state["failures"] == 1
+        sync.trigger().result()
+        state = host.sync_state(host_ctx, True)
+        assert state["pending"] == 0 and state["last_error"] is None and state["last_push"].endswith("UTC")
+        assert state["next_push"] != "—"
+    finally:
+        sync.stop()
