@@ -14,6 +14,7 @@ from storage import StorageError, open_store
 
 from .examples import EXAMPLES_DIR
 from .handlers.common import AppContext
+from .hub_sync import start_hub_sync
 from .service import ModelService, ServingLimits
 from .settings import AppSettings
 from .ui import CSS, build_demo
@@ -40,7 +41,8 @@ def build_context(settings: AppSettings) -> AppContext:
     except BaseException:
         store.dispose()
         raise
-    return AppContext(service, store, settings)
+    hub = start_hub_sync(store, settings.data_dir, settings.feedback_repo, settings.feedback_every)
+    return AppContext(service, store, settings, hub)
 
 
 def serving_limits(settings: AppSettings) -> ServingLimits:

@@ -55,6 +55,10 @@ class AppSettings:
     seed: int = 0                     # random-init presets are built from this seed (reproducible noise)
     on_space: bool = False            # running on a Hugging Face Space (login button, OAuth owner)
     browser_secret: str | None = None  # encrypts the per-browser id; None: kept in data_dir
+    feedback_repo: str | None = None  # a Hub dataset repo the feedback is pushed to (app/hub_sync.py)
+    feedback_every: float = 10.0      # minutes between those pushes
+    admin_token: str | None = None    # opens the host's panel off a Space (SPHINX_ADMIN_TOKEN)
+    space_author: str | None = None   # the Space's owner (SPACE_AUTHOR_NAME): the host on a Space
 
     # --- derived ----------------------------------------------------------------------
     @property
@@ -117,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-threads", help="intra-op threads of the engine process on CPU, 0 = all cores but one "
                    "[SPHINX_ENGINE_THREADS; default: 0]")
     p.add_argument("--max-pdf-pages", help="pages of a PDF that can be read [SPHINX_MAX_PDF_PAGES; default: 30]")
+    p.add_argument("--feedback-repo", help="a Hub dataset repo (owner/name) the conversations and their feedback "
+                   "are pushed to, with HF_TOKEN [SPHINX_FEEDBACK_REPO; default: none, nothing is pushed]")
+    p.add_argument("--feedback-every", help="minutes between those pushes [SPHINX_FEEDBACK_EVERY; default: 10]")
     return p
 
 
@@ -126,7 +133,8 @@ _ENV = {"model": "SPHINX_MODEL", "db_url": "SPHINX_DB_URL", "data_dir": "SPHINX_
         "max_batch": "SPHINX_MAX_BATCH", "user_queue": "SPHINX_USER_QUEUE", "request_timeout": "SPHINX_REQUEST_TIMEOUT",
         "image_cache_mb": "SPHINX_IMAGE_CACHE_MB", "prefix_cache_mb": "SPHINX_PREFIX_CACHE_MB",
         "stream_interval_ms": "SPHINX_STREAM_INTERVAL_MS", "engine": "SPHINX_ENGINE",
-        "engine_threads": "SPHINX_ENGINE_THREADS"}
+        "engine_threads": "SPHINX_ENGINE_THREADS", "feedback_repo": "SPHINX_FEEDBACK_REPO",
+        "feedback_every": "SPHINX_FEEDBACK_EVERY"}
 
 
 def _int(name: str, value: str, low: int, high: int) -> int:
@@ -178,4 +186,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
         prefix_cache_mb=_int("--prefix-cache-mb", raw["prefix_cache_mb"] or "512", 0, 1 << 20),
         stream_interval_ms=_int("--stream-interval-ms", raw["stream_interval_ms"] or "50", 0, 10_000),
         engine=engine, engine_threads=_int("--engine-threads", raw["engine_threads"] or "0", 0, 1024),
-        on_space=on_space, browser_secret=env.get("SPHINX_BROWSER_SECRET") or None)
+        on_space=on_space, browser_secret=env.get("SPHINX_BROWSER_SECRET") or None,
+        feedback_repo=raw["feedback_repo"] or None,
+        feedback_every=float(_int("--feedback-every", raw["feedback_every"] or "10", 1, 24 * 60)),
+        admin_token=env.get("SPHINX_ADMIN_TOKEN") or None,
+        space_author=(env.get("SPACE_AUTHOR_NAME") or None) if on_space else None)

@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from .handlers import chat, grounding, history, ocr, som
+from .grounded import grounded
 from .handlers.common import AppContext, generation_settings
 from .regions import TABLE_HEADERS, regions_table
 from .wiring import CHEAP, PRIVATE, queued, soft
@@ -42,7 +43,7 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
                                        sources=["upload"], placeholder="Ask about an image: attach it, type, Enter",
                                        show_label=False)
             with gr.Row():
-                stop_btn = gr.Button("Stop", elem_id="chat-stop", variant="stop")
+                stop_btn = gr.Button("Stop", elem_id="chat-stop", variant="secondary", interactive=False)
                 regen_btn = gr.Button("Regenerate", elem_id="chat-regenerate")
                 undo_btn = gr.Button("Undo", elem_id="chat-undo")
                 clear_btn = gr.Button("Clear", elem_id="chat-clear")
@@ -54,6 +55,7 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
         with gr.Column(scale=2):
             overlay = gr.Image(label="Boxes and points in the last answer", elem_id="chat-overlay",
                                interactive=False, type="pil", format="png")
+            grounded_view, raw = grounded_output("chat", "Grounded phrases in the last answer")
             regions = gr.Dataframe(headers=TABLE_HEADERS, label="Regions (pixels)", elem_id="chat-regions",
                                    interactive=False, wrap=True)
             with gr.Accordion("Settings", open=False):
@@ -112,12 +114,20 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
     sub = box.submit(do_submit, [state, owner, box], [state, bot, box, status], **CHEAP)
     respond_args = dict(fn=do_respond, inputs=[state, owner, temperature, top_p, max_new], outputs=outputs,
                         **queued(ctx))
+    # Stop looks pressable only while an answer is being written
+    writing = {"fn": lambda: gr.update(interactive=True, variant="stop"), "inputs": None, "outputs": [stop_btn],
+               **CHEAP}
+    written = {**writing, "fn": lambda: gr.update(interactive=False, variant="secondary")}
     answered = [sub.success(**respond_args)]
+    sub.success(**writing)
     stop_btn.click(soft(1, 0)(lambda st: chat.stop(ctx, st)), [state], [status], **CHEAP)
     regen = regen_btn.click(do_regenerate, [state], [state, bot, status], **CHEAP)
     answered.append(regen.success(**respond_args))
-    undo_btn.click(do_undo, [state], outputs, **CHEAP)
-    clear_btn.click(do_clear, None, outputs, **CHEAP)
+    regen.success(**writing)
+    show = {"fn": lambda st: grounded_values(chat.last_answer(st)), "inputs": [state],
+            "outputs": [grounded_view, raw], **CHEAP}
+    undo_btn.click(do_undo, [state], outputs, **CHEAP).then(**show)
+    clear_btn.click(do_clear, None, outputs, **CHEAP).then(**show)
     bot.like(do_like, [state, owner], [state, status, corrected], **CHEAP)
     fb_btn.click(do_annotate, [state, owner, comment, corrected], [state, bot, status, comment, corrected], **CHEAP)
     if examples.chat:
@@ -125,8 +135,27 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
                          label="Examples (click one to ask it)", preload=False, **PRIVATE)
         loaded = ex.load_input_event.then(do_submit, [state, owner, box], [state, bot, box, status], **CHEAP)
         answered.append(loaded.success(**respond_args))
+        loaded.success(**writing)
+    for event in answered:
+        event.then(**show)
+        event.then(**written)
     return {"state": state, "chatbot": bot, "overlay": overlay, "regions": regions, "status": status,
-            "input": box, "answered": answered}
+            "input": box, "answered": answered, "show_grounded": show}
+
+
+def grounded_output(prefix: str, label: str) -> tuple[gr.HighlightedText, gr.Textbox]:
+    """An answer's grounded phrases, highlighted in their boxes' colours, and the model's exact
+    text one click away (elem_ids PREFIX-grounded, PREFIX-raw)."""
+    view = gr.HighlightedText(label=label, elem_id=f"{prefix}-grounded", combine_adjacent=False,
+                              show_legend=False, show_inline_category=True, interactive=False)
+    with gr.Accordion("The model's exact text", open=False, elem_id=f"{prefix}-raw-accordion"):
+        raw = gr.Textbox(show_label=False, elem_id=f"{prefix}-raw", buttons=["copy"], interactive=False)
+    return view, raw
+
+
+def grounded_values(text: str, phrase: str | None = None) -> tuple[Any, str]:
+    g = grounded(text or "", phrase)
+    return gr.update(value=g.segments or None, color_map=g.colors), text or ""
 
 
 # --- Grounding -------------------------------------------------------------------------
@@ -146,16 +175,20 @@ def grounding_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
             table = gr.Dataframe(headers=TABLE_HEADERS, label="Regions (pixels)", interactive=False,
                                  elem_id="ground-table")
             download = gr.File(label="JSON (pixels and the model's text format)", elem_id="ground-json")
-            answer = gr.Textbox(label="The model's answer", elem_id="ground-answer", buttons=["copy"])
+            view = gr.HighlightedText(label="The answer's regions, in their boxes' colours", elem_id="ground-grounded",
+                                      combine_adjacent=False, show_legend=False, show_inline_category=True,
+                                      interactive=False)
+            answer = gr.Textbox(label="The model's exact text", elem_id="ground-answer", buttons=["copy"])
 
     def run(detect_all: bool) -> Callable:
-        @soft(5, 4)
+        @soft(6, 4)
         def go(key: str, img: Any, text: str):
             res = grounding.ground(ctx, key, img, text, detect_all)
-            return res.annotated, res.rows, str(res.json_path), res.shot.text, res.summary
+            shown, _ = grounded_values(res.shot.text, None if detect_all else str(text).strip().rstrip("."))
+            return res.annotated, res.rows, str(res.json_path), res.shot.text, res.summary, shown
         return go
 
-    outs = [output, table, download, answer, status]
+    outs = [output, table, download, answer, status, view]
     find.click(run(False), [owner, image, phrase], outs, **queued(ctx))
     phrase.submit(run(False), [owner, image, phrase], outs, **queued(ctx))
     detect.click(run(True), [owner, image, phrase], outs, **queued(ctx))
@@ -187,7 +220,10 @@ def som_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
         with gr.Column():
             canvas = gr.Image(label="Marks (click to add; named marks turn yellow)", interactive=False,
                               type="pil", format="png", elem_id="som-canvas")
-            answer = gr.Textbox(label="Answer", elem_id="som-answer", buttons=["copy"])
+            view = gr.HighlightedText(label="The answer: the marks it names, in the yellow they turn",
+                                      elem_id="som-grounded", combine_adjacent=False, show_legend=False,
+                                      show_inline_category=True, interactive=False)
+            answer = gr.Textbox(label="The model's exact text", elem_id="som-answer", buttons=["copy"])
 
     def _status(st: som.MarksState) -> str:
         if st.corner is not None:
@@ -215,25 +251,27 @@ def som_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
         st = som.clear(st)
         return st, som.picture(ctx, st), _status(st)
 
-    @soft(4, 3)
+    @soft(5, 3)
     def do_ask(key: str, st: som.MarksState, q: str):
         res = som.ask(ctx, key, st, q)
         named = ", ".join(map(str, res.named)) or "none"
-        return st, res.marked, res.shot.text, f"Marks named in the answer: {named}."
+        shown = som.answer_view(res.shot.text, st.marks, res.shot.regions)
+        return (st, res.marked, res.shot.text, f"Marks named in the answer: {named}.",
+                gr.update(value=shown.segments or None, color_map=shown.colors))
 
     image.change(do_load, [owner, image], [state, canvas, status], **CHEAP)
     auto.click(do_auto, [owner, state, source], [state, canvas, status], **queued(ctx))
     canvas.select(do_click, [state, mode], [state, canvas, status], **CHEAP)
     clear.click(do_clear, [state], [state, canvas, status], **CHEAP)
-    ask.click(do_ask, [owner, state, question], [state, canvas, answer, status], **queued(ctx))
-    question.submit(do_ask, [owner, state, question], [state, canvas, answer, status], **queued(ctx))
+    ask.click(do_ask, [owner, state, question], [state, canvas, answer, status, view], **queued(ctx))
+    question.submit(do_ask, [owner, state, question], [state, canvas, answer, status, view], **queued(ctx))
     if examples.som:
         ex = gr.Examples(examples.som, inputs=[image, question], elem_id="som-examples",
                          label="Examples (click one: marks are placed, then the question is asked)",
                          preload=False, **PRIVATE)
         ex.load_input_event.then(do_load, [owner, image], [state, canvas, status], **CHEAP).then(
             do_auto, [owner, state, source], [state, canvas, status], **queued(ctx)).then(
-            do_ask, [owner, state, question], [state, canvas, answer, status], **queued(ctx))
+            do_ask, [owner, state, question], [state, canvas, answer, status, view], **queued(ctx))
 
 
 # --- Document OCR ------------------------------------------------------------------------
@@ -311,6 +349,7 @@ def history_tab(ctx: AppContext, owner: gr.State, tabs: gr.Tabs, c: dict[str, An
 
     refresh.click(do_refresh, [owner], [listing, status], **CHEAP)
     open_btn.click(do_open, [owner, listing],
-                   [c["chatbot"], c["state"], c["overlay"], c["regions"], c["status"], tabs, status], **CHEAP)
+                   [c["chatbot"], c["state"], c["overlay"], c["regions"], c["status"], tabs, status],
+                   **CHEAP).then(**c["show_grounded"])
     delete.click(do_delete, [owner, listing], [listing, status], **CHEAP)
     return {"list": listing}

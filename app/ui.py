@@ -6,18 +6,22 @@ Stable `elem_id`s (for browser tests; `#ID textarea`, `#ID input[type=file]`, ..
                   a card), login (on a Space), tabs, tab-chat, tab-grounding, tab-som, tab-ocr, tab-history
     Chat          chat-chatbot, chat-input (MultimodalTextbox), chat-stop, chat-regenerate, chat-undo,
                   chat-clear, chat-temperature, chat-top-p, chat-max-new-tokens, chat-status,
-                  chat-overlay (boxes of the last answer), chat-regions (their table), chat-comment,
+                  chat-overlay (boxes of the last answer), chat-grounded (its phrases in their boxes'
+                  colours), chat-raw (its exact text), chat-regions (their table), chat-comment,
                   chat-corrected, chat-feedback-send, chat-examples, chat-image-note
     Grounding     ground-image, ground-phrase, ground-find, ground-detect, ground-output, ground-table,
-                  ground-json, ground-answer, ground-status, ground-examples
+                  ground-json, ground-grounded, ground-answer, ground-status, ground-examples
     Set-of-Mark   som-image, som-source, som-auto, som-click-mode, som-clear, som-canvas (click to
-                  mark), som-question, som-ask, som-answer, som-status, som-examples
+                  mark), som-question, som-ask, som-grounded, som-answer, som-status, som-examples
     Document OCR  ocr-file, ocr-note, ocr-page, ocr-mode, ocr-run, ocr-page-image, ocr-text,
                   ocr-download, ocr-words, ocr-embedded, ocr-score, ocr-status, ocr-examples
     History       history-list, history-refresh, history-open, history-delete, history-status
+    Host          tab-host (only the host sees it; see host_panel.py), host-summary, host-table,
+                  host-plot, host-corrections, host-sync, host-refresh, host-export, host-export-file
 
 Events: UI events are private (not callable through gradio_client); the public API is
-`/chat` (streaming), `/ground`, `/som`, `/ocr` on hidden components (see handlers/api.py).
+`/chat` (streaming), `/ground`, `/som`, `/ocr` on hidden components (see handlers/api.py), and
+`/host_overview`, `/host_export` for a client sending the host's token (host_panel.py).
 Model work shares one concurrency group (`model`, as wide as the service's batch); cheap events
 skip the queue.
 """
@@ -27,6 +31,7 @@ from typing import Any
 
 import gradio as gr
 
+from . import host_panel
 from . import tabs as layout
 from .handlers import api, history
 from .handlers.common import USER_ERRORS, AppContext, api_owner_key, new_browser_id, owner_key
@@ -35,7 +40,12 @@ from .settings import AppSettings
 from .wiring import CHEAP, MODEL, guard, model_group, soft  # noqa: F401  (MODEL, soft: part of the layout's interface)
 
 STORAGE_KEY = "sphinx-x-owner"  # BrowserState key: the per-browser owner id
-CSS = "#noise-banner {background: #fff3cd; border: 1px solid #e0b000; padding: 6px 12px; border-radius: 6px}"
+CSS = ("#noise-banner {background: #fff3cd; border: 1px solid #e0b000; padding: 6px 12px; border-radius: 6px}\n"
+       # a rated answer must read as rated at a glance (Gradio marks it only by a filled icon)
+       "#chat-chatbot button[aria-label='Liked'] {background: #dcfce7 !important; "
+       "box-shadow: 0 0 0 2px #16a34a; border-radius: 4px}\n"
+       "#chat-chatbot button[aria-label='Disliked'] {background: #fee2e2 !important; "
+       "box-shadow: 0 0 0 2px #dc2626; border-radius: 4px}")
 
 
 def _header(ctx: AppContext) -> None:
@@ -76,11 +86,16 @@ def build_demo(settings: AppSettings, context: AppContext) -> gr.Blocks:
                 layout.ocr_tab(ctx, owner, examples)
             with gr.Tab("History", id="tab-history", elem_id="tab-history"):
                 h = layout.history_tab(ctx, owner, tabs, c)
+            with gr.Tab("Host", id="tab-host", elem_id="tab-host", visible=False) as host_tab:
+                granted = gr.State(False)   # server-side: whether this page is the host's
+                hp = host_panel.host_tab(ctx, granted)
         for event in c["answered"]:
             event.then(guard(lambda key: gr.update(choices=_history_choices(ctx, key))),
                        inputs=[owner], outputs=[h["list"]], **CHEAP)
         _api(ctx)
+        host_panel.host_api(ctx)
         _on_load(demo, ctx, settings, browser_id, owner, h["list"])
+        host_panel.grant_on_load(demo, ctx, host_tab, granted, hp)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=4)
     demo.sphinx_context = ctx  # type: ignore[attr-defined]  # for tests and the launcher
     return demo

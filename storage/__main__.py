@@ -2,6 +2,7 @@
 
     python -m storage [--data-dir DIR] [--db-url URL] migrate [--revision REV]
     python -m storage [...] export --out DIR [--since YYYY-MM-DD] [--only liked|corrected|all]
+    python -m storage export --out DIR --from-hub hf://datasets/OWNER/NAME   # what the app's Hub sync pushed
     python -m storage [...] stats [--since YYYY-MM-DD] [--top N] [--json]
 
 The database defaults to SQLite at DATA_DIR/sphinx.db (`SPHINX_DATA_DIR`, default `data`);
@@ -31,6 +32,7 @@ from sqlalchemy.orm import Session
 from .db import (StorageError, StorageSettings, check_revision, current_revision, open_store, read_only,
                  refuse_downgrade, upgrade)
 from .export import ONLY_CHOICES, export_training_data
+from .feedback_folder import export_from_hub
 from .stats import collect_stats, format_stats
 
 
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "this UTC date (YYYY-MM-DD)")
     e.add_argument("--only", choices=ONLY_CHOICES, default="all",
                    help="which turns to keep (default all)")
+    e.add_argument("--from-hub", metavar="hf://datasets/OWNER/NAME",
+                   help="read a dataset repo the app's Hub sync pushed (through the Hugging Face cache) "
+                        "instead of the database")
 
     s = sub.add_parser("stats", help="conversations and messages per day, likes, worst prompts")
     s.add_argument("--since", type=_iso_date, help="from this UTC date (YYYY-MM-DD)")
@@ -107,6 +112,14 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "export" and args.out.exists() and not args.out.is_dir():
         raise StorageError(f"--out {args.out} exists and is not a folder")
+    if args.command == "export" and args.from_hub:
+        if args.since is not None or args.only != "all":
+            raise StorageError("--since and --only select from the database; --from-hub copies the repo's export")
+        t0 = time.perf_counter()
+        records, images = export_from_hub(args.from_hub, args.out)
+        print(f"exported {records} samples, {images} images from {args.from_hub} to {args.out} "
+              f"in {time.perf_counter() - t0:.1f}s")
+        return 0
     store = open_store(settings, must_exist=True)
     try:
         with Session(read_only(store.engine)) as session, session.begin():

@@ -85,7 +85,7 @@ def test_storage_uses_only_the_torch_free_schema():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sphinx_model"):
                 assert node.module in {"sphinx_model.conversation", "sphinx_model.boxes", "sphinx_model.tiling",
-                                       "sphinx_model.pixels"}, \
+                                       "sphinx_model.pixels", "sphinx_model.feedback_data"}, \
                     f"{path.name} imports {node.module}"
 
 

@@ -10,6 +10,8 @@
         weight: 2.0                  # share of each epoch, relative to the other weights
       - name: feedback
         path: exports/2026-11-20     # a storage export folder: data.jsonl + images/
+      - name: space
+        path: hf://datasets/you/sphinx-feedback   # what the app's Hub sync pushed (downloaded once)
 
 Everything here is a pure function of (seed, epoch): the same seed gives the same samples
 in the same batches in the same order, on any number of restarts, which is what makes
@@ -20,6 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
+
+from sphinx_model import feedback_data
+from sphinx_model.feedback_data import is_hub_source
 
 from .config import ConfigError, expand_path, read_yaml
 
@@ -41,6 +46,16 @@ class DatasetSpec:
     image_root: Path        # image references are relative to this folder
     task: str | None = None
     weight: float = 1.0
+
+
+def hub_source(value: str, image_root: Path | None) -> tuple[Path, Path]:
+    """`hf://datasets/owner/name[@revision]` (what the app's Hub sync pushes) -> (its merged
+    JSONL, its image root), downloaded once through huggingface_hub's cache."""
+    try:
+        file, snapshot = feedback_data.resolve(value)
+    except feedback_data.HubDataError as e:
+        raise DataError(str(e)) from None
+    return file, image_root or snapshot
 
 
 def resolve_source(path: Path, image_root: Path | None) -> tuple[Path, Path]:
@@ -101,10 +116,13 @@ def _spec(entry: object, i: int, base: Path, where: Path) -> DatasetSpec:
         value = entry.get(key)
         if value is not None and (not isinstance(value, str) or "\x00" in value or (key == "path" and not value)):
             raise ConfigError(f"mixture {where}: dataset #{i} {key} must be a string, got {value!r:.60}")
-    p = base / expand_path(entry["path"])
     root = entry.get("image_root")
     try:
-        file, image_root = resolve_source(p, base / expand_path(root) if root else None)
+        if is_hub_source(entry["path"]):   # hf://datasets/owner/name: a feedback export on the Hub
+            file, image_root = hub_source(entry["path"], base / expand_path(root) if root else None)
+        else:
+            file, image_root = resolve_source(base / expand_path(entry["path"]),
+                                              base / expand_path(root) if root else None)
     except DataError as e:
         raise DataError(f"mixture {where}: {e}") from None
     return DatasetSpec(name=str(entry.get("name") or Path(str(entry["path"])).stem), path=file,

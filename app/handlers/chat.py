@@ -23,6 +23,7 @@ from sphinx_model.conversation import Conversation, Message, Part
 from sphinx_model.serving.generation import GenerationSettings
 
 from ..records import RecordError, StoredImage, StoredTurn, TurnRecord, record_feedback, save_exchange
+from ..grounded import grounded
 from ..regions import PixelRegion, regions_in_pixels
 from ..render import draw_regions
 from ..service import GenerationRequest, ServiceError
@@ -97,7 +98,7 @@ def chat_messages(state: ChatState) -> list[dict[str, Any]]:
     for t in state.turns:
         content: list[Any] = [{"path": str(im.path)} for im in t.images] + [display_text(t.prompt)]
         out.append({"role": "user", "content": content})
-        answer = display_text(t.answer) if t.answer else ("…" if t.pending else "")
+        answer = grounded(t.answer).markdown() if t.answer else ("…" if t.pending else "")  # escaped, boxes as tags
         if t.stopped:
             answer += f"\n\n*{STOPPED_NOTE}*"
         if t.corrected:
@@ -310,6 +311,12 @@ def from_history(ctx: AppContext, conversation_id: str, turns: list[StoredTurn])
         if images:
             t.regions = regions_in_pixels(t.answer, ctx.service.geometry(images[-1].width, images[-1].height))
     return state
+
+
+def last_answer(state: ChatState) -> str:
+    """The model's exact text of the last answered turn ("" when there is none)."""
+    done = [t for t in state.turns if not t.pending]
+    return done[-1].answer if done else ""
 
 
 def last_regions(state: ChatState) -> list[PixelRegion]:

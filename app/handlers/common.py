@@ -39,6 +39,7 @@ class AppContext:
     service: ModelService
     store: Store
     settings: AppSettings
+    hub_sync: Any = None  # app.hub_sync: the running FeedbackSync, a disabled SyncStatus, or None
 
 
 # --- owners ---------------------------------------------------------------------------

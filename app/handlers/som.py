@@ -13,8 +13,10 @@ from typing import Any
 
 from PIL import Image
 
+from ..grounded import Grounded, grounded
 from ..records import StoredImage
-from ..render import Mark, draw_marks
+from ..regions import PixelRegion
+from ..render import HIGHLIGHT, Mark, draw_marks
 from ..proposals import propose_regions
 from .common import AppContext, OneShot, UserError, ask_image, check_prompt, load_stored, owner_of, store_image, \
     keep_upload
@@ -172,4 +174,39 @@ def marks_from_spec(spec: Any, width: int, height: int) -> list[Mark]:
         if len(vals) == 4:
             vals = (min(vals[0], vals[2]), min(vals[1], vals[3]), max(vals[0], vals[2]), max(vals[1], vals[3]))
         out.append(Mark(i + 1, vals, "user"))
+    return out
+
+
+NOT_DRAWN = "#9ca3af"   # a box of the answer over no mark: not in the picture, shown grey
+
+
+def answer_view(answer: str, marks: list[Mark], regions: list[PixelRegion]) -> Grounded:
+    """The answer as a person reads it: the marks it names (by number, or by a box over a mark)
+    tagged "mark N" in the yellow they turn in the picture; other boxes tagged in grey (the
+    Set-of-Mark picture draws only marks). The text itself is the model's, unchanged."""
+    g = grounded(answer)
+    numbers = {m.number for m in marks}
+    boxes = [r.box for r in regions if r.is_box]
+    yellow = HIGHLIGHT.as_hex()
+    out = Grounded()
+    for text, tag in g.segments:
+        if tag is None:
+            pos = 0
+            for found in _NUMBER.finditer(text):
+                n = int(found.group(1))
+                if n not in numbers:
+                    continue
+                if found.start() > pos:
+                    out.segments.append((text[pos:found.start()], None))
+                out.segments.append((found.group(1), f"mark {n}"))
+                out.colors[f"mark {n}"] = yellow
+                pos = found.end()
+            if pos < len(text):
+                out.segments.append((text[pos:], None))
+            continue
+        k = int(tag.split()[1]) - 1
+        covered = marks_named("", marks, [boxes[k]]) if tag.startswith("box ") and k < len(boxes) else []
+        shown = f"mark {covered[0]}" if covered else tag
+        out.colors[shown] = yellow if covered else NOT_DRAWN
+        out.segments.append((text, shown))
     return out

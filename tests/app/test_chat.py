@@ -190,7 +190,8 @@ def test_html_and_script_in_text_are_shown_not_run(ctx):
     user, bot = chat.chat_messages(state)
     rendered = user["content"][-1] + bot["content"]
     assert "<script" not in rendered and "<img" not in rendered and "<p>" not in rendered
-    assert "&lt;script&gt;" in rendered and "&lt;p&gt;dog&lt;/p&gt;" in rendered
+    assert "&lt;script&gt;" in rendered and "**dog** ‹box 1›" in rendered     # a box is a short tag
+    assert state.turns[0].answer == "<p>dog</p> [0.10,0.20,0.30,0.40] <b>bold</b>"   # the text stays the model's
 
 
 def test_regenerate_undo_and_clear(ctx, image_file):

@@ -66,3 +66,15 @@ def test_a_store_that_cannot_be_opened_is_one_line_without_the_password(capsys, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot open the store at postgresql+psycopg2://user:***@") and "hunter2" not in err
     assert "\n" not in err
+
+
+def test_feedback_repo_interval_admin_token_and_space_author():
+    s = parse_settings(["--feedback-every", "5"], {"SPHINX_FEEDBACK_REPO": "host/feedback",
+                                                   "SPHINX_ADMIN_TOKEN": "t0ken", "SPACE_AUTHOR_NAME": "host"})
+    assert (s.feedback_repo, s.feedback_every, s.admin_token) == ("host/feedback", 5.0, "t0ken")
+    assert s.space_author is None                               # only a Space names its owner
+    assert parse_settings([], {"SYSTEM": "spaces", "SPACE_AUTHOR_NAME": "host"}).space_author == "host"
+    d = parse_settings([], {})
+    assert (d.feedback_repo, d.feedback_every, d.admin_token) == (None, 10.0, None)
+    with pytest.raises(SettingsError, match="--feedback-every"):
+        parse_settings(["--feedback-every", "0"], {})

@@ -1,7 +1,7 @@
 """Fixtures of the browser test: the app served on a free 127.0.0.1 port (the app's default
 model, a temporary SQLite store and data dir) and Debian's Chromium driven by Playwright.
 
-Chromium is the system one (`apt-get install -y chromium`, done by `.ci/run`), launched
+Chromium is the system one (`apt-get install -y chromium`, done by the README's test command, `.ci/install.sh`), launched
 through `executable_path`: `playwright install` downloads a browser and cannot work offline.
 Screenshots go to `tests/browser/screenshots/` (or `$SPHINX_SCREENSHOTS_DIR`).
 """
@@ -79,7 +79,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 def browser() -> Iterator[object]:
     path = chromium_path()
     if path is None:
-        pytest.skip("Debian's Chromium is not installed (apt-get install -y chromium; .ci/run does it)")
+        pytest.skip("Debian's Chromium is not installed (apt-get install -y chromium; .ci/install.sh does it)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

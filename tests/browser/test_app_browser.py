@@ -103,16 +103,21 @@ def test_a_visitor_chats_uses_every_tab_and_finds_it_all_in_history_and_the_stor
     expect(page.locator("#model-info")).to_contain_text(served.context.service.info.name, timeout=30_000)
 
     # Chat: an image and a question; the reply streams in pieces
+    expect(page.locator("#chat-stop")).to_be_disabled()           # nothing is being written yet
     served.pace.seconds = STREAM_PACE_S
     send(page, FIRST, (SCENE,))
     partials = watch_reply(page, 1)
     assert len(set(partials)) >= 2, f"the reply did not stream: {partials}"
     assert wait_status(page, "chat-status", r"^Answered in")
+    expect(page.locator("#chat-stop")).to_be_disabled()           # written: Stop is idle again
     expect(page.locator("#chat-overlay img")).to_be_visible()      # the boxes' picture, drawn on the image
 
     # like it, then correct it
     page.locator("#chat-chatbot button[aria-label='Like']").first.click()
     wait_status(page, "chat-status", r"^Feedback stored: like on answer 1")
+    liked = page.locator("#chat-chatbot button[aria-label='Liked']")
+    expect(liked).to_have_count(1)                                 # and it shows at a glance
+    assert liked.evaluate("e => getComputedStyle(e).boxShadow") != "none"
     page.locator("#chat-corrected textarea").fill(CORRECTED)
     page.locator("#chat-feedback-send").click()
     wait_status(page, "chat-status", r"^Feedback stored on answer 1 \(corrected answer kept\)")
@@ -147,6 +152,12 @@ def test_a_visitor_chats_uses_every_tab_and_finds_it_all_in_history_and_the_stor
     auto = int(wait_status(page, "som-status", r"^[1-9]\d* marks?\.").split()[0])
     page.locator("#som-canvas img").click()      # the middle of the picture: a point mark
     wait_status(page, "som-status", rf"^{auto + 1} marks\.")
+    picture = page.locator("#som-canvas img").bounding_box()
+    frame = page.locator("#som-canvas").bounding_box()
+    margin_x = (frame["x"] + picture["x"]) / 2 if picture["x"] - frame["x"] > 8 else picture["x"] + 2
+    page.mouse.click(margin_x, picture["y"] + picture["height"] / 2)    # beside the picture
+    page.wait_for_timeout(800)
+    assert status(page, "som-status").startswith(f"{auto + 1} marks."), status(page, "som-status")
     page.locator("#som-question textarea").fill("What is 1?")
     page.locator("#som-ask").click()
     wait_status(page, "som-status", r"^Marks named in the answer")
@@ -182,6 +193,69 @@ def test_a_visitor_chats_uses_every_tab_and_finds_it_all_in_history_and_the_stor
     # the store: one owner (this browser); turns, the stop and the feedback are there
     check_store(served.context)
 
+    # a grounded answer (stored for this browser, as a trained model would write it) reopened from
+    # History: its phrases are highlighted in the colours of their boxes in the overlay
+    check_grounded_phrases(served, page, screenshots)
+
+
+GROUNDED = ("<p>blue square</p> [0.30,0.35,0.52,0.62], <p>brown triangle</p> [0.60,0.30,0.85,0.62] "
+            "and <p>yellow triangles</p> [0.05,0.70,0.20,0.90];[0.25,0.72,0.40,0.92]")
+GROUNDED_PROMPT = "Where are the blue square and the triangles?"
+
+
+def _rgb(css: str) -> tuple[int, int, int]:
+    r, g, b = (int(float(v)) for v in re.findall(r"[\d.]+", css)[:3])
+    return r, g, b
+
+
+def check_grounded_phrases(served, page: Page, screenshots: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from storage.repository import create_conversation, save_turn
+
+    ctx = served.context
+    with Session(ctx.store.engine) as s, s.begin():
+        (owner,) = {(r.owner_kind, r.owner_id) for r in s.scalars(select(ConversationRow))}
+        owner = Owner(*owner)
+        img = ctx.store.images.put(s, SCENE.read_bytes(), owner=owner)
+        cid = create_conversation(s, owner, model_id=ctx.service.info.model_id,
+                                  model_version=ctx.service.info.version).id
+        save_turn(s, owner, cid, prompt=GROUNDED_PROMPT, answer=GROUNDED, images=[img])
+    open_tab(page, "History")
+    page.locator("#history-refresh").click()
+    wait_status(page, "history-status", r"conversation\(s\)")
+    page.locator("#history-list input").click()
+    page.get_by_role("option", name=re.compile(re.escape(GROUNDED_PROMPT))).click()
+    page.locator("#history-open").click()
+    wait_status(page, "chat-status", r"^Reopened a conversation of 1 turn")
+    view = page.locator("#chat-grounded")
+    for phrase in ("blue square", "brown triangle", "yellow triangles"):
+        expect(view).to_contain_text(phrase)
+    expect(page.locator(BOT).first).to_contain_text("blue square ‹box 1›")       # a tag, not <p>..</p> [..]
+    expect(page.locator(BOT).first).not_to_contain_text("</p>")
+    # the colour each tag is drawn in on the page ...
+    shown = page.evaluate("""() => [...document.querySelectorAll('#chat-grounded *')]
+        .filter(e => e.children.length === 0 && /^(box|point) \\d+$/.test(e.textContent.trim()))
+        .map(e => { let n = e; let bg = getComputedStyle(n).backgroundColor;
+                    while (n && (bg === 'rgba(0, 0, 0, 0)' || bg === 'transparent')) {
+                        n = n.parentElement; bg = n ? getComputedStyle(n).backgroundColor : bg; }
+                    return [e.textContent.trim(), bg]; })""")
+    tags = dict(shown)
+    assert set(tags) == {"box 1", "box 2", "box 3", "box 4"}, shown
+    # ... is the colour of that box's outline in the overlay picture the page shows
+    src = page.locator("#chat-overlay img").get_attribute("src")
+    overlay = Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")
+    pixels = {}
+    for rgb in overlay.getdata():
+        pixels[rgb] = pixels.get(rgb, 0) + 1
+    for tag, css in tags.items():
+        assert pixels.get(_rgb(css), 0) > 50, (tag, css, "not drawn in the overlay")
+    assert len({_rgb(c) for c in tags.values()}) == 4                        # four boxes, four colours
+    shoot(page, screenshots, "chat_grounded")
+    no_error_toast(page)
+
 
 def check_store(ctx) -> None:
     with Session(ctx.store.engine) as s:
@@ -209,3 +283,43 @@ def check_store(ctx) -> None:
         assert (m[1].feedback.rating, m[1].feedback.corrected) == ("like", CORRECTED)
         events = feedback_history(s, owner, m[1].id)
         assert [e.rating for e in events][:1] == ["like"] and events[-1].corrected == CORRECTED
+
+
+HOST_TOKEN = "browser-host-token"
+
+
+def test_the_host_sees_the_panel_and_a_visitor_does_not(served, page, screenshots):
+    from app.handlers import host
+    from storage.repository import create_conversation, save_turn, set_feedback
+
+    ctx = served.context
+    ctx.settings = ctx.settings.with_(admin_token=HOST_TOKEN)
+    guest = Owner("session", "c" * 32)
+    with Session(ctx.store.engine) as s, s.begin():
+        cid = create_conversation(s, guest, model_id="m", model_version="host-test").id
+        _, bot = save_turn(s, guest, cid, prompt="How many squares?", answer="Two.")
+        set_feedback(s, guest, bot.id, rating="dislike", corrected="Three squares.")
+    totals = host.overview(ctx, True).totals()
+
+    for url in (served.url, served.url + "?host=not-the-token"):        # a visitor, a wrong token
+        page.goto(url)
+        expect(page.locator("#model-info")).to_be_visible(timeout=30_000)
+        page.wait_for_timeout(1000)                                   # the load events have run
+        expect(page.get_by_role("tab", name="Host", exact=True)).to_have_count(0)
+        assert "Latest corrections" not in page.content() or not page.locator("#host-summary").is_visible()
+
+    page.goto(served.url + f"?host={HOST_TOKEN}")
+    open_tab(page, "Host")
+    summary = page.locator("#host-summary")
+    expect(summary).to_contain_text(f"{totals['conversations']} conversations")
+    expect(summary).to_contain_text(f"{totals['corrections']} corrections")
+    expect(page.locator("#host-table")).to_contain_text("host-test")
+    expect(page.locator("#host-corrections")).to_contain_text("Three squares.")
+    expect(page.locator("#host-corrections")).to_contain_text("Two.")
+    expect(page.locator("#host-plot canvas, #host-plot svg").first).to_be_visible()   # the plot is drawn
+    expect(page.locator("#host-sync")).to_contain_text("Hub sync")
+    page.locator("#host-export").click()
+    wait_status(page, "host-status", r"^Export written: sphinx-feedback-.*\.zip")
+    expect(page.locator("#host-export-file")).to_contain_text(".zip")
+    shoot(page, screenshots, "host")
+    no_error_toast(page)

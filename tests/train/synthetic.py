@@ -6,8 +6,10 @@ Also used (by path) to regenerate `train/configs/tiny_data/`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import shutil
 from pathlib import Path
 
 from typing import Any
@@ -157,3 +159,20 @@ def write_run(folder: Path, mixture: Path, **sections: dict[str, Any]) -> Path:
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
+
+
+def fill_hub_cache(cache: Path, repo_id: str, export: Path, extra_lines: list[bytes] = ()) -> Path:
+    """What `snapshot_download` leaves in the Hugging Face cache for a dataset repo the app's Hub sync
+    pushed (conversations/<id>.jsonl + images/), made from a local export; returns the snapshot."""
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = cache / f"datasets--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    (snapshot / "conversations").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(export / "images", snapshot / "images")
+    lines = (export / "data.jsonl").read_bytes().splitlines(keepends=True)
+    for k, line in enumerate(lines):          # one file per conversation, as the sync writes them
+        (snapshot / "conversations" / f"c{k:03d}.jsonl").write_bytes(line)
+    (snapshot / "conversations" / "zzz.jsonl").write_bytes(lines[0] + b"".join(extra_lines))  # a duplicate too
+    return snapshot

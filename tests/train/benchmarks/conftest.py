@@ -3,7 +3,7 @@ formats of four benchmark families (documents and images written here), the demo
 tasks, and one end-to-end run of lmms-eval's CLI over all of them.
 
 Everything is skipped, with the reason, when lmms-eval or the project's entry point is not
-installed (`pip install -e .[eval]`, which .ci/run does).
+installed (`pip install -e .[eval]`, which the README's test command does through .ci/install.sh).
 """
 from __future__ import annotations
 

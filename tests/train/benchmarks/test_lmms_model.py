@@ -14,15 +14,19 @@ from benchmark_helpers import SIZES, box_of, lmms_eval_ready, needs_lmms_eval, s
 
 pytestmark = needs_lmms_eval
 
-if lmms_eval_ready() is None:
-    from lmms_eval.api.instance import GenerationResult, Instance
+# Without lmms-eval the whole module is skipped before anything below names its objects (a default
+# argument or a decorator would otherwise be evaluated at collection and fail with a NameError).
+if lmms_eval_ready() is not None:
+    pytest.skip(str(lmms_eval_ready()), allow_module_level=True)
 
-    from sphinx_model.boxes import box_to_text
-    from sphinx_model.processor import Encoded
-    from train.benchmarks.docs import doc_to_visual
-    from train.benchmarks.lmms_model import SphinxX
-    from train.benchmarks.prompts import TaskProfile
-    from train.benchmarks.requests import prepare
+from lmms_eval.api.instance import GenerationResult, Instance  # noqa: E402
+
+from sphinx_model.boxes import box_to_text  # noqa: E402
+from sphinx_model.processor import Encoded  # noqa: E402
+from train.benchmarks.docs import doc_to_visual  # noqa: E402
+from train.benchmarks.lmms_model import SphinxX  # noqa: E402
+from train.benchmarks.prompts import TaskProfile  # noqa: E402
+from train.benchmarks.requests import prepare  # noqa: E402
 
 TASK, SPLIT = "local_task", "test"
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
