@@ -31,6 +31,7 @@ from . import tabs as layout
 from .handlers import api, history
 from .handlers.common import USER_ERRORS, AppContext, api_owner_key, new_browser_id, owner_key
 from .examples import load_examples
+from .gradio_errors import AppBlocks
 from .settings import AppSettings
 from .wiring import CHEAP, MODEL, guard, model_group, soft  # noqa: F401  (MODEL, soft: part of the layout's interface)
 
@@ -64,7 +65,7 @@ def build_demo(settings: AppSettings, context: AppContext | None = None) -> gr.B
         context = build_context(settings)
     ctx = context
     examples = load_examples()
-    with gr.Blocks(title="SPHINX-X") as demo:
+    with AppBlocks(title="SPHINX-X") as demo:
         browser_id = gr.BrowserState("", storage_key=STORAGE_KEY, secret=settings.secret())
         owner = gr.State("")
         _header(ctx)

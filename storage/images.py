@@ -75,7 +75,9 @@ def sanitize_image(data: bytes, limits: ImageLimits = ImageLimits()) -> EncodedI
                     f"image is {src.width}x{src.height} pixels; the limit is {limits.max_pixels}")
             is_jpeg = src.format in ("JPEG", "MPO")
             oriented = ImageOps.exif_transpose(src)  # loads pixels, applies Orientation
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
+    except Image.DecompressionBombError:  # Pillow's own cap, far above ours: quote ours
+        raise ImageRejected(f"image is larger than the limit of {limits.max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ImageRejected(f"not a readable image: {e}") from None
 
     has_alpha = oriented.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in oriented.info

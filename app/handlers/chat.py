@@ -26,6 +26,7 @@ from ..records import RecordError, StoredImage, StoredTurn, TurnRecord, record_f
 from ..regions import PixelRegion, regions_in_pixels
 from ..render import draw_regions
 from ..service import GenerationRequest, ServiceError
+from ..validation import like_event, optional_text
 from .common import AppContext, UserError, check_prompt, for_model, load_stored, owner_of, keep_upload
 
 STOPPED_NOTE = "(stopped)"
@@ -266,6 +267,12 @@ def clear() -> ChatState:
 
 
 # --- feedback ---------------------------------------------------------------------------
+def rate_event(ctx: AppContext, state: ChatState, owner_key: str, evt: Any) -> ChatView:
+    """A like / dislike as the Chatbot's like event sends it (its data checked first)."""
+    index, liked = like_event(evt)
+    return rate(ctx, state, owner_key, index, liked)
+
+
 def rate(ctx: AppContext, state: ChatState, owner_key: str, index: Any, liked: Any) -> ChatView:
     """A like / dislike on an answer (clicking the same verdict again clears it)."""
     k = turn_of_message(state, index)
@@ -286,7 +293,7 @@ def annotate(ctx: AppContext, state: ChatState, owner_key: str, comment: str, co
     if not answered:
         raise UserError("no stored answer to comment on yet")
     k = state.feedback_turn if state.feedback_turn in answered else answered[-1]
-    comment, corrected = (comment or "").strip(), (corrected or "").strip()
+    comment, corrected = optional_text(comment, "comment"), optional_text(corrected, "corrected answer")
     if not comment and not corrected:
         raise UserError("write a comment or a corrected answer first")
     turn = state.turns[k]
