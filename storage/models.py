@@ -12,6 +12,7 @@ these models with the migrated database.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from typing import Any
 
@@ -154,6 +155,32 @@ class ImageOwnerRow(Base):
     owner_kind: Mapped[str] = mapped_column(String(16), primary_key=True)
     owner_id: Mapped[str] = mapped_column(String(MAX_OWNER_ID), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)  # this owner's first upload
+
+
+@dataclass(frozen=True)
+class OwnedImage:
+    """A stored image as one of its owners sees it: the shared file's facts, and `created_at` of
+    this owner's own first upload, never the row's (that would tell a second uploader when
+    someone else first stored the picture). What `ImageStore.put` and `get_image` hand back."""
+
+    sha256: str
+    size_bytes: int
+    width: int
+    height: int
+    format: str
+    created_at: datetime
+
+    @property
+    def extension(self) -> str:
+        return "jpg" if self.format == "jpeg" else self.format
+
+    @property
+    def filename(self) -> str:
+        return f"{self.sha256}.{self.extension}"
+
+    @classmethod
+    def of(cls, row: ImageRow, owned: ImageOwnerRow) -> "OwnedImage":
+        return cls(row.sha256, row.size_bytes, row.width, row.height, row.format, owned.created_at)
 
 
 class MessageRow(Base):

@@ -38,6 +38,7 @@ from .models import (
     ImageRow,
     MessageImageRow,
     MessageRow,
+    OwnedImage,
     utcnow,
 )
 from .values import clean_json, clean_number, clean_text
@@ -141,7 +142,7 @@ class NewMessage:
 
     role: str
     text: str
-    images: Sequence[ImageRow | str] = ()  # rows from ImageStore.put, or their content hashes
+    images: Sequence[ImageRow | OwnedImage | str] = ()  # rows from ImageStore.put, or their content hashes
     boxes: list[Any] | None = None
     settings: dict[str, Any] | None = None
     latency_ms: float | None = None
@@ -179,8 +180,8 @@ def append_messages(session: Session, owner: Owner, conversation_id: str,
     return rows
 
 
-def _sha(image: ImageRow | str) -> str:
-    return image.sha256 if isinstance(image, ImageRow) else image
+def _sha(image: ImageRow | OwnedImage | str) -> str:
+    return image.sha256 if isinstance(image, (ImageRow, OwnedImage)) else image
 
 
 def owned_images(session: Session, owner: Owner, shas: Sequence[Any]) -> dict[str, str]:
@@ -198,17 +199,18 @@ def owned_images(session: Session, owner: Owner, shas: Sequence[Any]) -> dict[st
     return {s: s for s in found}
 
 
-def get_image(session: Session, owner: Owner, sha256: str) -> ImageRow:
-    """A stored image the owner uploaded; NotFound for any other hash (theirs or nobody's)."""
+def get_image(session: Session, owner: Owner, sha256: str) -> OwnedImage:
+    """A stored image the owner uploaded, as they see it; NotFound for any other hash."""
     owned_images(session, owner, [sha256])
     row = session.get(ImageRow, sha256)
-    if row is None:
+    owned = session.get(ImageOwnerRow, (sha256, owner.kind, owner.id))
+    if row is None or owned is None:
         raise NotFound("no such image")
-    return row
+    return OwnedImage.of(row, owned)
 
 
 def add_message(session: Session, owner: Owner, conversation_id: str, role: str, text: str,
-                *, images: Sequence[ImageRow | str] = (), boxes: list[Any] | None = None,
+                *, images: Sequence[ImageRow | OwnedImage | str] = (), boxes: list[Any] | None = None,
                 settings: dict[str, Any] | None = None,
                 latency_ms: float | None = None, stopped: bool = False) -> MessageRow:
     """Append one message; its position is the next free one in the conversation."""
@@ -218,7 +220,7 @@ def add_message(session: Session, owner: Owner, conversation_id: str, role: str,
 
 
 def save_turn(session: Session, owner: Owner, conversation_id: str, *, prompt: str,
-              answer: str, images: Sequence[ImageRow | str] = (), boxes: list[Any] | None = None,
+              answer: str, images: Sequence[ImageRow | OwnedImage | str] = (), boxes: list[Any] | None = None,
               settings: dict[str, Any] | None = None, latency_ms: float | None = None,
               stopped: bool = False) -> tuple[MessageRow, MessageRow]:
     """One exchange: the user's prompt (with its images) and the assistant's answer
