@@ -29,8 +29,9 @@ from storage import (
     save_turn,
     set_feedback,
 )
-from storage.models import ImageRow
+from storage.models import ImageRow, OwnedImage
 
+from .served import shown_copy
 from .service import ModelInfo
 
 TITLE_CHARS = 60
@@ -43,9 +44,10 @@ class RecordError(ValueError):
 @dataclass(frozen=True)
 class StoredImage:
     sha256: str
-    path: Path       # the sanitised copy in the image store (EXIF applied, metadata dropped)
+    path: Path       # the sanitised copy in the image store (EXIF applied, metadata dropped): read, never served
     width: int
     height: int
+    shown: Path | None = None   # the owner's own copy, the only path of it a page is given (served.py)
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,14 @@ def put_image(store: Store, owner: Owner, data: bytes) -> StoredImage:
     try:
         with Session(store.engine) as s, s.begin():
             row = store.images.put(s, data, owner=owner)   # the owner may attach it from now on
-            return _stored(store, row)
+        return _stored(store, row, owner)
     except ImageRejected as e:
         raise RecordError(str(e)) from e
 
 
-def _stored(store: Store, row: ImageRow) -> StoredImage:
-    return StoredImage(row.sha256, store.images.path(row), row.width, row.height)
+def _stored(store: Store, row: ImageRow | OwnedImage, owner: Owner) -> StoredImage:
+    path = store.images.path(row)
+    return StoredImage(row.sha256, path, row.width, row.height, shown_copy(store, owner, row.sha256, path))
 
 
 def save_exchange(store: Store, owner: Owner, conversation_id: str | None, model: ModelInfo,
@@ -172,7 +175,7 @@ def load_turns(store: Store, owner: Owner, conversation_id: str) -> list[StoredT
         pending: tuple[str, list[StoredImage]] | None = None
         for m in row.messages:
             if m.role == "user":
-                pending = (m.text, [_stored(store, mi.image) for mi in m.images])
+                pending = (m.text, [_stored(store, mi.image, owner) for mi in m.images])
             elif m.role == "assistant" and pending is not None:
                 fb = m.feedback
                 turns.append(StoredTurn(pending[0], pending[1], m.text, m.id, bool(m.stopped),

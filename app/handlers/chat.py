@@ -96,7 +96,7 @@ def chat_messages(state: ChatState) -> list[dict[str, Any]]:
     """Chatbot messages: exactly two per turn (user, assistant), so an index maps to a turn."""
     out: list[dict[str, Any]] = []
     for t in state.turns:
-        content: list[Any] = [{"path": str(im.path)} for im in t.images] + [display_text(t.prompt)]
+        content: list[Any] = [{"path": str(im.shown)} for im in t.images if im.shown] + [display_text(t.prompt)]
         out.append({"role": "user", "content": content})
         answer = display_text(t.answer) if t.answer else ("…" if t.pending else "")
         if t.stopped:
@@ -211,7 +211,7 @@ def respond(ctx: AppContext, state: ChatState, owner_key: str, settings: Generat
         state.turns.pop()
         state.request_id = None
         yield ChatView(state, f"⚠ {e}", error=str(e),
-                       restore={"text": turn.prompt, "files": [str(im.path) for im in turn.images]})
+                       restore={"text": turn.prompt, "files": [str(im.shown) for im in turn.images if im.shown]})
         return
     finally:
         if not saved and turn.pending and state.turns and state.turns[-1] is turn:
@@ -259,7 +259,7 @@ def undo(state: ChatState) -> ChatView:
     last = state.turns.pop()
     state.feedback_turn = None
     return ChatView(state, "Undone: the last exchange is out of the conversation (it stays in the store).",
-                    restore={"text": last.prompt, "files": [str(im.path) for im in last.images]})
+                    restore={"text": last.prompt, "files": [str(im.shown) for im in last.images if im.shown]})
 
 
 def clear() -> ChatState:

@@ -3,7 +3,6 @@ the one-shot question about one image that Grounding, Set-of-Mark and OCR are bu
 from __future__ import annotations
 
 import io
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,9 @@ class AppContext:
 
 
 # --- owners ---------------------------------------------------------------------------
-def new_browser_id() -> str:
-    return uuid.uuid4().hex
-
-
 def owner_key(browser_id: str | None, hf_user: str | None = None) -> str:
-    """The owner of a page: the Hugging Face login when there is one, else the browser's id."""
+    """The owner of a page: the Hugging Face login when there is one, else the owner id of the
+    browser's signed token (`owners.browser_owner_id`)."""
     if hf_user:
         return f"user:{hf_user}"
     if not browser_id or not isinstance(browser_id, str) or not 8 <= len(browser_id) <= 64 \
