@@ -22,12 +22,15 @@ from storage import (
     NotFound,
     Owner,
     Store,
+    begin_turn,
     create_conversation,
     delete_conversation,
+    drop_unanswered,
     get_conversation,
     list_conversations,
     save_turn,
     set_feedback,
+    update_answer,
 )
 from storage.models import ImageRow, OwnedImage
 
@@ -68,6 +71,7 @@ class StoredTurn:
     stopped: bool
     rating: str | None = None
     corrected: str | None = None
+    interrupted: bool = False     # written ahead; the app stopped before the answer was complete
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,60 @@ def save_exchange(store: Store, owner: Owner, conversation_id: str | None, model
         return SavedTurn(conversation_id, user.id, bot.id)
 
 
+def begin_exchange(store: Store, owner: Owner, conversation_id: str | None, model: ModelInfo,
+                   prompt: str, images: Sequence[str], settings: dict[str, Any]) -> SavedTurn:
+    """Write a turn ahead, as its prompt is submitted (creating the conversation on its first
+    turn): the prompt and its images are stored before the model runs, the answer follows
+    (`write_answer`, `finish_exchange`). RecordError (one line) if it cannot be stored."""
+    with Session(store.engine) as s, s.begin():
+        if conversation_id is None:
+            conversation_id = create_conversation(s, owner, model_id=model.model_id[:200],
+                                                  model_version=model.version[:100]).id
+        rows = [s.get(ImageRow, sha) for sha in images]
+        if any(im is None for im in rows):
+            raise RecordError("an image of this turn is no longer in the store")
+        try:
+            user, bot = begin_turn(s, owner, conversation_id, prompt=prompt, images=rows,
+                                   settings={**settings, "model_id": model.model_id, "model_version": model.version})
+        except NotFound as e:
+            raise RecordError(f"not in your history: {e}") from e
+        except ValueError as e:
+            raise RecordError(f"this prompt cannot be stored: {e}") from e
+        return SavedTurn(conversation_id, user.id, bot.id)
+
+
+def write_answer(store: Store, owner: Owner, message_id: int, text: str) -> None:
+    """The answer written so far of a turn written ahead (it stays marked interrupted)."""
+    _update(store, owner, message_id, text=text, interrupted=True)
+
+
+def finish_exchange(store: Store, owner: Owner, message_id: int, model: ModelInfo, turn: TurnRecord) -> None:
+    """Complete a turn written ahead with its answer, regions, settings and latency."""
+    _update(store, owner, message_id, text=turn.answer, interrupted=False, boxes=turn.regions,
+            settings={**turn.settings, "model_id": model.model_id, "model_version": model.version},
+            latency_ms=turn.latency_ms, stopped=turn.stopped)
+
+
+def discard_exchange(store: Store, owner: Owner, saved: SavedTurn) -> None:
+    """Remove a turn written ahead whose request failed (its prompt goes back to the user's
+    input box instead)."""
+    with Session(store.engine) as s, s.begin():
+        try:
+            drop_unanswered(s, owner, saved.user_message_id, saved.assistant_message_id)
+        except NotFound as e:
+            raise RecordError("this turn is not in your history") from e
+
+
+def _update(store: Store, owner: Owner, message_id: int, **fields: Any) -> None:
+    try:
+        with Session(store.engine) as s, s.begin():
+            update_answer(s, owner, message_id, **fields)
+    except NotFound as e:
+        raise RecordError("this answer is not in your history") from e
+    except ValueError as e:
+        raise RecordError(f"this exchange cannot be stored: {e}") from e
+
+
 def record_feedback(store: Store, owner: Owner, message_id: int, *, rating: Any = UNSET,
                     comment: Any = UNSET, corrected: Any = UNSET) -> None:
     """One feedback event on an answer; fields left UNSET keep their value (`rating=None` clears)."""
@@ -179,7 +237,8 @@ def load_turns(store: Store, owner: Owner, conversation_id: str) -> list[StoredT
             elif m.role == "assistant" and pending is not None:
                 fb = m.feedback
                 turns.append(StoredTurn(pending[0], pending[1], m.text, m.id, bool(m.stopped),
-                                        fb.rating if fb else None, fb.corrected if fb else None))
+                                        fb.rating if fb else None, fb.corrected if fb else None,
+                                        bool(m.interrupted)))
                 pending = None
         return turns
 

@@ -204,6 +204,10 @@ class MessageRow(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     # the user stopped generation: the text is a partial answer (revision 0003)
     stopped: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # written ahead, before its answer was complete (revision 0005): an assistant message stored
+    # when the prompt was submitted and still true means the app died while it was written;
+    # `text` holds what had been written by then
+    interrupted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     conversation: Mapped[ConversationRow] = relationship(back_populates="messages")
