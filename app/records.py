@@ -82,11 +82,13 @@ class HistoryItem:
     turns: int
     model_id: str
     task: str = "chat"       # what made it: chat, or a tab (grounding, detection, som, ocr, spotting)
+    interrupted: bool = False  # an answer the app never finished (it stopped mid-answer)
 
     @property
     def label(self) -> str:
         kind = "" if self.task == "chat" else f"[{self.task}] "
-        return f"{self.updated_at:%Y-%m-%d %H:%M} · {kind}{self.title} ({self.turns} turn{'s' * (self.turns != 1)})"
+        note = " · interrupted" if self.interrupted else ""
+        return f"{self.updated_at:%Y-%m-%d %H:%M} · {kind}{self.title} ({self.turns} turn{'s' * (self.turns != 1)}){note}"
 
 
 @dataclass
@@ -218,7 +220,8 @@ def history(store: Store, owner: Owner, limit: int = 100) -> list[HistoryItem]:
                 title = title[: TITLE_CHARS - 1] + "…"
             answers = [m for m in row.messages if m.role == "assistant"]
             task = str((answers[0].settings or {}).get("task", "chat")) if answers else "chat"
-            out.append(HistoryItem(row.id, title, row.updated_at, len(users), row.model_id, task))
+            out.append(HistoryItem(row.id, title, row.updated_at, len(users), row.model_id, task,
+                                   any(m.interrupted for m in answers)))
         return out
 
 

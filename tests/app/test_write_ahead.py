@@ -36,10 +36,11 @@ def test_the_prompt_is_stored_on_submit_before_the_model_runs(ctx):
     state = chat.submit(ctx, chat.ChatState(), ALICE, "Remember this question.", [])
     assert _rows(ctx.store) == [("user", "Remember this question.", False), ("assistant", "", True)]
     listed = history.listing(ctx, ALICE)
-    assert [i.title for i in listed] == ["Remember this question."]
+    assert [i.title for i in listed] == ["Remember this question."] and listed[0].label.endswith("· interrupted")
     views = list(chat.respond(ctx, state, ALICE, generation_settings(0, 1, 8, 512)))
     answer = views[-1].state.turns[-1].answer
     assert _rows(ctx.store) == [("user", "Remember this question.", False), ("assistant", answer, False)]
+    assert "interrupted" not in history.listing(ctx, ALICE)[0].label
 
 
 def test_an_abandoned_answer_reopens_as_interrupted_with_what_was_written(ctx, settings):

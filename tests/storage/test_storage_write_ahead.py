@@ -100,3 +100,17 @@ def test_rows_from_revision_4_are_not_interrupted(db_url: str) -> None:
         (msg,) = get_conversation(s, ANN, "c").messages
         assert msg.interrupted is False
     engine.dispose()
+
+
+def test_an_interrupted_answer_is_not_exported_as_training_data(store: Store) -> None:
+    from storage.export import ExportReport, build_samples
+
+    cid, _, bot = _turn(store)
+    with Session(store.engine) as s, s.begin():
+        update_answer(s, ANN, bot, text="Half an ans", interrupted=True)      # the app died here
+        _, answer = begin_turn(s, ANN, cid, prompt="Second question")
+        answer.text, answer.interrupted = "A whole answer.", False
+    with Session(store.engine) as s:
+        samples = build_samples(get_conversation(s, ANN, cid), "all", ExportReport())
+    texts = [m.text for sample in samples for m in sample.messages]
+    assert "Half an ans" not in texts and "A whole answer." in texts
