@@ -56,12 +56,22 @@ def _label(block: Any, i: int) -> str:
 def _message(where: str, wanted: list[Any], inputs: list[Any], error: BaseException) -> str:
     """`<endpoint>: <input label> must be <kind>`; the input is found from Gradio's message
     (its "at index N") or, for a payload its FileData model refuses, by checking each one."""
+    if type(error).__name__ == "InvalidPathError":     # a file payload naming a path the client never uploaded
+        index = next((i for i, v in enumerate(inputs[:len(wanted)]) if _names_a_path(v)), None)
+        if index is not None:
+            return f"{where}: {_label(wanted[index], index)} must be a file uploaded to this app"
     index = _failed_index(wanted, inputs, error)
     if index is None:
         return f"{where}: an input could not be read ({type(error).__name__})"
     block = wanted[index]
     kind = _WHAT.get(type(block).__name__, f"a value for a {type(block).__name__}")
     return f"{where}: {_label(block, index)} must be {kind}"
+
+
+def _names_a_path(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "path" in value
+    return isinstance(value, list) and any(isinstance(v, dict) and "path" in v for v in value)
 
 
 def _failed_index(wanted: list[Any], inputs: list[Any], error: BaseException) -> int | None:

@@ -86,7 +86,7 @@ CASES = {
         "image as a string": (lambda f: ["not-a-file", "the red box"], "/ground: image must be a file"),
         "image as a number": (lambda f: [7, "the red box"], "/ground: image must be a file"),
         "image a file of the server": (lambda f: [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}},
-                                                  "x"], "/ground: "),
+                                                  "x"], "/ground: image must be a file uploaded to this app"),
         "an image bomb": (lambda f: [f["bomb"], "the red box"], "above the limit of 40,000,000 pixels"),
         "phrase an object": (lambda f: [f["scene"], {"a": 1}], "/ground: phrase must be text"),
     },
@@ -160,3 +160,20 @@ def test_ui_events_without_their_data_get_one_line(server, case):
     statuses = [v for v in msg["output"]["data"] if isinstance(v, str) and v.startswith("⚠")]
     assert len(statuses) == 1 and expected in statuses[0] and "\n" not in statuses[0], msg["output"]
     assert "NoneType" not in statuses[0] and "unexpected error" not in statuses[0]
+
+
+def test_what_gradio_answers_before_the_app_can_leaves_the_app_serving(server, files):
+    """Requests Gradio's own routes answer before any app code runs (noted in the issue's report):
+    an upload whose file name is empty (Gradio 6.31: 500 from /gradio_api/upload), and a file
+    payload naming a path on the server (Gradio refuses it in one line before preprocessing).
+    What the app controls: it keeps serving, and nothing is stored."""
+    import httpx
+
+    before = _messages(server)
+    r = httpx.post(f"{server.url}gradio_api/upload", files={"files": ("", b"\x89PNG not really")}, timeout=30)
+    assert r.status_code >= 400
+    kind, message = rawcall.call(server.url, "ground", [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}},
+                                                        "x"])
+    assert kind == "error" and "\n" not in message and "root:" not in message
+    kind, _ = rawcall.call(server.url, "ground", [files["scene"], "the red box"])
+    assert kind == "complete" and _messages(server) == before + 2
