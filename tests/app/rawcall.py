@@ -67,9 +67,10 @@ def event(url: str, fn_index: int, data: list[Any], event_data: Any = None,
     raise AssertionError("the event never completed")
 
 
-def fn_index(demo: Any, name: str) -> int:
-    """The index of the event whose handler is called `name` (e.g. "do_like")."""
+def fn_index(demo: Any, name: str, n_outputs: int | None = None) -> int:
+    """The index of the event whose handler is called `name` (e.g. "do_like"); `n_outputs`
+    tells apart two tabs' handlers of one name."""
     for i, fn in demo.fns.items():
-        if getattr(fn, "name", None) == name:
+        if getattr(fn, "name", None) == name and (n_outputs is None or len(fn.outputs) == n_outputs):
             return i
     raise KeyError(name)

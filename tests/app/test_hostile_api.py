@@ -177,3 +177,17 @@ def test_what_gradio_answers_before_the_app_can_leaves_the_app_serving(server, f
     assert kind == "error" and "\n" not in message and "root:" not in message
     kind, _ = rawcall.call(server.url, "ground", [files["scene"], "the red box"])
     assert kind == "complete" and _messages(server) == before + 2
+
+
+@pytest.mark.parametrize("picked", ["../../etc/passwd", "f" * 32, 123, {"id": "x"}, ["a"]])
+def test_history_open_and_delete_of_a_forged_pick_get_one_line(server, picked):
+    for name, outputs in (("do_open", 7), ("do_delete", 2)):
+        index = rawcall.fn_index(server.demo, name, outputs)
+        msg = rawcall.event(server.url, index, [None, picked])
+        if msg["success"]:       # the app's own line, in the tab's status
+            statuses = [v for v in msg["output"]["data"] if isinstance(v, str) and v.startswith("⚠")]
+            assert len(statuses) == 1 and "\n" not in statuses[0], msg["output"]
+            assert "unexpected error" not in statuses[0]
+        else:                    # Gradio's Dropdown refuses a value outside its choices, in one line
+            error = msg["output"].get("error") or ""
+            assert error and "\n" not in error.strip() and "Traceback" not in error, msg
