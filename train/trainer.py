@@ -121,12 +121,12 @@ class Trainer:
     def _claim_output_dir(self) -> Checkpoint | None:
         """The verified checkpoint to resume (None for a new run), once the output folder is ours."""
         saved = find_checkpoint(self.resume, self.accelerator) if self.resume is not None else None
-        if saved is not None:
+        check_output_dir(self.cfg.train.output_dir, saved.state if saved is not None else None)
+        if saved is not None:      # the same run (checked above), continued with the same settings
             changed = check_same_config(saved.manifest.get("config"), run_settings(self.cfg), saved.folder,
                                         self.allow_config_change)
             if changed:
                 self._print(f"warning: resuming with a changed config ({', '.join(changed)})")
-        check_output_dir(self.cfg.train.output_dir, saved.state if saved is not None else None)
         return saved
 
     def _new_run_id(self) -> str:
