@@ -16,6 +16,8 @@ from .examples import EXAMPLES_DIR
 from .handlers.common import AppContext
 from .hub_sync import start_hub_sync
 from .service import ModelService, ServingLimits
+from .owners import KEY_FILE
+from .served import served_root
 from .settings import AppSettings
 from .ui import CSS, build_demo
 from .zerogpu import on_zerogpu
@@ -59,8 +61,9 @@ def serving_limits(settings: AppSettings) -> ServingLimits:
 
 
 def _allowed_paths(ctx: AppContext) -> list[str]:
-    """Files the browser may fetch: stored images (History), examples, the model card."""
-    paths = [str(Path(ctx.store.images.root).resolve()), str(EXAMPLES_DIR)]
+    """Files the browser may fetch: each owner's copies of stored pictures (opaque names, see
+    served.py), examples, the model card. Never the content-addressed store itself."""
+    paths = [str(served_root(ctx.store).resolve()), str(EXAMPLES_DIR)]
     if ctx.service.info.card_path is not None:
         paths.append(str(ctx.service.info.card_path.resolve()))
     return paths
@@ -72,6 +75,8 @@ def launch(demo: gr.Blocks, settings: AppSettings, *, block: bool = True, port: 
     ctx: AppContext = demo.sphinx_context  # type: ignore[attr-defined]
     _, url, _ = demo.launch(server_name=settings.host, server_port=port or settings.port, share=settings.share,
                             prevent_thread_lock=not block, allowed_paths=_allowed_paths(ctx),
+                            blocked_paths=[str(Path(ctx.store.images.root).resolve()),   # served.py: copies only
+                                           str((Path(ctx.settings.data_dir) / KEY_FILE).resolve())],
                             max_file_size=MAX_UPLOAD, footer_links=["api", "gradio", "settings"],
                             run_history=False, show_error=True, quiet=quiet, css=CSS, ssr_mode=False)
     return url

@@ -22,15 +22,19 @@ from storage import (
     NotFound,
     Owner,
     Store,
+    begin_turn,
     create_conversation,
     delete_conversation,
+    drop_unanswered,
     get_conversation,
     list_conversations,
     save_turn,
     set_feedback,
+    update_answer,
 )
-from storage.models import ImageRow
+from storage.models import ImageRow, OwnedImage
 
+from .served import shown_copy
 from .service import ModelInfo
 
 TITLE_CHARS = 60
@@ -43,9 +47,10 @@ class RecordError(ValueError):
 @dataclass(frozen=True)
 class StoredImage:
     sha256: str
-    path: Path       # the sanitised copy in the image store (EXIF applied, metadata dropped)
+    path: Path       # the sanitised copy in the image store (EXIF applied, metadata dropped): read, never served
     width: int
     height: int
+    shown: Path | None = None   # the owner's own copy, the only path of it a page is given (served.py)
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class StoredTurn:
     stopped: bool
     rating: str | None = None
     corrected: str | None = None
+    interrupted: bool = False     # written ahead; the app stopped before the answer was complete
 
 
 @dataclass(frozen=True)
@@ -76,11 +82,13 @@ class HistoryItem:
     turns: int
     model_id: str
     task: str = "chat"       # what made it: chat, or a tab (grounding, detection, som, ocr, spotting)
+    interrupted: bool = False  # an answer the app never finished (it stopped mid-answer)
 
     @property
     def label(self) -> str:
         kind = "" if self.task == "chat" else f"[{self.task}] "
-        return f"{self.updated_at:%Y-%m-%d %H:%M} · {kind}{self.title} ({self.turns} turn{'s' * (self.turns != 1)})"
+        note = " · interrupted" if self.interrupted else ""
+        return f"{self.updated_at:%Y-%m-%d %H:%M} · {kind}{self.title} ({self.turns} turn{'s' * (self.turns != 1)}){note}"
 
 
 @dataclass
@@ -101,13 +109,14 @@ def put_image(store: Store, owner: Owner, data: bytes) -> StoredImage:
     try:
         with Session(store.engine) as s, s.begin():
             row = store.images.put(s, data, owner=owner)   # the owner may attach it from now on
-            return _stored(store, row)
+        return _stored(store, row, owner)
     except ImageRejected as e:
         raise RecordError(str(e)) from e
 
 
-def _stored(store: Store, row: ImageRow) -> StoredImage:
-    return StoredImage(row.sha256, store.images.path(row), row.width, row.height)
+def _stored(store: Store, row: ImageRow | OwnedImage, owner: Owner) -> StoredImage:
+    path = store.images.path(row)
+    return StoredImage(row.sha256, path, row.width, row.height, shown_copy(store, owner, row.sha256, path))
 
 
 def save_exchange(store: Store, owner: Owner, conversation_id: str | None, model: ModelInfo,
@@ -130,6 +139,60 @@ def save_exchange(store: Store, owner: Owner, conversation_id: str | None, model
         except ValueError as e:  # a value no backend stores (storage.values): a message, not a traceback
             raise RecordError(f"this exchange cannot be stored: {e}") from e
         return SavedTurn(conversation_id, user.id, bot.id)
+
+
+def begin_exchange(store: Store, owner: Owner, conversation_id: str | None, model: ModelInfo,
+                   prompt: str, images: Sequence[str], settings: dict[str, Any]) -> SavedTurn:
+    """Write a turn ahead, as its prompt is submitted (creating the conversation on its first
+    turn): the prompt and its images are stored before the model runs, the answer follows
+    (`write_answer`, `finish_exchange`). RecordError (one line) if it cannot be stored."""
+    with Session(store.engine) as s, s.begin():
+        if conversation_id is None:
+            conversation_id = create_conversation(s, owner, model_id=model.model_id[:200],
+                                                  model_version=model.version[:100]).id
+        rows = [s.get(ImageRow, sha) for sha in images]
+        if any(im is None for im in rows):
+            raise RecordError("an image of this turn is no longer in the store")
+        try:
+            user, bot = begin_turn(s, owner, conversation_id, prompt=prompt, images=rows,
+                                   settings={**settings, "model_id": model.model_id, "model_version": model.version})
+        except NotFound as e:
+            raise RecordError(f"not in your history: {e}") from e
+        except ValueError as e:
+            raise RecordError(f"this prompt cannot be stored: {e}") from e
+        return SavedTurn(conversation_id, user.id, bot.id)
+
+
+def write_answer(store: Store, owner: Owner, message_id: int, text: str) -> None:
+    """The answer written so far of a turn written ahead (it stays marked interrupted)."""
+    _update(store, owner, message_id, text=text, interrupted=True)
+
+
+def finish_exchange(store: Store, owner: Owner, message_id: int, model: ModelInfo, turn: TurnRecord) -> None:
+    """Complete a turn written ahead with its answer, regions, settings and latency."""
+    _update(store, owner, message_id, text=turn.answer, interrupted=False, boxes=turn.regions,
+            settings={**turn.settings, "model_id": model.model_id, "model_version": model.version},
+            latency_ms=turn.latency_ms, stopped=turn.stopped)
+
+
+def discard_exchange(store: Store, owner: Owner, saved: SavedTurn) -> None:
+    """Remove a turn written ahead whose request failed (its prompt goes back to the user's
+    input box instead)."""
+    with Session(store.engine) as s, s.begin():
+        try:
+            drop_unanswered(s, owner, saved.user_message_id, saved.assistant_message_id)
+        except NotFound as e:
+            raise RecordError("this turn is not in your history") from e
+
+
+def _update(store: Store, owner: Owner, message_id: int, **fields: Any) -> None:
+    try:
+        with Session(store.engine) as s, s.begin():
+            update_answer(s, owner, message_id, **fields)
+    except NotFound as e:
+        raise RecordError("this answer is not in your history") from e
+    except ValueError as e:
+        raise RecordError(f"this exchange cannot be stored: {e}") from e
 
 
 def record_feedback(store: Store, owner: Owner, message_id: int, *, rating: Any = UNSET,
@@ -157,7 +220,8 @@ def history(store: Store, owner: Owner, limit: int = 100) -> list[HistoryItem]:
                 title = title[: TITLE_CHARS - 1] + "…"
             answers = [m for m in row.messages if m.role == "assistant"]
             task = str((answers[0].settings or {}).get("task", "chat")) if answers else "chat"
-            out.append(HistoryItem(row.id, title, row.updated_at, len(users), row.model_id, task))
+            out.append(HistoryItem(row.id, title, row.updated_at, len(users), row.model_id, task,
+                                   any(m.interrupted for m in answers)))
         return out
 
 
@@ -172,11 +236,12 @@ def load_turns(store: Store, owner: Owner, conversation_id: str) -> list[StoredT
         pending: tuple[str, list[StoredImage]] | None = None
         for m in row.messages:
             if m.role == "user":
-                pending = (m.text, [_stored(store, mi.image) for mi in m.images])
+                pending = (m.text, [_stored(store, mi.image, owner) for mi in m.images])
             elif m.role == "assistant" and pending is not None:
                 fb = m.feedback
                 turns.append(StoredTurn(pending[0], pending[1], m.text, m.id, bool(m.stopped),
-                                        fb.rating if fb else None, fb.corrected if fb else None))
+                                        fb.rating if fb else None, fb.corrected if fb else None,
+                                        bool(m.interrupted)))
                 pending = None
         return turns
 

@@ -54,7 +54,7 @@ class AppSettings:
     max_pixels: int = 40_000_000      # uploads beyond this are refused before decoding
     seed: int = 0                     # random-init presets are built from this seed (reproducible noise)
     on_space: bool = False            # running on a Hugging Face Space (login button, OAuth owner)
-    browser_secret: str | None = None  # encrypts the per-browser id; None: kept in data_dir
+    browser_secret: str | None = None  # Gradio BrowserState encryption (public in /config; owners.py signs); None: data_dir
     feedback_repo: str | None = None  # a Hub dataset repo the feedback is pushed to (app/hub_sync.py)
     feedback_every: float = 10.0      # minutes between those pushes
     admin_token: str | None = None    # opens the host's panel off a Space (SPHINX_ADMIN_TOKEN)

@@ -100,8 +100,8 @@ def chat_tab(ctx: AppContext, owner: gr.State, examples: Any) -> dict[str, Any]:
         return [], chat.clear(), None, [], "", None
 
     @soft(3, 1)
-    def do_like(st: chat.ChatState, key: str, data: gr.LikeData):
-        view = chat.rate(ctx, st, key, data.index, data.liked)
+    def do_like(st: chat.ChatState, key: str, data: gr.EventData = None):  # checked by the handler, not Gradio
+        view = chat.rate_event(ctx, st, key, data)
         k = view.state.feedback_turn
         answer = view.state.turns[k].corrected or view.state.turns[k].answer
         return view.state, view.status, gr.update(value=answer)
@@ -241,9 +241,8 @@ def som_tab(ctx: AppContext, owner: gr.State, examples: Any) -> None:
         return st, som.picture(ctx, st), _status(st)
 
     @soft(3, 2)
-    def do_click(st: som.MarksState, how: str, evt: gr.SelectData):
-        x, y = (evt.index if isinstance(evt.index, (list, tuple)) and len(evt.index) == 2 else (None, None))
-        st = som.click(ctx, st, x, y, how)
+    def do_click(st: som.MarksState, how: str, evt: gr.EventData = None):  # checked by the handler, not Gradio
+        st = som.click_event(ctx, st, evt, how)
         return st, som.picture(ctx, st), _status(st)
 
     @soft(3, 2)

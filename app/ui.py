@@ -34,12 +34,14 @@ import gradio as gr
 from . import host_panel
 from . import tabs as layout
 from .handlers import api, history
-from .handlers.common import USER_ERRORS, AppContext, api_owner_key, new_browser_id, owner_key
+from .handlers.common import AppContext, api_owner_key, owner_key
 from .examples import load_examples
+from .gradio_errors import AppBlocks
+from .owners import browser_owner_id, new_browser_token, server_key
 from .settings import AppSettings
 from .wiring import CHEAP, MODEL, guard, model_group, soft  # noqa: F401  (MODEL, soft: part of the layout's interface)
 
-STORAGE_KEY = "sphinx-x-owner"  # BrowserState key: the per-browser owner id
+STORAGE_KEY = "sphinx-x-owner"  # BrowserState key: the per-browser token, signed by the server (owners.py)
 CSS = ("#noise-banner {background: #fff3cd; border: 1px solid #e0b000; padding: 6px 12px; border-radius: 6px}\n"
        # a rated answer must read as rated at a glance (Gradio marks it only by a filled icon)
        "#chat-chatbot button[aria-label='Liked'] {background: #dcfce7 !important; "
@@ -71,7 +73,7 @@ def build_demo(settings: AppSettings, context: AppContext) -> gr.Blocks:
     `launch.build_context`)."""
     ctx = context
     examples = load_examples()
-    with gr.Blocks(title="SPHINX-X") as demo:
+    with AppBlocks(title="SPHINX-X") as demo:
         browser_id = gr.BrowserState("", storage_key=STORAGE_KEY, secret=settings.secret())
         owner = gr.State("")
         _header(ctx)
@@ -108,12 +110,14 @@ def _history_choices(ctx: AppContext, key: str) -> list[tuple[str, str]]:
 def _on_load(demo: gr.Blocks, ctx: AppContext, settings: AppSettings, browser_id: gr.BrowserState,
              owner: gr.State, history_list: gr.Dropdown) -> None:
     """Give the browser an id (kept across reloads), or take the Hugging Face login on a Space."""
+    signing = server_key(settings.data_dir)
+
     def resolve(stored: str, hf_user: str | None) -> tuple[str, str, Any]:
-        try:
-            key = owner_key(stored, hf_user)
-        except USER_ERRORS:
-            stored = new_browser_id()
-            key = owner_key(stored, hf_user)
+        ident = browser_owner_id(stored, signing)       # None: forged, altered or never issued here
+        if ident is None:
+            stored = new_browser_token(signing)
+            ident = browser_owner_id(stored, signing)
+        key = owner_key(ident, hf_user)
         return stored, key, gr.update(choices=_history_choices(ctx, key), value=None)
 
     if settings.on_space:

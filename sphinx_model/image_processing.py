@@ -124,8 +124,8 @@ def _decode(stream, max_pixels: int, name: str) -> Image.Image:
         raise ImageError(f"{name} is empty (0 bytes)")
     try:
         image = Image.open(stream)  # reads the header only
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name} is too large to decode safely: {e}") from e
+    except Image.DecompressionBombError as e:  # Pillow's own cap, far above ours: quote ours
+        raise ImageError(f"{name} is too large: above the limit of {max_pixels:,} pixels") from e
     except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many unrelated types
         raise ImageError(f"{name} is not a recognised image file or its header is corrupt") from e
     with image:
@@ -141,7 +141,7 @@ def _sanitise(image: Image.Image, max_pixels: int, name: str = "image") -> Image
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name} is too large to decode safely: {e}") from e
+        raise ImageError(f"{name} is too large: above the limit of {max_pixels:,} pixels") from e
     except Exception as e:  # noqa: BLE001 - truncated data raises OSError, bad chunks others
         raise ImageError(f"{name} could not be decoded: the file is truncated or corrupt ({e})") from e
 

@@ -31,8 +31,10 @@ from .repository import (
     Owner,
     add_message,
     append_messages,
+    begin_turn,
     create_conversation,
     delete_conversation,
+    drop_unanswered,
     feedback_history,
     get_conversation,
     get_image,
@@ -41,6 +43,7 @@ from .repository import (
     save_turn,
     set_feedback,
     to_conversation,
+    update_answer,
 )
 from .stats import Stats, collect_stats, format_stats
 
@@ -52,5 +55,5 @@ __all__ = [
     "collect_stats", "create_conversation", "create_engine_for", "delete_conversation",
     "export_training_data", "feedback_history", "format_stats", "get_conversation", "get_image",
     "list_conversations", "open_store", "read_only", "sanitize_image", "save_conversation",
-    "save_turn", "set_feedback", "to_conversation", "upgrade",
+    "save_turn", "set_feedback", "to_conversation", "upgrade", "begin_turn", "update_answer", "drop_unanswered",
 ]

@@ -84,7 +84,8 @@ def _image_ref(img: ImageRow) -> str:
 
 def _turns(conv: ConversationRow) -> tuple[MessageRow | None, list[_Turn]]:
     """The leading system message and the answered (user, assistant) pairs, in order.
-    A user message without an answer (generation failed) is skipped."""
+    A user message without an answer (generation failed), or with an answer the app never
+    finished (`interrupted`, uncorrected), is skipped."""
     msgs = list(conv.messages)
     system = msgs.pop(0) if msgs and msgs[0].role == "system" else None
     turns: list[_Turn] = []
@@ -93,6 +94,8 @@ def _turns(conv: ConversationRow) -> tuple[MessageRow | None, list[_Turn]]:
             continue
         fb = cur.feedback
         corrected = fb.corrected if fb is not None and fb.corrected else None
+        if cur.interrupted and corrected is None:   # the app died mid-answer: not an answer to learn
+            continue
         turns.append(_Turn(prev, corrected or cur.text, fb.rating if fb is not None else None,
                            corrected is not None))
     return system, turns

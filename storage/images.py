@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from sphinx_model.pixels import to_uint8
 
-from .models import IMAGE_FORMATS, ImageOwnerRow, ImageRow
+from .models import IMAGE_FORMATS, ImageOwnerRow, ImageRow, OwnedImage
 from .repository import Owner
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -75,7 +75,9 @@ def sanitize_image(data: bytes, limits: ImageLimits = ImageLimits()) -> EncodedI
                     f"image is {src.width}x{src.height} pixels; the limit is {limits.max_pixels}")
             is_jpeg = src.format in ("JPEG", "MPO")
             oriented = ImageOps.exif_transpose(src)  # loads pixels, applies Orientation
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
+    except Image.DecompressionBombError:  # Pillow's own cap, far above ours: quote ours
+        raise ImageRejected(f"image is larger than the limit of {limits.max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ImageRejected(f"not a readable image: {e}") from None
 
     has_alpha = oriented.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in oriented.info
@@ -186,14 +188,15 @@ class ImageStore:
     def path_for(self, sha256: str, fmt: str) -> Path:
         return self.root / sha256[:2] / image_filename(sha256, fmt)
 
-    def path(self, row: ImageRow) -> Path:
+    def path(self, row: ImageRow | OwnedImage) -> Path:
         return self.path_for(row.sha256, row.format)
 
-    def read(self, row: ImageRow) -> bytes:
+    def read(self, row: ImageRow | OwnedImage) -> bytes:
         return self.path(row).read_bytes()
 
-    def put(self, session: Session, data: bytes, *, owner: Owner) -> ImageRow:
-        """Sanitize and keep an upload for `owner`; returns its row (existing or new) in `session`.
+    def put(self, session: Session, data: bytes, *, owner: Owner) -> OwnedImage:
+        """Sanitize and keep an upload for `owner`; returns it as `owner` sees it (the shared
+        row's facts, `created_at` of this owner's own first upload).
 
         The picture is stored once by content hash, and `owner` is recorded as one of its
         uploaders: only uploaders may attach it to their messages. The file is written
@@ -214,10 +217,14 @@ class ImageStore:
                                                  height=img.height, format=img.format),
                                lambda: session.get(ImageRow, img.sha256))
         key = (img.sha256, owner.kind, owner.id)
-        if session.get(ImageOwnerRow, key) is None:
-            _insert_once(session, ImageOwnerRow(image_sha256=img.sha256, owner_kind=owner.kind, owner_id=owner.id),
-                         lambda: session.get(ImageOwnerRow, key))
-        return row
+        owned = session.get(ImageOwnerRow, key)
+        if owned is None:
+            owned = _insert_once(session, ImageOwnerRow(image_sha256=img.sha256, owner_kind=owner.kind,
+                                                        owner_id=owner.id),
+                                 lambda: session.get(ImageOwnerRow, key))
+        if owned.created_at is None:
+            session.flush()
+        return OwnedImage.of(row, owned)
 
     def seen(self, data: bytes) -> _Kept | None:
         """What was kept for these exact bytes by a recent `put`, if its file is still intact."""

@@ -12,6 +12,7 @@ these models with the migrated database.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from typing import Any
 
@@ -156,6 +157,32 @@ class ImageOwnerRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)  # this owner's first upload
 
 
+@dataclass(frozen=True)
+class OwnedImage:
+    """A stored image as one of its owners sees it: the shared file's facts, and `created_at` of
+    this owner's own first upload, never the row's (that would tell a second uploader when
+    someone else first stored the picture). What `ImageStore.put` and `get_image` hand back."""
+
+    sha256: str
+    size_bytes: int
+    width: int
+    height: int
+    format: str
+    created_at: datetime
+
+    @property
+    def extension(self) -> str:
+        return "jpg" if self.format == "jpeg" else self.format
+
+    @property
+    def filename(self) -> str:
+        return f"{self.sha256}.{self.extension}"
+
+    @classmethod
+    def of(cls, row: ImageRow, owned: ImageOwnerRow) -> "OwnedImage":
+        return cls(row.sha256, row.size_bytes, row.width, row.height, row.format, owned.created_at)
+
+
 class MessageRow(Base):
     """One turn. `position` orders turns within the conversation (0, 1, 2, ...)."""
 
@@ -177,6 +204,10 @@ class MessageRow(Base):
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     # the user stopped generation: the text is a partial answer (revision 0003)
     stopped: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # written ahead, before its answer was complete (revision 0005): an assistant message stored
+    # when the prompt was submitted and still true means the app died while it was written;
+    # `text` holds what had been written by then
+    interrupted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     conversation: Mapped[ConversationRow] = relationship(back_populates="messages")

@@ -38,6 +38,7 @@ from .models import (
     ImageRow,
     MessageImageRow,
     MessageRow,
+    OwnedImage,
     utcnow,
 )
 from .values import clean_json, clean_number, clean_text
@@ -141,11 +142,12 @@ class NewMessage:
 
     role: str
     text: str
-    images: Sequence[ImageRow | str] = ()  # rows from ImageStore.put, or their content hashes
+    images: Sequence[ImageRow | OwnedImage | str] = ()  # rows from ImageStore.put, or their content hashes
     boxes: list[Any] | None = None
     settings: dict[str, Any] | None = None
     latency_ms: float | None = None
     stopped: bool = False  # generation was stopped by the user; `text` is partial
+    interrupted: bool = False  # written ahead: the answer is not complete (yet)
 
 
 def append_messages(session: Session, owner: Owner, conversation_id: str,
@@ -169,7 +171,7 @@ def append_messages(session: Session, owner: Owner, conversation_id: str,
     now = utcnow()
     rows = [MessageRow(conversation=conv, position=start + k, role=m.role, text=m.text,
                        boxes=m.boxes, settings=m.settings, latency_ms=m.latency_ms,
-                       stopped=m.stopped, created_at=now,
+                       stopped=m.stopped, interrupted=m.interrupted, created_at=now,
                        images=[MessageImageRow(position=i, image_sha256=shas[_sha(img)])
                                for i, img in enumerate(m.images)])
             for k, m in enumerate(messages)]
@@ -179,8 +181,8 @@ def append_messages(session: Session, owner: Owner, conversation_id: str,
     return rows
 
 
-def _sha(image: ImageRow | str) -> str:
-    return image.sha256 if isinstance(image, ImageRow) else image
+def _sha(image: ImageRow | OwnedImage | str) -> str:
+    return image.sha256 if isinstance(image, (ImageRow, OwnedImage)) else image
 
 
 def owned_images(session: Session, owner: Owner, shas: Sequence[Any]) -> dict[str, str]:
@@ -198,17 +200,18 @@ def owned_images(session: Session, owner: Owner, shas: Sequence[Any]) -> dict[st
     return {s: s for s in found}
 
 
-def get_image(session: Session, owner: Owner, sha256: str) -> ImageRow:
-    """A stored image the owner uploaded; NotFound for any other hash (theirs or nobody's)."""
+def get_image(session: Session, owner: Owner, sha256: str) -> OwnedImage:
+    """A stored image the owner uploaded, as they see it; NotFound for any other hash."""
     owned_images(session, owner, [sha256])
     row = session.get(ImageRow, sha256)
-    if row is None:
+    owned = session.get(ImageOwnerRow, (sha256, owner.kind, owner.id))
+    if row is None or owned is None:
         raise NotFound("no such image")
-    return row
+    return OwnedImage.of(row, owned)
 
 
 def add_message(session: Session, owner: Owner, conversation_id: str, role: str, text: str,
-                *, images: Sequence[ImageRow | str] = (), boxes: list[Any] | None = None,
+                *, images: Sequence[ImageRow | OwnedImage | str] = (), boxes: list[Any] | None = None,
                 settings: dict[str, Any] | None = None,
                 latency_ms: float | None = None, stopped: bool = False) -> MessageRow:
     """Append one message; its position is the next free one in the conversation."""
@@ -218,7 +221,7 @@ def add_message(session: Session, owner: Owner, conversation_id: str, role: str,
 
 
 def save_turn(session: Session, owner: Owner, conversation_id: str, *, prompt: str,
-              answer: str, images: Sequence[ImageRow | str] = (), boxes: list[Any] | None = None,
+              answer: str, images: Sequence[ImageRow | OwnedImage | str] = (), boxes: list[Any] | None = None,
               settings: dict[str, Any] | None = None, latency_ms: float | None = None,
               stopped: bool = False) -> tuple[MessageRow, MessageRow]:
     """One exchange: the user's prompt (with its images) and the assistant's answer
@@ -228,6 +231,62 @@ def save_turn(session: Session, owner: Owner, conversation_id: str, *, prompt: s
         NewMessage("assistant", answer, boxes=boxes, settings=settings, latency_ms=latency_ms,
                    stopped=stopped)])
     return user, bot
+
+
+def begin_turn(session: Session, owner: Owner, conversation_id: str, *, prompt: str,
+               images: Sequence[ImageRow | OwnedImage | str] = (),
+               settings: dict[str, Any] | None = None) -> tuple[MessageRow, MessageRow]:
+    """Write a turn ahead, when its prompt is submitted: the user's message and an empty assistant
+    message marked `interrupted` until `update_answer(..., interrupted=False)` completes it. If the
+    app dies meanwhile, the prompt (and whatever answer was written) is what the store keeps."""
+    user, bot = append_messages(session, owner, conversation_id, [
+        NewMessage("user", prompt, images),
+        NewMessage("assistant", "", settings=settings, interrupted=True)])
+    return user, bot
+
+
+def update_answer(session: Session, owner: Owner, message_id: int, *, text: str, interrupted: bool,
+                  boxes: list[Any] | None | _Unset = UNSET, settings: dict[str, Any] | None | _Unset = UNSET,
+                  latency_ms: float | None | _Unset = UNSET, stopped: bool | _Unset = UNSET) -> MessageRow:
+    """Write an owner's assistant message's answer so far (`interrupted=True`) or complete it
+    (`interrupted=False`, with its boxes, settings, latency and stopped flag). Fields left UNSET
+    keep their value; NotFound for anyone else's message."""
+    clean_text(text, "message text")
+    if boxes is not UNSET:
+        clean_json(boxes, "boxes")
+    if settings is not UNSET:
+        clean_json(settings, "settings")
+    if latency_ms is not UNSET:
+        clean_number(latency_ms, "latency_ms")
+    msg = _owned_message(session, owner, message_id, for_update=True)
+    if msg.role != "assistant":
+        raise ValueError("only an assistant message holds an answer")
+    msg.text, msg.interrupted = text, bool(interrupted)
+    if boxes is not UNSET:
+        msg.boxes = boxes
+    if settings is not UNSET:
+        msg.settings = settings
+    if latency_ms is not UNSET:
+        msg.latency_ms = latency_ms
+    if stopped is not UNSET:
+        msg.stopped = bool(stopped)
+    msg.conversation.updated_at = utcnow()
+    session.flush()
+    return msg
+
+
+def drop_unanswered(session: Session, owner: Owner, user_message_id: int, assistant_message_id: int) -> None:
+    """Delete a turn written ahead (`begin_turn`) whose answer never completed (still
+    `interrupted`): its request failed and the prompt went back to the user to send again.
+    A completed turn, or anything not the owner's, is left alone (NotFound)."""
+    bot = _owned_message(session, owner, assistant_message_id, for_update=True)
+    user = _owned_message(session, owner, user_message_id)
+    if bot.role != "assistant" or user.role != "user" or user.conversation_id != bot.conversation_id \
+            or user.position != bot.position - 1 or not bot.interrupted:
+        raise NotFound("no such unanswered turn")
+    session.delete(bot)
+    session.delete(user)
+    session.flush()
 
 
 def get_conversation(session: Session, owner: Owner, conversation_id: str) -> ConversationRow:

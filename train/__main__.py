@@ -1,4 +1,4 @@
-"""`python -m train --config FILE [--resume DIR] [--set section.key=value ...] [--debug]`.
+"""`python -m train --config FILE [--resume DIR [--allow-config-change]] [--set section.key=value ...] [--debug]`.
 
 The same command runs a tiny config on one CPU and a real one on many GPUs:
 
@@ -38,6 +38,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = _Parser(prog="python -m train", description="One-stage SPHINX-X training on accelerate.")
     p.add_argument("--config", required=True, type=Path, help="run config YAML (see train/configs/)")
     p.add_argument("--resume", type=Path, help="a checkpoint folder, or a run folder (its newest intact checkpoint)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config differs from the one the checkpoint was written with")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (YAML syntax), e.g. --set train.max_steps=10; repeatable")
     p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume is not None and not args.resume.exists():
             raise ConfigError(f"--resume {args.resume} does not exist")
         prepare_output_dir(cfg)
-        return _train(cfg, args.resume)
+        return _train(cfg, args.resume, args.allow_config_change)
     except (ConfigError, DataError) as e:
         return _fail(e)
     except KeyboardInterrupt:
@@ -101,14 +103,14 @@ def _fail(e: BaseException) -> int:
     return 2
 
 
-def _train(cfg: RunConfig, resume: Path | None) -> int:
+def _train(cfg: RunConfig, resume: Path | None, allow_config_change: bool = False) -> int:
     from sphinx_model.experts import ExpertWeightsUnavailable
     from sphinx_model.loading import CheckpointError
 
     from .trainer import Trainer
 
     try:
-        result = Trainer(cfg, resume).run()
+        result = Trainer(cfg, resume, allow_config_change).run()
     except (CheckpointError, ExpertWeightsUnavailable) as e:
         return _fail(e)
     except OSError as e:  # a full disk, a vanished folder, a hub model not in the cache while offline

@@ -103,8 +103,10 @@ def frozen_fingerprint(model: nn.Module) -> str:
 
 # --- writing -----------------------------------------------------------------------------------
 def save_checkpoint(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, mode: Mode, state: TrainerState, folder: Path) -> Path:
-    """Write `folder` (collective: every process calls it)."""
+                    scheduler: Any, mode: Mode, state: TrainerState, folder: Path,
+                    config: dict[str, Any] | None = None) -> Path:
+    """Write `folder` (collective: every process calls it); `config`: the run's settings, which a
+    resume compares with its own (`resume_config.py`)."""
     acc = accelerator
     partial = folder.with_name(folder.name + PARTIAL)
     if acc.is_main_process:
@@ -124,7 +126,7 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, optimizer: torch
         write_json(partial / STATE_FILE, {
             "format": FORMAT, "mode": mode, "state": asdict(state), "scheduler": plain(scheduler.state_dict()),
             "scaler": plain(acc.scaler.state_dict()) if acc.scaler is not None else None,
-            "accelerator_step": acc.step, "files": files})
+            "accelerator_step": acc.step, "files": files, "config": config})
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(partial, folder)

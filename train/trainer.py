@@ -41,6 +41,7 @@ from .model import build_model, load_processor, model_config
 from .parallel import deepspeed_requested, prepare
 from .progress import Progress
 from .records import REASONS, open_records, split
+from .resume_config import check_same_config, run_settings
 
 FINAL = "final"
 METRICS = "metrics.jsonl"
@@ -66,9 +67,10 @@ def _local_bytes(t: torch.Tensor | None) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: Path | None = None):
+    def __init__(self, cfg: RunConfig, resume: Path | None = None, allow_config_change: bool = False):
         self.cfg = cfg
         self.resume = resume
+        self.allow_config_change = allow_config_change  # resume even if the config differs from the checkpoint's
         t = cfg.train
         t.output_dir.mkdir(parents=True, exist_ok=True)
         cpu = t.cpu or not torch.cuda.is_available()  # accelerate needs cpu=True for several CPU processes
@@ -120,6 +122,11 @@ class Trainer:
         """The verified checkpoint to resume (None for a new run), once the output folder is ours."""
         saved = find_checkpoint(self.resume, self.accelerator) if self.resume is not None else None
         check_output_dir(self.cfg.train.output_dir, saved.state if saved is not None else None)
+        if saved is not None:      # the same run (checked above), continued with the same settings
+            changed = check_same_config(saved.manifest.get("config"), run_settings(self.cfg), saved.folder,
+                                        self.allow_config_change)
+            if changed:
+                self._print(f"warning: resuming with a changed config ({', '.join(changed)})")
         return saved
 
     def _new_run_id(self) -> str:
@@ -328,7 +335,8 @@ class Trainer:
     def _save(self) -> None:
         root = self.cfg.train.output_dir / CHECKPOINTS
         folder = root / f"step-{self.state.step:06d}"
-        save_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.mode, self.state, folder)
+        save_checkpoint(self.accelerator, self.model, self.optimizer, self.scheduler, self.mode, self.state, folder,
+                        run_settings(self.cfg))
         if self.accelerator.is_main_process:
             prune_checkpoints(root, self.cfg.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()

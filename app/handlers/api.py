@@ -7,13 +7,13 @@ no endpoint takes an owner or a browser id as a parameter.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
 from ..records import load_turns
+from ..validation import conversation_id as checked_conversation_id
 from . import chat, grounding, ocr, som
-from .common import AppContext, UserError, generation_settings, owner_of, keep_upload
+from .common import AppContext, UserError, check_prompt, generation_settings, keep_upload, owner_of
 
 
 def _files(images: Any) -> list[Any]:
@@ -26,6 +26,7 @@ def chat_stream(ctx: AppContext, owner_key: str, message: str, images: Any, conv
                 temperature: float, top_p: float, max_new_tokens: int) -> Iterator[tuple[str, str, list[dict]]]:
     """Yields (answer so far, conversation id, regions of the answer) as the answer streams."""
     settings = generation_settings(temperature, top_p, max_new_tokens, ctx.settings.max_new_tokens)
+    conversation_id = checked_conversation_id(conversation_id)
     if conversation_id:
         state = chat.from_history(ctx, conversation_id, load_turns(ctx.store, owner_of(owner_key), conversation_id))
     else:
@@ -48,17 +49,16 @@ def ground(ctx: AppContext, owner_key: str, image: Any, phrase: str) -> dict[str
 def set_of_mark(ctx: AppContext, owner_key: str, image: Any, question: str, marks: str) -> dict[str, Any]:
     """Ask about marks: `marks` is 'model', 'opencv', 'both' (automatic) or a JSON list of
     [x, y] points / [x0, y0, x1, y1] boxes in pixels."""
+    question = check_prompt(question)
+    spec = (marks or "opencv").strip() if isinstance(marks, str) else marks
+    if spec not in som.SOURCES:     # checked before the upload is kept
+        som.marks_from_spec(spec, 1, 1)
     stored = keep_upload(ctx, owner_of(owner_key), image)
     state = som.MarksState(image=stored)
-    spec = (marks or "opencv").strip()
     if spec in som.SOURCES:
         state = som.auto_marks(ctx, owner_key, state, spec)
     else:
-        try:
-            parsed = json.loads(spec)
-        except json.JSONDecodeError:
-            raise UserError("marks must be 'model', 'opencv', 'both' or a JSON list of points/boxes") from None
-        state.marks = som.marks_from_spec(parsed, stored.width, stored.height)
+        state.marks = som.marks_from_spec(spec, stored.width, stored.height)
     answer = som.ask(ctx, owner_key, state, question)
     return {"answer": answer.shot.text, "named_marks": answer.named,
             "marks": [{"number": m.number, "pixels": [round(v, 1) for v in m.pixels], "source": m.source}

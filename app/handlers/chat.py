@@ -12,6 +12,7 @@ was answered (a regenerated answer records which one it replaced), so nothing st
 from __future__ import annotations
 
 import html
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -21,15 +22,20 @@ from PIL import Image
 
 from sphinx_model.conversation import Conversation, Message, Part
 from sphinx_model.serving.generation import GenerationSettings
+from storage import Owner
 
-from ..records import RecordError, StoredImage, StoredTurn, TurnRecord, record_feedback, save_exchange
 from ..grounded import grounded
+from ..records import (RecordError, SavedTurn, StoredImage, StoredTurn, TurnRecord, begin_exchange, discard_exchange,
+                       finish_exchange, record_feedback, write_answer)
 from ..regions import PixelRegion, regions_in_pixels
 from ..render import draw_regions
 from ..service import GenerationRequest, ServiceError
+from ..validation import like_event, optional_text
 from .common import AppContext, UserError, check_prompt, for_model, load_stored, owner_of, keep_upload
 
 STOPPED_NOTE = "(stopped)"
+INTERRUPTED_NOTE = "(interrupted: the app stopped before this answer was finished)"
+PARTIAL_WRITE_S = 1.0     # while an answer streams, what is written so far is stored at once, then this often
 
 
 @dataclass
@@ -40,6 +46,8 @@ class Turn:
     message_id: int | None = None        # the stored assistant message
     stopped: bool = False
     pending: bool = True
+    interrupted: bool = False            # stored ahead, and the app stopped before the answer was complete
+    draft: SavedTurn | None = None       # the turn as written ahead when its prompt was submitted
     rating: str | None = None
     corrected: str | None = None
     regions: list[PixelRegion] = field(default_factory=list)
@@ -96,11 +104,13 @@ def chat_messages(state: ChatState) -> list[dict[str, Any]]:
     """Chatbot messages: exactly two per turn (user, assistant), so an index maps to a turn."""
     out: list[dict[str, Any]] = []
     for t in state.turns:
-        content: list[Any] = [{"path": str(im.path)} for im in t.images] + [display_text(t.prompt)]
+        content: list[Any] = [{"path": str(im.shown)} for im in t.images if im.shown] + [display_text(t.prompt)]
         out.append({"role": "user", "content": content})
         answer = grounded(t.answer).markdown() if t.answer else ("…" if t.pending else "")  # escaped, boxes as tags
         if t.stopped:
             answer += f"\n\n*{STOPPED_NOTE}*"
+        if t.interrupted:
+            answer += f"\n\n*{INTERRUPTED_NOTE}*"
         if t.corrected:
             answer += f"\n\n*corrected:* {display_text(t.corrected)}"
         out.append({"role": "assistant", "content": answer})
@@ -155,9 +165,18 @@ def submit(ctx: AppContext, state: ChatState, owner_key: str, text: Any, files: 
     turn = Turn(prompt, images)
     candidate = ChatState(state.conversation_id, [*state.turns, turn])
     ctx.service.check(_request(ctx, candidate, GenerationSettings(max_new_tokens=1)))
+    _write_ahead(ctx, state, owner, turn)          # the prompt is in the store before the model runs
     state.turns.append(turn)
     state.request_id = _new_request_id()
     return state
+
+
+def _write_ahead(ctx: AppContext, state: ChatState, owner: Owner, turn: Turn) -> None:
+    """Store the turn now (prompt and images; the answer empty and marked interrupted)."""
+    settings = {"task": "chat", **({"regenerate_of": turn.regenerate_of} if turn.regenerate_of else {})}
+    turn.draft = begin_exchange(ctx.store, owner, state.conversation_id, ctx.service.info, turn.prompt,
+                                [im.sha256 for im in turn.images], settings)
+    state.conversation_id = turn.draft.conversation_id
 
 
 def _new_request_id() -> str:
@@ -185,6 +204,14 @@ def respond(ctx: AppContext, state: ChatState, owner_key: str, settings: Generat
     owner = owner_of(owner_key)
     request = _request(ctx, state, settings, state.request_id, user=owner_key)
     saved = False
+    if turn.draft is None:          # a regenerated turn: written ahead here, before the model runs
+        try:
+            _write_ahead(ctx, state, owner, turn)
+        except RecordError as e:
+            state.turns.pop()
+            state.request_id = None
+            yield ChatView(state, f"⚠ {e}", error=str(e), restore=_restore(turn))
+            return
 
     def finish() -> None:
         nonlocal saved
@@ -192,26 +219,29 @@ def respond(ctx: AppContext, state: ChatState, owner_key: str, settings: Generat
         images = state.images()
         if images:
             turn.regions = regions_in_pixels(turn.answer, ctx.service.geometry(images[-1].width, images[-1].height))
-        rec = save_exchange(ctx.store, owner, state.conversation_id, ctx.service.info, TurnRecord(
+        finish_exchange(ctx.store, owner, turn.draft.assistant_message_id, ctx.service.info, TurnRecord(
             prompt=turn.prompt, answer=turn.answer, images=[im.sha256 for im in turn.images],
             regions=[{**r.to_dict(), "image": images[-1].sha256} for r in turn.regions] if images else None,
             settings={**settings.to_dict(), "task": "chat",
                       **({"regenerate_of": turn.regenerate_of} if turn.regenerate_of else {})},
             latency_ms=request.latency_ms, stopped=turn.stopped))
-        state.conversation_id, turn.message_id, state.request_id = rec.conversation_id, rec.assistant_message_id, None
+        turn.message_id, state.request_id = turn.draft.assistant_message_id, None
         saved = True
 
+    written, last_write = "", time.monotonic()
     try:
         with closing(ctx.service.stream(request)) as pieces:
             for piece in pieces:
                 turn.answer = request.text
+                if turn.answer != written and (not written or time.monotonic() - last_write >= PARTIAL_WRITE_S):
+                    written, last_write = _write_partial(ctx, owner, turn), time.monotonic()
                 yield ChatView(state, f"Writing… ({len(turn.answer)} characters)", done=False)
         finish()
     except (ServiceError, RecordError) as e:
         state.turns.pop()
         state.request_id = None
-        yield ChatView(state, f"⚠ {e}", error=str(e),
-                       restore={"text": turn.prompt, "files": [str(im.path) for im in turn.images]})
+        _settle_failed(ctx, owner, turn)
+        yield ChatView(state, f"⚠ {e}", error=str(e), restore=_restore(turn))
         return
     finally:
         if not saved and turn.pending and state.turns and state.turns[-1] is turn:
@@ -221,6 +251,31 @@ def respond(ctx: AppContext, state: ChatState, owner_key: str, settings: Generat
             except RecordError:
                 pass
     yield ChatView(state, _status(turn, request))
+
+
+def _restore(turn: Turn) -> dict[str, Any]:
+    return {"text": turn.prompt, "files": [str(im.shown) for im in turn.images if im.shown]}
+
+
+def _write_partial(ctx: AppContext, owner: Owner, turn: Turn) -> str:
+    """Store the answer written so far (a store that refuses it now is told again at the end)."""
+    try:
+        write_answer(ctx.store, owner, turn.draft.assistant_message_id, turn.answer)
+    except RecordError:
+        pass
+    return turn.answer
+
+
+def _settle_failed(ctx: AppContext, owner: Owner, turn: Turn) -> None:
+    """A request that failed (the model, the queue, the store): the turn written ahead leaves the
+    store, and its prompt goes back to the input box to be sent again, so one question is never
+    stored twice."""
+    if turn.draft is None:
+        return
+    try:
+        discard_exchange(ctx.store, owner, turn.draft)
+    except RecordError:
+        pass                 # left as written ahead: History shows it as interrupted
 
 
 def _status(turn: Turn, request: GenerationRequest) -> str:
@@ -259,7 +314,7 @@ def undo(state: ChatState) -> ChatView:
     last = state.turns.pop()
     state.feedback_turn = None
     return ChatView(state, "Undone: the last exchange is out of the conversation (it stays in the store).",
-                    restore={"text": last.prompt, "files": [str(im.path) for im in last.images]})
+                    restore={"text": last.prompt, "files": [str(im.shown) for im in last.images if im.shown]})
 
 
 def clear() -> ChatState:
@@ -267,6 +322,12 @@ def clear() -> ChatState:
 
 
 # --- feedback ---------------------------------------------------------------------------
+def rate_event(ctx: AppContext, state: ChatState, owner_key: str, evt: Any) -> ChatView:
+    """A like / dislike as the Chatbot's like event sends it (its data checked first)."""
+    index, liked = like_event(evt)
+    return rate(ctx, state, owner_key, index, liked)
+
+
 def rate(ctx: AppContext, state: ChatState, owner_key: str, index: Any, liked: Any) -> ChatView:
     """A like / dislike on an answer (clicking the same verdict again clears it)."""
     k = turn_of_message(state, index)
@@ -287,7 +348,7 @@ def annotate(ctx: AppContext, state: ChatState, owner_key: str, comment: str, co
     if not answered:
         raise UserError("no stored answer to comment on yet")
     k = state.feedback_turn if state.feedback_turn in answered else answered[-1]
-    comment, corrected = (comment or "").strip(), (corrected or "").strip()
+    comment, corrected = optional_text(comment, "comment"), optional_text(corrected, "corrected answer")
     if not comment and not corrected:
         raise UserError("write a comment or a corrected answer first")
     turn = state.turns[k]
@@ -305,7 +366,7 @@ def from_history(ctx: AppContext, conversation_id: str, turns: list[StoredTurn])
     state = ChatState(conversation_id=conversation_id)
     for st in turns:
         t = Turn(st.prompt, list(st.images), st.answer, st.assistant_message_id, st.stopped, pending=False,
-                 rating=st.rating, corrected=st.corrected)
+                 rating=st.rating, corrected=st.corrected, interrupted=st.interrupted)
         state.turns.append(t)
         images = state.images()
         if images:

@@ -3,7 +3,6 @@ the one-shot question about one image that Grounding, Set-of-Mark and OCR are bu
 from __future__ import annotations
 
 import io
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,11 @@ from ..records import RecordError, StoredImage, TurnRecord, put_image, save_exch
 from ..regions import PixelRegion, regions_in_pixels
 from ..service import GenerationRequest, ModelService, ServiceError
 from ..settings import AppSettings
+from ..validation import MAX_PROMPT_CHARS, InputError, number, prompt_text  # noqa: F401  (MAX_PROMPT_CHARS: re-exported)
 
-MAX_PROMPT_CHARS = 8000
 
-
-class UserError(ValueError):
-    """Something the user can fix; shown as one line, nothing stored is touched."""
+UserError = InputError
+"""Something the user can fix; shown as one line, nothing stored is touched (the validators' error)."""
 
 
 # Every error a handler lets through to the UI as a message (never as a traceback).
@@ -43,12 +41,9 @@ class AppContext:
 
 
 # --- owners ---------------------------------------------------------------------------
-def new_browser_id() -> str:
-    return uuid.uuid4().hex
-
-
 def owner_key(browser_id: str | None, hf_user: str | None = None) -> str:
-    """The owner of a page: the Hugging Face login when there is one, else the browser's id."""
+    """The owner of a page: the Hugging Face login when there is one, else the owner id of the
+    browser's signed token (`owners.browser_owner_id`)."""
     if hf_user:
         return f"user:{hf_user}"
     if not browser_id or not isinstance(browser_id, str) or not 8 <= len(browser_id) <= 64 \
@@ -76,22 +71,17 @@ def owner_of(key: str | None) -> Owner:
 
 # --- inputs ---------------------------------------------------------------------------
 def check_prompt(text: Any, what: str = "question") -> str:
-    if not isinstance(text, str) or not text.strip():
-        raise UserError(f"the {what} is empty: type something first")
-    text = text.strip()
-    if len(text) > MAX_PROMPT_CHARS:
-        raise UserError(f"the {what} is {len(text):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
-    return text
+    """`validation.prompt_text`: non-empty, capped, and storable (checked before the model runs)."""
+    return prompt_text(text, what)
 
 
 def generation_settings(temperature: Any, top_p: Any, max_new_tokens: Any, cap: int) -> GenerationSettings:
-    try:
-        t, p, n = float(temperature), float(top_p), int(max_new_tokens)
-    except (TypeError, ValueError):
-        raise UserError("temperature, top-p and max new tokens must be numbers") from None
-    if not (0.0 <= t <= 2.0) or not (0.0 < p <= 1.0) or not (1 <= n <= cap):
-        raise UserError(f"settings out of range: temperature 0..2, top-p in (0, 1], max new tokens 1..{cap}")
-    return GenerationSettings(max_new_tokens=n, temperature=t, top_p=p)
+    t = number(temperature, "temperature", 0.0, 2.0)
+    p = number(top_p, "top-p", 0.0, 1.0)
+    if p <= 0.0:
+        raise InputError("top-p must be in (0, 1]")
+    n = number(max_new_tokens, "max new tokens", 1, cap, integer=True)
+    return GenerationSettings(max_new_tokens=int(n), temperature=float(t), top_p=float(p))
 
 
 def upload_path(value: Any) -> Path:

@@ -16,6 +16,7 @@ from sphinx_model.image_processing import ImageError, load_image
 
 from ..documents import DocumentError, DocumentInfo, inspect, is_pdf, page_text, render_page, similarity
 from ..render import draw_regions
+from ..validation import choice, page_number
 from .common import AppContext, OneShot, UserError, ask_image, owner_of, store_image, store_upload, upload_path
 
 READ_PROMPT = "Read the text in the image."
@@ -91,14 +92,8 @@ def _page_image(ctx: AppContext, owner_key: str, doc: Document, page: int) -> tu
 
 def read(ctx: AppContext, owner_key: str, doc: Document, page: Any, mode: str) -> OcrResult:
     """Read (and/or spot the words of) one page."""
-    if mode not in MODES:
-        raise UserError(f"mode must be one of {', '.join(MODES)}")
-    try:
-        page = int(page or 1)
-    except (TypeError, ValueError):
-        raise UserError("the page must be a number") from None
-    if not 1 <= page <= max(doc.pages, 1):
-        raise UserError(f"page {page} does not exist here (pages 1 to {doc.pages} can be read)")
+    mode = choice(mode, "mode", MODES)
+    page = page_number(page, doc.pages)
     stored, image, embedded = _page_image(ctx, owner_key, doc, page)
     owner = owner_of(owner_key)
     shots, reading, spotted, regions = [], "", [], []

@@ -20,6 +20,7 @@ from ..render import HIGHLIGHT, Mark, draw_marks
 from ..proposals import propose_regions
 from .common import AppContext, OneShot, UserError, ask_image, check_prompt, load_stored, owner_of, store_image, \
     keep_upload
+from ..validation import click_point, marks_list
 from .grounding import DETECT_PROMPT
 
 MAX_MARKS = 30
@@ -97,6 +98,12 @@ def auto_marks(ctx: AppContext, owner_key: str, state: MarksState, source: str) 
     return state
 
 
+def click_event(ctx: AppContext, state: MarksState, evt: Any, mode: str) -> MarksState:
+    """A click as the image's select event sends it (its position checked first)."""
+    x, y = click_point(evt)
+    return click(ctx, state, x, y, mode)
+
+
 def click(ctx: AppContext, state: MarksState, x: Any, y: Any, mode: str) -> MarksState:
     """A click on the image: a point mark, or (mode 'box') one corner of a box mark."""
     if state.image is None:
@@ -161,16 +168,12 @@ def ask(ctx: AppContext, owner_key: str, state: MarksState, question: Any) -> So
 
 
 def marks_from_spec(spec: Any, width: int, height: int) -> list[Mark]:
-    """API marks: a list of [x, y] points or [x0, y0, x1, y1] boxes in pixels."""
-    if not isinstance(spec, list) or not spec:
-        raise UserError("marks must be a non-empty list of [x, y] points or [x0, y0, x1, y1] boxes")
+    """API marks: a JSON list (text) of [x, y] points or [x0, y0, x1, y1] boxes in pixels,
+    read by `validation.marks_list`; clamped to the image."""
     out = []
-    for i, item in enumerate(spec[:MAX_MARKS]):
-        if not isinstance(item, (list, tuple)) or len(item) not in (2, 4) or \
-                not all(isinstance(v, (int, float)) for v in item):
-            raise UserError(f"mark {i + 1} is not [x, y] or [x0, y0, x1, y1] in pixels")
-        lim = (width, height)
-        vals = tuple(float(min(max(v, 0), lim[k % 2])) for k, v in enumerate(item))
+    lim = (width, height)
+    for i, item in enumerate(marks_list(spec, MAX_MARKS)):
+        vals = tuple(float(min(max(v, 0.0), lim[k % 2])) for k, v in enumerate(item))
         if len(vals) == 4:
             vals = (min(vals[0], vals[2]), min(vals[1], vals[3]), max(vals[0], vals[2]), max(vals[1], vals[3]))
         out.append(Mark(i + 1, vals, "user"))

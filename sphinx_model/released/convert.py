@@ -339,7 +339,24 @@ def _converted_config(name: str, base: SphinxConfig, args: dict[str, Any], sd: d
            "dtype": dtype or _dtype_name(sd["tok_embeddings.weight"])}
     if hf["model_type"] == "mixtral" and args.get("load_balancing_weight") is not None:
         llm["router_aux_loss_coef"] = float(args["load_balancing_weight"])
-    return base.replace(name=name, llm=llm, tokenizer=None)
+    return base.replace(name=name, llm=llm, tokenizer=None, experts=_clip_activation(base, args, notes))
+
+
+def _clip_activation(base: SphinxConfig, args: dict[str, Any], notes: list[str]) -> list[dict[str, Any]]:
+    """config.json's `load_pretrained_visual_encoder: true` makes the authors' code build CLIP
+    through open_clip's `openai` weights, whose config uses QuickGELU; false (or absent) builds
+    it with `pretrained=None`, plain GELU. Our CLIP expert follows with its `quick_gelu` option."""
+    flag = args.get("load_pretrained_visual_encoder", False)
+    if not isinstance(flag, bool):
+        raise CheckpointError(f"config.json's load_pretrained_visual_encoder must be true or false, got {flag!r}")
+    experts = [dict(e.__dict__, options=dict(e.options)) for e in base.experts]
+    for e in experts:
+        if e["kind"] == "clip_vit":
+            e["options"]["quick_gelu"] = flag
+            if flag:
+                notes.append("config.json: load_pretrained_visual_encoder is true: CLIP uses QuickGELU, "
+                             "as open_clip's openai weights do")
+    return experts
 
 
 def _map_all(sd: dict[str, torch.Tensor], config: SphinxConfig, notes: list[str]

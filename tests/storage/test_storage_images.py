@@ -98,7 +98,7 @@ def test_same_picture_is_stored_once(store: Store) -> None:
     with Session(store.engine) as s, s.begin():
         a = store.images.put(s, data, owner=OWNER)
         b = store.images.put(s, data, owner=OWNER)
-        assert a is b
+        assert a == b
         sha = a.sha256
     with Session(store.engine) as s, s.begin():
         c = store.images.put(s, data, owner=OWNER)  # new session, row already there
@@ -203,3 +203,40 @@ def test_the_store_keeps_the_picture_the_model_sees(mode: str) -> None:
     kept = np.asarray(image_processing.load_image(stored.data), dtype=np.int16)
     assert stored.format == "png" and seen.shape == kept.shape
     assert np.abs(seen - kept).max() == 0, (mode, float(seen.mean()), float(kept.mean()))
+
+
+def test_a_second_uploader_gets_its_own_upload_time_not_the_first_owners(store: Store) -> None:
+    """The shared row's created_at would tell Bob when somebody else first stored the picture."""
+    from datetime import timedelta
+
+    from storage.repository import get_image
+
+    data = make_image(20, 12)
+    bob = Owner("session", "bob-" + "0" * 28)
+    with Session(store.engine) as s, s.begin():
+        first = store.images.put(s, data, owner=OWNER)
+        row = s.get(ImageRow, first.sha256)
+        row.created_at = row.created_at - timedelta(days=30)        # Alice stored it a month ago
+        s.get(ImageOwnerRow, (first.sha256, OWNER.kind, OWNER.id)).created_at = row.created_at
+    with Session(store.engine) as s, s.begin():
+        mine = store.images.put(s, data, owner=bob)
+        alices = s.get(ImageRow, first.sha256).created_at
+        assert mine.sha256 == first.sha256 and not isinstance(mine, ImageRow)
+        assert mine.created_at - alices > timedelta(days=29)           # Bob's own upload, just now
+        assert get_image(s, bob, mine.sha256).created_at == mine.created_at
+        assert get_image(s, OWNER, mine.sha256).created_at == alices
+
+
+def test_an_image_bomb_is_refused_with_the_stores_own_cap() -> None:
+    """A header claiming 20000 x 20000 pixels trips Pillow's own bomb check on open; the refusal
+    quotes the store's limit, not Pillow's 178,956,970 pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    with pytest.raises(ImageRejected) as e:
+        sanitize_image(bomb)
+    assert "larger than the limit of 40000000 pixels" in str(e.value) and "178" not in str(e.value)

@@ -175,3 +175,53 @@ def test_check_pickles_refuses_code_and_passes_tensors(tmp_path):
     with pytest.raises(CheckpointDamaged, match="custom_checkpoint_0.pkl"):
         read_checkpoint(legacy)
     assert not marker.exists()
+
+
+# A resumed run keeps its config: each case changes what the checkpoint was written with.
+CONFIG_CHANGES = {
+    "learning rate and max_steps": (["--set", "optim.lr=0.5", "--set", "train.max_steps=6"],
+                                    ["optim.lr 0.002 -> 0.5", "train.max_steps 4 -> 6"]),
+    "batching": (["--set", "data.group_by_length=false"], ["data.group_by_length"]),
+    "warm-up": (["--set", "optim.warmup_steps=3"], ["optim.warmup_steps"]),
+    "freeze spec": (["--set", "freeze.freeze=[llm.lm_head]"], ["freeze.freeze"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CHANGES))
+def test_resume_with_a_changed_config_is_refused_in_one_line(base_run, tmp_path, capsys, case):
+    path = copy_run(base_run, tmp_path)
+    out = tmp_path / "run" / "out"
+    before = folder_digest(out / "checkpoints")
+    sets, named = CONFIG_CHANGES[case]
+    assert main(["--config", str(path), "--resume", str(out), *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot resume: the config differs"), err
+    assert all(n in err[0] for n in named) and "--allow-config-change" in err[0]
+    assert folder_digest(out / "checkpoints") == before
+
+
+def test_resume_with_a_changed_mixture_file_is_refused(base_run, tmp_path, capsys):
+    path = copy_run(base_run, tmp_path)
+    mixture = load_run_config(path).data.mixture
+    mixture.write_text(mixture.read_text() + "\n# edited\n")
+    assert main(["--config", str(path), "--resume", str(tmp_path / "run" / "out")]) == 2
+    assert "data.mixture" in capsys.readouterr().err
+
+
+def test_resume_may_change_what_is_only_logged_or_where_it_stops(base_run, tmp_path):
+    path = copy_run(base_run, tmp_path)   # copied: the output folder and mixture path moved too
+    result = run(path, resume=tmp_path / "run" / "out" / "checkpoints" / "step-000002",
+                 **{"train.log_every": 2, "train.progress": False, "train.keep_checkpoints": 1})
+    assert sorted(result.losses) == [3, 4]
+
+
+def test_allow_config_change_resumes_with_the_new_config(base_run, tmp_path, capsys):
+    path = copy_run(base_run, tmp_path)
+    ckpt = tmp_path / "run" / "out" / "checkpoints" / "step-000002"
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert main(["--config", str(path), "--resume", str(ckpt), "--allow-config-change",
+                 "--set", "train.max_steps=5"]) == 0
+    assert "warning: resuming with a changed config (train.max_steps)" in capsys.readouterr().out

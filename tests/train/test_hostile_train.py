@@ -150,7 +150,7 @@ def test_hostile_input_is_one_line_exit_2_and_changes_nothing(root, capsys, monk
 def test_unforeseen_errors_are_one_line_and_debug_shows_the_traceback(root, capsys, monkeypatch):
     import train.__main__ as cli
 
-    def boom(cfg, resume):
+    def boom(cfg, resume, allow=False):
         raise RuntimeError("something nobody planned for\nsecond line")
 
     monkeypatch.setattr(cli, "_train", boom)

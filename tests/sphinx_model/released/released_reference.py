@@ -228,8 +228,8 @@ def _split(key: str, value: torch.Tensor, rank: int, n: int) -> torch.Tensor:
     return value
 
 
-def write_released(m: Member, folder: Path, tokenizer_model: Path, shards: int = 1, seed: int = 0
-                   ) -> dict[str, torch.Tensor]:
+def write_released(m: Member, folder: Path, tokenizer_model: Path, shards: int = 1, seed: int = 0,
+                   extra_args: dict | None = None) -> dict[str, torch.Tensor]:
     """The member as the authors' saver writes it; returns the unsharded tensors."""
     sd = released_state(m, seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,7 @@ def write_released(m: Member, folder: Path, tokenizer_model: Path, shards: int =
             "rope_theta": 1e6 if m.moe else 1e4, "max_seq_len": 2048}
     if m.moe:
         args |= {"hidden_dim": EXPERT_FFN, "moe": {"num_experts": EXPERTS, "num_experts_per_tok": TOP_K}}
-    (folder / "config.json").write_text(json.dumps(args), encoding="utf-8")
+    (folder / "config.json").write_text(json.dumps({**args, **(extra_args or {})}), encoding="utf-8")
     (folder / "meta.json").write_text(json.dumps({"llama_type": m.llama_type}), encoding="utf-8")
     shutil.copy(tokenizer_model, folder / "tokenizer.model")
     return sd
@@ -276,8 +276,9 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool =
     return out.transpose(1, 2).flatten(2)
 
 
-def clip_tokens(sd: dict, x: torch.Tensor) -> torch.Tensor:
-    """CLIP ViT as released: every token after ln_post, no proj; plain GELU (the release's inference build)."""
+def clip_tokens(sd: dict, x: torch.Tensor, quick_gelu: bool = False) -> torch.Tensor:
+    """CLIP ViT as released: every token after ln_post, no proj; plain GELU (the release's inference build),
+    or QuickGELU, x * sigmoid(1.702 x), when config.json asks for the openai weights."""
     p = "clip.visual."
     x = F.conv2d(x, sd[p + "conv1.weight"], stride=14).flatten(2).transpose(1, 2)
     x = torch.cat([sd[p + "class_embedding"].expand(x.shape[0], 1, -1), x], 1) + sd[p + "positional_embedding"]
@@ -288,7 +289,8 @@ def clip_tokens(sd: dict, x: torch.Tensor) -> torch.Tensor:
         q, k, v = F.linear(_ln(x, sd, b + "ln_1", 1e-5), sd[b + "attn.in_proj_weight"], sd[b + "attn.in_proj_bias"]).chunk(3, -1)
         x = x + F.linear(_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads)),
                          sd[b + "attn.out_proj.weight"], sd[b + "attn.out_proj.bias"])
-        h = F.gelu(F.linear(_ln(x, sd, b + "ln_2", 1e-5), sd[b + "mlp.c_fc.weight"], sd[b + "mlp.c_fc.bias"]))
+        h = F.linear(_ln(x, sd, b + "ln_2", 1e-5), sd[b + "mlp.c_fc.weight"], sd[b + "mlp.c_fc.bias"])
+        h = h * torch.sigmoid(1.702 * h) if quick_gelu else F.gelu(h)
         x = x + F.linear(h, sd[b + "mlp.c_proj.weight"], sd[b + "mlp.c_proj.bias"])
     return _ln(x, sd, p + "ln_post", 1e-5)
 
@@ -332,7 +334,7 @@ def _projector(sd: dict, p: str, x: torch.Tensor) -> torch.Tensor:
     return _ln(F.linear(x, sd[p + ".0.weight"], sd[p + ".0.bias"]), sd, p + ".1", 1e-5)
 
 
-def image_tokens(m: Member, sd: dict, canvas: torch.Tensor, seed: int = 0) -> torch.Tensor:
+def image_tokens(m: Member, sd: dict, canvas: torch.Tensor, seed: int = 0, quick_gelu: bool = False) -> torch.Tensor:
     """(V * (tokens_per_view + 2), D): every view as [start, (Q-Former), fused, end]."""
     trunk = convnext_trunk(seed)
     trunk.load_state_dict({k[len("openclip_convnext_xxl."):]: v for k, v in sd.items()
@@ -340,7 +342,7 @@ def image_tokens(m: Member, sd: dict, canvas: torch.Tensor, seed: int = 0) -> to
     small, big = released_views(canvas, m.small, m.grid), released_views(canvas, m.convnext, m.grid)
     feats = [convnext_tokens(m, trunk, big), dinov2_tokens(sd, small)]
     if m.four:
-        feats.insert(0, clip_tokens(sd, small))
+        feats.insert(0, clip_tokens(sd, small, quick_gelu))
     fused = _projector(sd, "visual_proj", torch.cat(feats, -1))             # (V, T, D)
     if m.four:
         qf = blip2(m, seed)
@@ -381,10 +383,11 @@ def _ffn(m: Member, sd: dict, p: str, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
-def reference_logits(m: Member, sd: dict, canvas: torch.Tensor, text_ids: list[int], seed: int = 0) -> torch.Tensor:
+def reference_logits(m: Member, sd: dict, canvas: torch.Tensor, text_ids: list[int], seed: int = 0,
+                     quick_gelu: bool = False) -> torch.Tensor:
     """The released forward: logits from the last end_img position on (one row per text token)."""
     with torch.no_grad():
-        image = image_tokens(m, sd, canvas, seed)
+        image = image_tokens(m, sd, canvas, seed, quick_gelu)
         emb = sd["tok_embeddings.weight"]
         h = torch.cat([emb[text_ids[:1]], image, emb[text_ids[1:]]])[None]      # (1, L, D)
         theta, hd = (1e6 if m.moe else 1e4), D // HEADS

@@ -81,3 +81,38 @@ def test_a_four_expert_model_exports_to_the_released_layout_and_back(tmp_path, s
     batch = processor(Conversation([Message.user("What is in the image?", image=True)]), _image())
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flag, quick", [(True, True), (False, False), (None, False)])
+def test_load_pretrained_visual_encoder_picks_clips_activation(tmp_path, spm_file, flag, quick):
+    """config.json's load_pretrained_visual_encoder: true = the authors build CLIP with open_clip's
+    openai weights, whose config uses QuickGELU; false or absent = pretrained=None, plain GELU.
+    The converted model follows, and its logits are the released maths with that activation."""
+    member = MEMBERS["llama_ens"]
+    extra = {} if flag is None else {"load_pretrained_visual_encoder": flag}
+    sd = write_released(member, tmp_path / "rel", spm_file, extra_args=extra)
+    convert_accessory(tmp_path / "rel", tmp_path / "ckpt", base_config=tiny_config(member))
+    model, processor = from_pretrained(tmp_path / "ckpt")
+    clip = next(e for e in processor.config.experts if e.kind == "clip_vit")
+    assert clip.options.get("quick_gelu", False) is quick
+    conv = Conversation([Message.user("What is in the image?", image=True)])
+    batch = processor(conv, _image())
+    ids = batch["input_ids"][0].tolist()
+    n = ids.count(IMAGE_TOKEN_ID)
+    with torch.no_grad():
+        ours = model(**batch).logits[0, n:]
+    text = [i for i in ids if i != IMAGE_TOKEN_ID]
+    want = reference_logits(member, sd, batch["pixel_values"], text, quick_gelu=quick)
+    other = reference_logits(member, sd, batch["pixel_values"], text, quick_gelu=not quick)
+    torch.testing.assert_close(ours, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours, other, atol=1e-4, rtol=1e-4)   # the activation shows in the logits
+
+
+def test_a_load_pretrained_visual_encoder_that_is_not_a_bool_is_refused(tmp_path, spm_file):
+    from sphinx_model.loading import CheckpointError
+
+    member = MEMBERS["llama_ens"]
+    write_released(member, tmp_path / "rel", spm_file, extra_args={"load_pretrained_visual_encoder": "yes"})
+    with pytest.raises(CheckpointError, match="load_pretrained_visual_encoder must be true or false"):
+        convert_accessory(tmp_path / "rel", tmp_path / "ckpt", base_config=tiny_config(member))
+    assert not (tmp_path / "ckpt").exists()
