@@ -9,6 +9,11 @@ channels, one per box edge (x0, y0, x1, y1). The coordinate tokens `0.00`..`1.00
 the same features of their value (`coordinate_features`), so "which token sits here" and "which
 coordinate to write" are the same direction in the residual stream from step 0.
 
+With `box_positions` too, a linear read-out of each token's expert features gives the box edges of
+what the token holds relative to its cell (cell units; it starts at the cell itself, and the expert
+pretraining's own box head can initialise it); placed in the cell, the box's sin-cos features are
+added as well. A token then carries the very coordinates an answer writes about its object.
+
 Off in every released preset (their checkpoints have no such table, and parity is untouched).
 """
 from __future__ import annotations
@@ -27,8 +32,8 @@ def sincos(values: torch.Tensor, dim: int) -> torch.Tensor:
         raise ValueError(f"sincos needs an even width, got {dim}")
     k = dim // 2
     freqs = MIN_FREQ * (MAX_FREQ / MIN_FREQ) ** (torch.arange(k, dtype=torch.float64) / max(k - 1, 1))
-    angles = values.to(torch.float64)[..., None] * freqs                  # (..., k)
-    return torch.cat([angles.sin(), angles.cos()], dim=-1).float()        # (..., dim)
+    angles = values[..., None] * freqs.to(values.dtype)                   # (..., k)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)                # (..., dim)
 
 
 def box_features(boxes: torch.Tensor, dim: int) -> torch.Tensor:
@@ -45,17 +50,39 @@ def coordinate_features(values: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class CanvasPositions(nn.Module):
-    """One learned vector per visual-token slot: (views * tokens_per_view, d)."""
+    """One learned vector per visual-token slot: (views * tokens_per_view, d); with `readout_dim`, also
+    the sin-cos code of the box a linear read-out of the token's features places in its cell."""
 
-    def __init__(self, grid: int, tokens_per_view: int, dim: int):
+    def __init__(self, grid: int, tokens_per_view: int, dim: int, readout_dim: int | None = None):
         super().__init__()
         cells = torch.tensor(token_cells(grid, tokens_per_view), dtype=torch.float64)  # (V*T, 4)
         self.tokens_per_view = tokens_per_view
-        self.table = nn.Parameter(box_features(cells, dim))                   # (V*T, d)
+        self.table = nn.Parameter(box_features(cells, dim).float())           # (V*T, d)
+        self.register_buffer("cells", cells.float().view(-1, tokens_per_view, 4), persistent=False)
+        self.readout = None
+        if readout_dim is not None:
+            self.readout = nn.Linear(readout_dim, 4)                          # cell-relative edges, cell units
+            nn.init.zeros_(self.readout.weight)
+            with torch.no_grad():
+                self.readout.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]))   # starts at the cell itself
 
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
-        """(K,) view index of each encoded view -> (K, T, d)."""
-        return self.table.view(-1, self.tokens_per_view, self.table.shape[-1])[views]
+    def forward(self, views: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """(K,) view index of each encoded view [, (K, T, c) their features] -> (K, T, d)."""
+        d = self.table.shape[-1]
+        pos = self.table.view(-1, self.tokens_per_view, d)[views]             # (K, T, d)
+        if self.readout is None:
+            return pos
+        if features is None:
+            raise ValueError("box positions need the tokens' expert features")
+        return pos + box_features(self.boxes(views, features), d)
+
+    def boxes(self, views: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The read-out boxes in canvas fractions -> (K, T, 4)."""
+        rel = self.readout(features.to(self.readout.weight.dtype))           # (K, T, 4) in cell units
+        cell = self.cells[views]                                              # (K, T, 4)
+        size = torch.cat([cell[..., 2:] - cell[..., :2]] * 2, dim=-1)         # (w, h, w, h)
+        origin = torch.cat([cell[..., :2]] * 2, dim=-1)                       # (x0, y0, x0, y0)
+        return origin + rel * size
 
 
 def init_coordinate_embeddings(weight: torch.Tensor, token_ids: list[int], values: list[float]) -> None:
@@ -64,6 +91,6 @@ def init_coordinate_embeddings(weight: torch.Tensor, token_ids: list[int], value
     if len(token_ids) != len(values):
         raise ValueError("one value per coordinate token")
     with torch.no_grad():
-        feats = coordinate_features(torch.tensor(values), weight.shape[1])
+        feats = coordinate_features(torch.tensor(values, dtype=torch.float64), weight.shape[1]).float()
         scale = weight[token_ids].norm(dim=1).mean() / feats.norm(dim=1).mean()
         weight[token_ids] = (feats * scale).to(weight.dtype)

@@ -114,6 +114,8 @@ class SphinxConfig:
     max_images: int = 1               # images one conversation may hold (released models: 1)
     canvas_positions: bool = False    # a learned embedding of each visual token's canvas cell, added after the
                                       # projector (canvas_positions.py); off in every released preset
+    box_positions: bool = False       # with canvas_positions: each token's embedding also codes the box a linear
+                                      # read-out of its expert features finds, placed in the token's cell
 
     def __post_init__(self) -> None:
         from .templates import TEMPLATES  # torch-free; imported here, as templates needs the schema only
@@ -135,6 +137,8 @@ class SphinxConfig:
         if len(set(keys)) != len(keys):
             raise ConfigError(f"experts: each expert needs its own key, got {keys}")
         _one_of(self.template, tuple(sorted(TEMPLATES)), "template")
+        if self.box_positions and not self.canvas_positions:
+            raise ConfigError("box_positions needs canvas_positions")
         if self.canvas_positions:
             g = math.isqrt(self.tokens_per_view - 1)
             if g * g != self.tokens_per_view - 1:

@@ -170,7 +170,8 @@ class SphinxForCausalLM(nn.Module):
         if config.canvas_positions:
             if any(not e.fused for e in self.experts):
                 raise ValueError("canvas_positions needs every expert fused on channels (no separate query tokens)")
-            self.canvas_pos = CanvasPositions(config.grid, config.tokens_per_view, d)
+            readout = sum(e.out_dim for e in self.experts) if config.box_positions else None
+            self.canvas_pos = CanvasPositions(config.grid, config.tokens_per_view, d, readout)
         for p in (self.start_img, self.end_img, self.skip_img):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
@@ -195,6 +196,12 @@ class SphinxForCausalLM(nn.Module):
     # --- vision -------------------------------------------------------------------------
     def encode_views(self, pixel_values: torch.Tensor, view_skip: torch.Tensor) -> torch.Tensor:
         """Encode only the views that are not skipped -> (N_kept_views, tokens_per_view, d)."""
+        return self.project(*self.expert_features(pixel_values, view_skip))
+
+    def expert_features(self, pixel_values: torch.Tensor,
+                        view_skip: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The kept views through the experts -> (separate experts' projected tokens, each (K, Q, d);
+        the fused experts' tokens concatenated on channels, (K, T, sum c_e))."""
         keep = ~view_skip.cpu()                                         # (N, V)
         views: dict[int, torch.Tensor] = {}                             # one crop set per view size
         first, fused = [], []
@@ -207,19 +214,25 @@ class SphinxForCausalLM(nn.Module):
                 fused.append(out)
             else:
                 first.append(getattr(self, f"{key}_proj")(out.to(self.dtype)))  # (K, Q, d)
-        fused_tokens = self.visual_proj(torch.cat(fused, dim=-1).to(self.dtype))  # (K, T, sum c_e) -> (K, T, d)
-        return torch.cat([*first, fused_tokens], dim=1)                 # (K, Q + T, d)
+        return first, torch.cat(fused, dim=-1).to(self.dtype)
+
+    def project(self, first: list[torch.Tensor], fused: torch.Tensor) -> torch.Tensor:
+        """(K, T, sum c_e) fused features -> (K, T, d), after the separate experts' tokens -> (K, Q + T, d)."""
+        return torch.cat([*first, self.visual_proj(fused)], dim=1)
 
     def image_embeddings(self, pixel_values: torch.Tensor, view_skip: torch.Tensor) -> list[torch.Tensor]:
         """Per image: the full visual token sequence (start/view/end and skip tokens) -> (K_i, d)."""
-        return self.layout_images(self.encode_views(pixel_values, view_skip), view_skip)
+        first, fused = self.expert_features(pixel_values, view_skip)
+        return self.layout_images(self.project(first, fused), view_skip, fused)
 
-    def layout_images(self, tokens: torch.Tensor, view_skip: torch.Tensor) -> list[torch.Tensor]:
+    def layout_images(self, tokens: torch.Tensor, view_skip: torch.Tensor,
+                      features: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Projected tokens of the kept views (K, T, d) -> per image (K_i, d): canvas positions added
-        (when configured), each kept view between start/end, one skip token per skipped view."""
+        (when configured; `features` (K, T, c) feed the box read-out of `box_positions`), each kept
+        view between start/end, one skip token per skipped view."""
         if self.canvas_pos is not None:
             views = (~view_skip.cpu()).nonzero()[:, 1].to(tokens.device)  # view index of each kept view
-            tokens = tokens + self.canvas_pos(views).to(tokens.dtype)      # (K, T, d)
+            tokens = tokens + self.canvas_pos(views, features).to(tokens.dtype)  # (K, T, d)
         start, end = self.start_img[0], self.end_img[0]                  # (1, d)
         out, k = [], 0
         for skips in view_skip.tolist():

@@ -84,3 +84,39 @@ def test_coordinate_rows_are_rewritten_at_the_rows_scale():
     init_coordinate_embeddings(weight, [3, 7, 9], [0.0, 0.5, 1.0])
     assert torch.equal(weight[:3], before[:3]) and not torch.equal(weight[7], before[7])
     assert weight[[3, 7, 9]].norm(dim=1).mean().item() == pytest.approx(before[[3, 7, 9]].norm(dim=1).mean().item(), rel=1e-4)
+
+
+def test_box_positions_place_the_read_out_box_in_its_cell_and_need_canvas_positions():
+    from sphinx_model.canvas_positions import CanvasPositions
+
+    with pytest.raises(ConfigError, match="box_positions needs canvas_positions"):
+        get_preset("sphinx-test-tiny").replace(box_positions=True)
+    pos = CanvasPositions(grid=2, tokens_per_view=5, dim=64, readout_dim=3)
+    feats = torch.zeros(1, 5, 3)
+    views = torch.tensor([1])                                      # the top-left sub-view: cells of 1/4 canvas
+    assert torch.allclose(pos.boxes(views, feats)[0, 1], torch.tensor([0.0, 0.0, 0.25, 0.25]))  # starts at the cell
+    with torch.no_grad():
+        pos.readout.weight.zero_()
+        pos.readout.weight[:, 0] = torch.tensor([0.5, 0.5, 1.5, 1.0])   # channel 0 says "this box, in cell units"
+        pos.readout.bias.zero_()
+    feats[0, 4, 0] = 1.0                                           # token 4: the cell (0.25, 0.25)-(0.5, 0.5)
+    box = pos.boxes(views, feats)[0, 4]
+    assert torch.allclose(box, torch.tensor([0.375, 0.375, 0.625, 0.5]))
+    out = pos(views, feats)
+    assert torch.allclose(out[0, 4], pos.table[9] + box_features(box, 64), atol=1e-5)
+    with pytest.raises(ValueError, match="need the tokens' expert features"):
+        pos(views)
+
+
+def test_a_demo_sized_model_with_box_positions_builds_saves_and_loads(make_image, tmp_path):
+    torch.manual_seed(0)
+    cfg = get_preset("sphinx-test-tiny").replace(canvas_positions=True, box_positions=True)
+    model, proc = build_from_config(cfg)
+    with torch.no_grad():
+        model.canvas_pos.readout.weight.normal_(std=0.01)
+    conv = Conversation([Message.user("Where is the box?", image=True)])
+    folder = save_pretrained(model.eval(), proc, tmp_path / "ckpt")
+    loaded, lproc = from_pretrained(folder)
+    assert loaded.config.box_positions
+    with torch.no_grad():
+        assert torch.equal(model(**proc(conv, make_image(60, 90))).logits, loaded(**lproc(conv, make_image(60, 90))).logits)

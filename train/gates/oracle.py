@@ -20,6 +20,10 @@ from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 COUNTS = len(SHAPES) + len(COLOUR_NAMES)
 FEATURES = (1 + len(SHAPES) + len(COLOUR_NAMES) + len(SIZES) + 4 + (MAX_MARK + 1)
             + 1 + (len(WORDS) + 1) + 4 + COUNTS)
+OBJ = 0                                                    # channel of "an object is here"
+OBJ_BOX = 1 + len(SHAPES) + len(COLOUR_NAMES) + len(SIZES)  # its 4 cell-relative edges
+HAS_WORD = OBJ_BOX + 4 + MAX_MARK + 1
+WORD_BOX = HAS_WORD + 1 + len(WORDS) + 1
 
 
 def _one_hot(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -46,3 +50,17 @@ def oracle_features(t: ViewTargets) -> torch.Tensor:
 def scene_features(scene: Scene, anchor: Anchor, grid: int, token_grid: int) -> torch.Tensor:
     """Every view's oracle tokens of one scene -> (V, 1 + g*g, FEATURES)."""
     return oracle_features(view_targets(scene, anchor, grid, token_grid))
+
+
+def perfect_box_readout(readout: torch.nn.Linear) -> None:
+    """Set a `box_positions` read-out to what a perfect expert's linear box head is on these features:
+    an object's or word's cell-relative edges where one is, the cell itself elsewhere."""
+    with torch.no_grad():
+        readout.weight.zero_()
+        cell = torch.tensor([0.0, 0.0, 1.0, 1.0])
+        readout.bias.copy_(cell)
+        for i in range(4):
+            readout.weight[i, OBJ_BOX + i] = 1.0
+            readout.weight[i, WORD_BOX + i] = 1.0
+        readout.weight[:, OBJ] = -cell
+        readout.weight[:, HAS_WORD] = -cell

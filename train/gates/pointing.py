@@ -11,6 +11,9 @@ on the same data, steps and seed:
   embedding+coords  the same, and the coordinate tokens' input and output rows start from sin-cos of
                     their value (`sphinx_model.canvas_positions.init_coordinate_embeddings`)
   features          the slot's canvas box appended to each token's features, before the projector
+  box+coords        `box_positions` too: the sin-cos code of the box a linear read-out of the token's
+                    features places in its cell (read-out set to a perfect expert's box head), and the
+                    coordinate rows as in embedding+coords
 
 Held-out scenes (another seed of the training renderer, and the held-out renderer) are scored
 with `train.evaluate`'s own metrics (grounding acc@0.5, detection F1@0.5), greedy.
@@ -42,9 +45,9 @@ from ..demo_tokenizer import NUMBER_PIECES
 from ..evaluate import Question, scene_questions, score
 from ..world.scene import Scene, render_scene
 from ..world.tasks import TaskWriter
-from .oracle import FEATURES, scene_features
+from .oracle import FEATURES, perfect_box_readout, scene_features
 
-MECHANISMS = ("none", "embedding", "embedding+coords", "features")
+MECHANISMS = ("none", "embedding", "embedding+coords", "features", "box+coords")
 EVAL_SETS = (("world_eval", 1001, "train"), ("world_eval_heldout", 1002, "heldout"))
 
 
@@ -81,7 +84,7 @@ class OracleSphinx(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, feats: torch.Tensor, view_skip: torch.Tensor) -> torch.Tensor:
         tokens = self.model.visual_proj(feats)                            # (K, T, F) -> (K, T, d)
-        return self.model.fill_image_tokens(input_ids, self.model.layout_images(tokens, view_skip))
+        return self.model.fill_image_tokens(input_ids, self.model.layout_images(tokens, view_skip, feats))
 
 
 def build(run: GateRun) -> tuple[OracleSphinx, SphinxProcessor, torch.Tensor | None]:
@@ -94,12 +97,16 @@ def build(run: GateRun) -> tuple[OracleSphinx, SphinxProcessor, torch.Tensor | N
     experts[1]["options"] = dict(experts[1]["options"], img_size=run.token_grid * 16)
     config = base.replace(llm=dict(base.to_dict()["llm"], config=llm), experts=experts,
                           canvas_size=run.canvas_size, tokens_per_view=1 + run.token_grid ** 2,
-                          canvas_positions=run.mechanism.startswith("embedding"))
+                          canvas_positions=run.mechanism.startswith(("embedding", "box")),
+                          box_positions=run.mechanism.startswith("box"))
     cells = None
     if run.mechanism == "features":
         cells = torch.tensor(token_cells(config.grid, config.tokens_per_view), dtype=torch.float32)
     model = OracleSphinx(config, extra=4 if cells is not None else 0)
-    if run.mechanism == "embedding+coords":
+    if config.box_positions:  # the read-out reads the oracle's channels, not the experts'
+        model.model.canvas_pos.readout = nn.Linear(FEATURES, 4)
+        perfect_box_readout(model.model.canvas_pos.readout)
+    if run.mechanism.endswith("+coords"):
         ids = [tok.convert_tokens_to_ids(p) for p in NUMBER_PIECES]
         values = [float(p) for p in NUMBER_PIECES]
         init_coordinate_embeddings(model.model.llm.get_input_embeddings().weight, ids, values)
