@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -54,6 +55,7 @@ EVAL_SETS = (("world_eval", 1001, "train"), ("world_eval_heldout", 1002, "heldou
 @dataclass
 class GateRun:
     mechanism: str = "embedding+coords"
+    name: str | None = None            # run folder under `out` (default: the mechanism)
     out: Path = Path("runs/gate_a")
     tokenizer: str = "assets/demo"
     canvas_size: int = 512
@@ -64,6 +66,7 @@ class GateRun:
     lr: float = 1.5e-3
     warmup_steps: int = 30
     detection_share: float = 0.5       # the rest is grounding
+    max_objects: int = 0               # > 0: only scenes with at most this many objects (a curriculum's first step)
     eval_scenes: int = 100             # per held-out set
     eval_every_minutes: float = 0.0    # 0: evaluate only at the end
     seed: int = 0
@@ -141,6 +144,9 @@ def training_sample(rng: random.Random, index: int, run: GateRun, proc: SphinxPr
                     cells: torch.Tensor | None) -> Sample:
     while True:
         scene, _ = render_scene(run.seed, index)
+        if run.max_objects and len(scene.objects) > run.max_objects:
+            index += 1_000_000
+            continue
         writer = TaskWriter(scene, proc.config.anchor)
         qa = writer.detection(rng) if rng.random() < run.detection_share else writer.grounding(rng)
         if qa is not None:
@@ -165,9 +171,12 @@ def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) ->
 def eval_questions(run: GateRun) -> dict[str, list[Question]]:
     out = {}
     for name, seed, renderer in EVAL_SETS:
-        qs = []
-        for i in range(run.eval_scenes):
+        qs, i = [], 0
+        while len({q.scene.id for q in qs}) < run.eval_scenes:
             scene, _ = render_scene(seed, i, renderer)
+            i += 1
+            if run.max_objects and len(scene.objects) > run.max_objects:
+                continue
             qs += [q for q in scene_questions(scene, None, seed) if q.metric in ("grounding", "detection")]
         out[name] = qs
     return out
@@ -180,6 +189,7 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
     table = {}
     for name, qs in questions.items():
         correct, tp, n_pred, n_truth, n_ground = 0.0, 0, 0, 0, 0
+        examples = []
         for i in range(0, len(qs), batch):
             chunk = qs[i:i + batch]
             b = collate([make_sample(q.scene, q.prompt, None, proc, cells) for q in chunk], proc, left=True)
@@ -191,14 +201,18 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
                                                max_new_tokens=longest, do_sample=False,
                                                pad_token_id=proc.tokenizer.pad_token_id)
             for q, ids in zip(chunk, out):
-                s = score(q, proc.tokenizer.decode(ids, skip_special_tokens=True), proc.config.anchor)
+                text = proc.tokenizer.decode(ids, skip_special_tokens=True)
+                s = score(q, text, proc.config.anchor)
+                if len(examples) < 4:
+                    examples.append({"prompt": q.prompt, "answer": text, "truth": q.truth})
                 if q.metric == "grounding":
                     correct += s["correct"]
                     n_ground += 1
                 else:
                     tp, n_pred, n_truth = tp + s["tp"], n_pred + s["n_pred"], n_truth + s["n_truth"]
         f1 = 2 * tp / (n_pred + n_truth) if n_pred + n_truth else 0.0
-        table[name] = {"grounding": correct / max(n_ground, 1), "detection": f1, "questions": len(qs)}
+        table[name] = {"grounding": correct / max(n_ground, 1), "detection": f1, "questions": len(qs),
+                       "examples": examples}
     model.train()
     return table
 
@@ -206,7 +220,7 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
 def train(run: GateRun) -> dict:
     torch.manual_seed(run.seed)
     torch.set_num_threads(run.threads)
-    folder = run.out / run.mechanism.replace("+", "_")
+    folder = run.out / (run.name or run.mechanism.replace("+", "_"))
     folder.mkdir(parents=True, exist_ok=True)
     model, proc, cells = build(run)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -251,6 +265,9 @@ def train(run: GateRun) -> dict:
     result = {"run": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items()},
               "steps": step, "examples": seen, "train_minutes": round(train_minutes, 2), "final": table,
               "evals": evals}
+    experts = tuple(f"model.{k}." for k in model.model.expert_keys)   # never trained here
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(experts)},
+              folder / "weights.safetensors")
     (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -262,7 +279,8 @@ def format_table(results: list[dict]) -> str:
         f = r["final"]
         g = " / ".join(f"{f[n]['grounding']:.2f}" for n, _, _ in EVAL_SETS)
         d = " / ".join(f"{f[n]['detection']:.2f}" for n, _, _ in EVAL_SETS)
-        lines.append(f"| {r['run']['mechanism']} | {r['steps']} | {r['examples']} | {r['train_minutes']:.1f} | {g} | {d} |")
+        label = r["run"]["mechanism"] + (f" (<= {r['run']['max_objects']} objects)" if r["run"].get("max_objects") else "")
+        lines.append(f"| {label} | {r['steps']} | {r['examples']} | {r['train_minutes']:.1f} | {g} | {d} |")
     return "\n".join(lines)
 
 
@@ -278,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every-minutes", type=float, default=0.0)
     ap.add_argument("--detection-share", type=float, default=GateRun.detection_share)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-objects", type=int, default=0, help="only scenes with at most this many objects")
+    ap.add_argument("--name", default=None, help="run folder name (default: the mechanism)")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--table", action="store_true", help="print the table of the runs found in --out and exit")
     a = ap.parse_args(argv)
@@ -290,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run = GateRun(mechanism=a.mechanism, out=a.out, minutes=a.minutes, max_steps=a.max_steps,
                   batch_size=a.batch_size, lr=a.lr, eval_scenes=a.eval_scenes,
-                  eval_every_minutes=a.eval_every_minutes, detection_share=a.detection_share, seed=a.seed,
+                  eval_every_minutes=a.eval_every_minutes, detection_share=a.detection_share, seed=a.seed, max_objects=a.max_objects,
+                  name=a.name,
                   bf16=not a.fp32)
     result = train(run)
     print(format_table([result]))
