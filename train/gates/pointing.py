@@ -273,7 +273,7 @@ def train(run: GateRun) -> dict:
 
 
 def format_table(results: list[dict]) -> str:
-    lines = ["| mechanism | steps | examples | CPU-min | grounding acc@0.5 (eval / heldout) | detection F1@0.5 (eval / heldout) |",
+    lines = ["| mechanism | steps | examples | wall min (2 shared cores) | grounding acc@0.5 (eval / heldout) | detection F1@0.5 (eval / heldout) |",
              "|---|---|---|---|---|---|"]
     for r in results:
         f = r["final"]
