@@ -67,18 +67,23 @@ class CanvasPositions(nn.Module):
                 self.readout.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]))   # starts at the cell itself
 
     def forward(self, views: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
-        """(K,) view index of each encoded view [, (K, T, c) their features] -> (K, T, d)."""
+        """(K,) view index of each encoded view [, (K, T, c) their features] -> (K, T, d), in float32:
+        under bf16 autocast the read-out box would lose the precision its high frequencies need."""
+        with torch.autocast(views.device.type, enabled=False):
+            return self._positions(views, features)
+
+    def _positions(self, views: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         d = self.table.shape[-1]
         pos = self.table.view(-1, self.tokens_per_view, d)[views]             # (K, T, d)
         if self.readout is None:
             return pos
         if features is None:
             raise ValueError("box positions need the tokens' expert features")
-        return pos + box_features(self.boxes(views, features), d)
+        return pos.float() + box_features(self.boxes(views, features), d)
 
     def boxes(self, views: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """The read-out boxes in canvas fractions -> (K, T, 4)."""
-        rel = self.readout(features.to(self.readout.weight.dtype))           # (K, T, 4) in cell units
+        rel = self.readout(features.float()).float()                          # (K, T, 4) in cell units
         cell = self.cells[views]                                              # (K, T, 4)
         size = torch.cat([cell[..., 2:] - cell[..., :2]] * 2, dim=-1)         # (w, h, w, h)
         origin = torch.cat([cell[..., :2]] * 2, dim=-1)                       # (x0, y0, x0, y0)

@@ -120,3 +120,19 @@ def test_a_demo_sized_model_with_box_positions_builds_saves_and_loads(make_image
     assert loaded.config.box_positions
     with torch.no_grad():
         assert torch.equal(model(**proc(conv, make_image(60, 90))).logits, loaded(**lproc(conv, make_image(60, 90))).logits)
+
+
+def test_box_codes_keep_float32_precision_under_bf16_autocast():
+    from sphinx_model.canvas_positions import CanvasPositions
+
+    torch.manual_seed(0)
+    pos = CanvasPositions(grid=2, tokens_per_view=5, dim=64, readout_dim=3)
+    with torch.no_grad():
+        pos.readout.weight.normal_()
+    feats = torch.rand(2, 5, 3)
+    views = torch.tensor([0, 3])
+    exact = pos(views, feats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = pos(views, feats)
+    assert under.dtype == torch.float32
+    assert torch.allclose(under, exact, atol=1e-5)   # a bf16 read-out would be ~0.5 off at the top frequency
