@@ -11,9 +11,9 @@ on the same data, steps and seed:
   embedding+coords  the same, and the coordinate tokens' input and output rows start from sin-cos of
                     their value (`sphinx_model.canvas_positions.init_coordinate_embeddings`)
   features          the slot's canvas box appended to each token's features, before the projector
-  box+coords        `box_positions` too: the sin-cos code of the box a linear read-out of the token's
-                    features places in its cell (read-out set to a perfect expert's box head), and the
-                    coordinate rows as in embedding+coords
+  box               `box_positions` too: the sin-cos code of the box a linear read-out of the token's
+                    features places in its cell (read-out set to a perfect expert's box head)
+  box+coords        the same, and the coordinate rows as in embedding+coords
 
 Held-out scenes (another seed of the training renderer, and the held-out renderer) are scored
 with `train.evaluate`'s own metrics (grounding acc@0.5, detection F1@0.5), greedy.
@@ -48,7 +48,7 @@ from ..world.scene import Scene, render_scene
 from ..world.tasks import TaskWriter
 from .oracle import FEATURES, perfect_box_readout, scene_features
 
-MECHANISMS = ("none", "embedding", "embedding+coords", "features", "box+coords")
+MECHANISMS = ("none", "embedding", "embedding+coords", "features", "box", "box+coords")
 EVAL_SETS = (("world_eval", 1001, "train"), ("world_eval_heldout", 1002, "heldout"))
 
 
@@ -279,7 +279,8 @@ def format_table(results: list[dict]) -> str:
         f = r["final"]
         g = " / ".join(f"{f[n]['grounding']:.2f}" for n, _, _ in EVAL_SETS)
         d = " / ".join(f"{f[n]['detection']:.2f}" for n, _, _ in EVAL_SETS)
-        label = r["run"]["mechanism"] + (f" (<= {r['run']['max_objects']} objects)" if r["run"].get("max_objects") else "")
+        label = r["run"]["mechanism"] + (f", <= {r['run']['max_objects']} object(s)" if r["run"].get("max_objects") else "")
+        label += f", {r['run']['token_grid']}x{r['run']['token_grid']} tokens/view, lr {r['run']['lr']:g}"
         lines.append(f"| {label} | {r['steps']} | {r['examples']} | {r['train_minutes']:.1f} | {g} | {d} |")
     return "\n".join(lines)
 
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every-minutes", type=float, default=0.0)
     ap.add_argument("--detection-share", type=float, default=GateRun.detection_share)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--token-grid", type=int, default=GateRun.token_grid, help="tokens per view side")
     ap.add_argument("--max-objects", type=int, default=0, help="only scenes with at most this many objects")
     ap.add_argument("--name", default=None, help="run folder name (default: the mechanism)")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
@@ -311,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     run = GateRun(mechanism=a.mechanism, out=a.out, minutes=a.minutes, max_steps=a.max_steps,
                   batch_size=a.batch_size, lr=a.lr, eval_scenes=a.eval_scenes,
                   eval_every_minutes=a.eval_every_minutes, detection_share=a.detection_share, seed=a.seed, max_objects=a.max_objects,
+                  token_grid=a.token_grid,
                   name=a.name,
                   bf16=not a.fp32)
     result = train(run)
