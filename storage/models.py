@@ -119,7 +119,22 @@ class ConversationRow(Base):
     )
 
 
-class ImageRow(Base):
+class StoredFileName:
+    """The stored file's name of an image (`<sha256>.<ext>`), for anything with `sha256` and `format`."""
+
+    sha256: str
+    format: str
+
+    @property
+    def extension(self) -> str:
+        return "jpg" if self.format == "jpeg" else self.format
+
+    @property
+    def filename(self) -> str:
+        return f"{self.sha256}.{self.extension}"
+
+
+class ImageRow(StoredFileName, Base):
     """An image stored once, by the SHA-256 of its re-encoded bytes (see `images.py`)."""
 
     __tablename__ = "image"
@@ -131,14 +146,6 @@ class ImageRow(Base):
     height: Mapped[int] = mapped_column(Integer)
     format: Mapped[str] = mapped_column(String(8))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-
-    @property
-    def extension(self) -> str:
-        return "jpg" if self.format == "jpeg" else self.format
-
-    @property
-    def filename(self) -> str:
-        return f"{self.sha256}.{self.extension}"
 
 
 class ImageOwnerRow(Base):
@@ -158,7 +165,7 @@ class ImageOwnerRow(Base):
 
 
 @dataclass(frozen=True)
-class OwnedImage:
+class OwnedImage(StoredFileName):
     """A stored image as one of its owners sees it: the shared file's facts, and `created_at` of
     this owner's own first upload, never the row's (that would tell a second uploader when
     someone else first stored the picture). What `ImageStore.put` and `get_image` hand back."""
@@ -169,14 +176,6 @@ class OwnedImage:
     height: int
     format: str
     created_at: datetime
-
-    @property
-    def extension(self) -> str:
-        return "jpg" if self.format == "jpeg" else self.format
-
-    @property
-    def filename(self) -> str:
-        return f"{self.sha256}.{self.extension}"
 
     @classmethod
     def of(cls, row: ImageRow, owned: ImageOwnerRow) -> "OwnedImage":
