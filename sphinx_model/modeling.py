@@ -194,14 +194,10 @@ class SphinxForCausalLM(nn.Module):
         return self.llm.get_input_embeddings()
 
     # --- vision -------------------------------------------------------------------------
-    def encode_views(self, pixel_values: torch.Tensor, view_skip: torch.Tensor) -> torch.Tensor:
-        """Encode only the views that are not skipped -> (N_kept_views, tokens_per_view, d)."""
-        return self.project(*self.expert_features(pixel_values, view_skip))
-
     def expert_features(self, pixel_values: torch.Tensor,
                         view_skip: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The kept views through the experts -> (separate experts' projected tokens, each (K, Q, d);
-        the fused experts' tokens concatenated on channels, (K, T, sum c_e))."""
+        """Only the views that are not skipped, through the experts -> (separate experts' projected
+        tokens, each (K, Q, d); the fused experts' tokens concatenated on channels, (K, T, sum c_e))."""
         keep = ~view_skip.cpu()                                         # (N, V)
         views: dict[int, torch.Tensor] = {}                             # one crop set per view size
         first, fused = [], []
