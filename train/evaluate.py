@@ -32,6 +32,9 @@ from .world.tasks import PROMPTS, TaskWriter, describe
 from .world.vocab import COLOUR_NAMES, NUMBER_WORDS, PLURALS, SHAPES, object_name
 
 METRICS = ("grounding", "detection", "counting", "attribute", "ocr", "spotting", "som")
+# The held-out worlds, by (name, seed, renderer): other seeds of the training renderer, and the held-out
+# renderer. `python -m train.synthetic --seed` writes them as folders; gates and expert runs render them on the fly.
+HELDOUT_WORLDS = (("world_eval", 1001, "train"), ("world_eval_heldout", 1002, "heldout"))
 TARGETS = {"grounding": 0.8, "detection": 0.7, "counting": 0.8, "attribute": 0.9, "ocr": 0.8, "spotting": 0.6,
            "som": 0.8}
 

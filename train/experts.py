@@ -39,6 +39,7 @@ from sphinx_model.modeling import extract_views
 from sphinx_model.tiling import num_views
 
 from .config import ConfigError, build, read_yaml, resolve_path
+from .evaluate import HELDOUT_WORLDS
 from .world.scene import Scene, render_scene
 from .world.targets import CASES, LETTERS, MAX_CHARS, MAX_MARK, ViewTargets, view_targets
 from .world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
@@ -77,7 +78,7 @@ class ExpertRun:
     init_from: Path | None = None          # an earlier run's state/ folder: its experts (and heads) start
                                            # this run, with a fresh optimizer and schedule
     world_seed: int | None = None          # render scenes on the fly from this seed instead of reading `data`;
-                                           # held-out read-outs then use seeds 1001 (train renderer) and 1002 (held-out)
+                                           # held-out read-outs then use train.evaluate's HELDOUT_WORLDS
     imagenet_init: bool = False            # timm_cnn experts start from EfficientNet-Lite0's ImageNet weights
     spell_heads: bool = False              # the v5 heads: letters per place, case, has-mark (SPELL_HEADS)
 
@@ -102,16 +103,14 @@ class SceneViews(Dataset):
 class RenderedViews(Dataset):
     """Scene `index` of world `seed` rendered on the fly -> (canvas tensor, dense targets): no world folder."""
 
-    def __init__(self, seed: int, count: int, config: SphinxConfig, token_grid: int, renderer: str = "train",
-                 offset: int = 0):
-        self.seed, self.count, self.config, self.token_grid = seed, count, config, token_grid
-        self.renderer, self.offset = renderer, offset
+    def __init__(self, seed: int, count: int, config: SphinxConfig, token_grid: int, renderer: str = "train"):
+        self.seed, self.count, self.config, self.token_grid, self.renderer = seed, count, config, token_grid, renderer
 
     def __len__(self) -> int:
         return self.count
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ViewTargets]:
-        scene, image = render_scene(self.seed, self.offset + i, self.renderer)
+        scene, image = render_scene(self.seed, i, self.renderer)
         pixels, _ = canvas_tensor(image, self.config.anchor, self.config.canvas_size)
         return pixels, view_targets(scene, self.config.anchor, self.config.grid, self.token_grid)
 
@@ -155,7 +154,8 @@ def head_losses(pred: dict[str, torch.Tensor], counts: torch.Tensor, t: ViewTarg
         "size": F.cross_entropy(pred["size"].flatten(0, 1), t.size.flatten(), ignore_index=-100),
         "has_word": F.binary_cross_entropy_with_logits(pred["has_word"][..., 0], has_word.float(), pos_weight=pos),
         "word": F.cross_entropy(pred["word"][has_word], t.word[has_word]) if has_word.any() else zero,
-        "mark": F.cross_entropy(pred["mark"][has_obj], t.mark[has_obj]) if has_obj.any() else zero,
+        "mark": F.cross_entropy(pred["mark"][has_obj], t.mark[has_obj]) if has_obj.any() and "chars" not in pred
+        else zero,
         "counts": F.smooth_l1_loss(counts, t.counts),
         "obj_box": F.l1_loss(pred["obj_box"][has_obj], t.obj_box[has_obj]) if has_obj.any() else zero,
         "word_box": F.l1_loss(pred["word_box"][has_word], t.word_box[has_word]) if has_word.any() else zero,
@@ -400,9 +400,8 @@ class ExpertTrainer:
         if run.world_seed is not None:
             big = 10_000_000  # as many scenes as steps ask for; indices never repeat within a run
             train_set = RenderedViews(run.world_seed, big, self.config, self.token_grid)
-            return train_set, {
-                "eval": RenderedViews(1001, run.eval_scenes, self.config, self.token_grid, "train"),
-                "eval_heldout": RenderedViews(1002, run.eval_scenes, self.config, self.token_grid, "heldout")}
+            return train_set, {split: RenderedViews(seed, run.eval_scenes, self.config, self.token_grid, renderer)
+                               for split, (_, seed, renderer) in zip(("eval", "eval_heldout"), HELDOUT_WORLDS)}
         scenes = _read_scenes(run.data)
         if len(scenes) <= run.eval_scenes:
             raise ConfigError(f"{run.data} has {len(scenes)} scenes; need more than eval_scenes={run.eval_scenes}")

@@ -43,13 +43,12 @@ from sphinx_model.tiling import canvas_geometry, skipped_views, token_cells
 from sphinx_model.tokenizer import load_tokenizer
 
 from ..demo_tokenizer import NUMBER_PIECES
-from ..evaluate import Question, scene_questions, score
+from ..evaluate import HELDOUT_WORLDS, Question, scene_questions, score
 from ..world.scene import Scene, render_scene
 from ..world.tasks import TaskWriter
 from .oracle import FEATURES, perfect_box_readout, scene_features
 
 MECHANISMS = ("none", "embedding", "embedding+coords", "features", "box", "box+coords")
-EVAL_SETS = (("world_eval", 1001, "train"), ("world_eval_heldout", 1002, "heldout"))
 
 
 @dataclass
@@ -170,7 +169,7 @@ def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) ->
 
 def eval_questions(run: GateRun) -> dict[str, list[Question]]:
     out = {}
-    for name, seed, renderer in EVAL_SETS:
+    for name, seed, renderer in HELDOUT_WORLDS:
         qs, i = [], 0
         while len({q.scene.id for q in qs}) < run.eval_scenes:
             scene, _ = render_scene(seed, i, renderer)
@@ -277,8 +276,8 @@ def format_table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in results:
         f = r["final"]
-        g = " / ".join(f"{f[n]['grounding']:.2f}" for n, _, _ in EVAL_SETS)
-        d = " / ".join(f"{f[n]['detection']:.2f}" for n, _, _ in EVAL_SETS)
+        g = " / ".join(f"{f[n]['grounding']:.2f}" for n, _, _ in HELDOUT_WORLDS)
+        d = " / ".join(f"{f[n]['detection']:.2f}" for n, _, _ in HELDOUT_WORLDS)
         label = r["run"]["mechanism"] + (f", <= {r['run']['max_objects']} object(s)" if r["run"].get("max_objects") else "")
         label += f", {r['run']['token_grid']}x{r['run']['token_grid']} tokens/view, lr {r['run']['lr']:g}"
         lines.append(f"| {label} | {r['steps']} | {r['examples']} | {r['train_minutes']:.1f} | {g} | {d} |")
