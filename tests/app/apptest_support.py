@@ -73,3 +73,18 @@ def paced(model: torch.nn.Module, seconds: float) -> Iterator[Pace]:
         yield pace
     finally:
         hook.remove()
+
+
+def running_app(service, model_dir: Path, folder: Path, **settings) -> Iterator:
+    """The app served in the background on a free port, with its own store in `folder` (a fixture
+    body: `yield from running_app(...)`); closed and its store disposed afterwards."""
+    from app.handlers.common import AppContext
+    from app.launch import serve_in_background
+    from app.settings import AppSettings
+    from storage import open_store
+
+    config = AppSettings(model=str(model_dir), data_dir=folder / "data", **settings)
+    running = serve_in_background(config, AppContext(service, open_store(config.storage), config))
+    yield running
+    running.close()
+    running.context.store.dispose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from apptest_support import paced
+from apptest_support import paced, running_app
 from gradio_client import Client, handle_file
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,16 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
 @pytest.fixture(scope="module")
 def server(service, model_dir, tmp_path_factory):
-    from app.handlers.common import AppContext
-    from app.settings import AppSettings
-    from storage import open_store
-
-    settings = AppSettings(model=str(model_dir), data_dir=tmp_path_factory.mktemp("api") / "data",
+    yield from running_app(service, model_dir, tmp_path_factory.mktemp("api"),
                            task_max_new_tokens=24, browser_secret="test-secret")
-    running = serve_in_background(settings, AppContext(service, open_store(settings.storage), settings))
-    yield running
-    running.close()
-    running.context.store.dispose()
 
 
 @pytest.fixture(scope="module")

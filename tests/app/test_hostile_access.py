@@ -9,7 +9,7 @@ import hmac
 import httpx
 import pytest
 import rawcall
-from apptest_support import png_bytes, scene
+from apptest_support import png_bytes, running_app, scene
 
 from app.handlers.common import owner_of
 from app.owners import KEY_FILE, browser_owner_id, new_browser_token, picture_name, server_key
@@ -22,17 +22,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
 
 @pytest.fixture(scope="module")
 def server(service, model_dir, tmp_path_factory):
-    from app.handlers.common import AppContext
-    from app.launch import serve_in_background
-    from app.settings import AppSettings
-    from storage import open_store
-
-    settings = AppSettings(model=str(model_dir), data_dir=tmp_path_factory.mktemp("access") / "data",
+    yield from running_app(service, model_dir, tmp_path_factory.mktemp("access"),
                            task_max_new_tokens=8, browser_secret="visible-browserstate-secret")
-    running = serve_in_background(settings, AppContext(service, open_store(settings.storage), settings))
-    yield running
-    running.close()
-    running.context.store.dispose()
 
 
 def _get(server, path) -> int:

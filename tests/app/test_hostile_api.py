@@ -8,12 +8,12 @@ import zlib
 from pathlib import Path
 
 import pytest
+from apptest_support import running_app
 import rawcall
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.examples import EXAMPLES_DIR
-from app.launch import serve_in_background
 from storage.models import MessageRow
 
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
@@ -31,16 +31,8 @@ def bomb_png(path: Path, side: int = 20_000) -> Path:
 
 @pytest.fixture(scope="module")
 def server(service, model_dir, tmp_path_factory):
-    from app.handlers.common import AppContext
-    from app.settings import AppSettings
-    from storage import open_store
-
-    settings = AppSettings(model=str(model_dir), data_dir=tmp_path_factory.mktemp("hostile") / "data",
+    yield from running_app(service, model_dir, tmp_path_factory.mktemp("hostile"),
                            task_max_new_tokens=8, browser_secret="test-secret")
-    running = serve_in_background(settings, AppContext(service, open_store(settings.storage), settings))
-    yield running
-    running.close()
-    running.context.store.dispose()
 
 
 @pytest.fixture(scope="module")
