@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -44,9 +44,10 @@ from sphinx_model.tokenizer import load_tokenizer
 
 from ..demo_tokenizer import NUMBER_PIECES
 from ..evaluate import HELDOUT_WORLDS, Question, scene_questions, score
-from ..world.scene import Scene, render_scene
+from ..world.scene import Scene
 from ..world.tasks import TaskWriter
 from .oracle import FEATURES, perfect_box_readout, scene_features
+from .scene_pool import scene_pool
 
 MECHANISMS = ("none", "embedding", "embedding+coords", "features", "box", "box+coords")
 
@@ -71,6 +72,10 @@ class GateRun:
     seed: int = 0
     threads: int = 2
     bf16: bool = True                  # autocast: this CPU multiplies bf16 about 3x faster than fp32
+    system: str | None = None          # the system prompt (None: the template's own, ~45 tokens)
+    init_llm: Path | None = None       # a demo checkpoint folder whose LLM weights start the run
+    pool: Path = Path("runs/scene_pool")  # cached scene truth (`scene_pool`)
+    pool_scenes: int = 40_000          # training scenes drawn from (one-object scenes are ~4% of them)
 
 
 class OracleSphinx(nn.Module):
@@ -108,12 +113,23 @@ def build(run: GateRun) -> tuple[OracleSphinx, SphinxProcessor, torch.Tensor | N
     if config.box_positions:  # the read-out reads the oracle's channels, not the experts'
         model.model.canvas_pos.readout = nn.Linear(FEATURES, 4)
         perfect_box_readout(model.model.canvas_pos.readout)
+    if run.init_llm is not None:
+        load_llm_weights(model.model.llm, run.init_llm)
     if run.mechanism.endswith("+coords"):
         ids = [tok.convert_tokens_to_ids(p) for p in NUMBER_PIECES]
         values = [float(p) for p in NUMBER_PIECES]
         init_coordinate_embeddings(model.model.llm.get_input_embeddings().weight, ids, values)
         init_coordinate_embeddings(model.model.llm.get_output_embeddings().weight, ids, values)
     return model, SphinxProcessor(config, tok), cells
+
+
+def load_llm_weights(llm: nn.Module, folder: Path) -> None:
+    """The `llm.*` tensors of a demo checkpoint (same LLM shape and tokenizer) into `llm`."""
+    state = load_file(Path(folder) / "model.safetensors")
+    own = {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")}
+    missing, unexpected = llm.load_state_dict(own, strict=False)
+    if unexpected or [k for k in missing if "rotary" not in k]:
+        raise ValueError(f"{folder}: its LLM does not fit the gate's (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 @dataclass
@@ -125,7 +141,7 @@ class Sample:
 
 
 def make_sample(scene: Scene, question: str, answer: str | None, proc: SphinxProcessor,
-                cells: torch.Tensor | None) -> Sample:
+                cells: torch.Tensor | None, system: str | None = None) -> Sample:
     cfg = proc.config
     canvas = canvas_geometry(scene.width, scene.height, cfg.anchor)
     skipped = skipped_views(canvas, cfg.grid, cfg.skip_tokens)
@@ -134,23 +150,31 @@ def make_sample(scene: Scene, question: str, answer: str | None, proc: SphinxPro
         feats = torch.cat([feats, cells.view(feats.shape[0], feats.shape[1], 4)], dim=-1)
     feats = feats[[not s for s in skipped]]
     msgs = [Message.user(question, image=True)] + ([Message.assistant(answer)] if answer is not None else [])
+    if system is not None:
+        msgs.insert(0, Message.system(system))
     image = ProcessedImage(torch.empty(0), canvas, skipped)
     enc = proc.encode(Conversation(msgs), [image], add_generation_prompt=answer is None)
     return Sample(enc.input_ids, enc.labels, feats, skipped)
 
 
-def training_sample(rng: random.Random, index: int, run: GateRun, proc: SphinxProcessor,
+def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc: SphinxProcessor,
                     cells: torch.Tensor | None) -> Sample:
+    """A grounding or detection dialogue about a scene drawn from the (already filtered) pool."""
     while True:
-        scene, _ = render_scene(run.seed, index)
-        if run.max_objects and len(scene.objects) > run.max_objects:
-            index += 1_000_000
-            continue
+        scene = rng.choice(scenes)
         writer = TaskWriter(scene, proc.config.anchor)
         qa = writer.detection(rng) if rng.random() < run.detection_share else writer.grounding(rng)
         if qa is not None:
-            return make_sample(scene, qa[0], qa[1], proc, cells)
-        index += 1_000_000
+            return make_sample(scene, qa[0], qa[1], proc, cells, run.system)
+
+
+def training_scenes(run: GateRun) -> list[Scene]:
+    """The training world's cached scenes the run may use (at most `max_objects` objects)."""
+    scenes = [s for s in scene_pool(run.seed, run.pool_scenes, folder=run.pool)
+              if s.objects and (not run.max_objects or len(s.objects) <= run.max_objects)]
+    if not scenes:
+        raise ValueError(f"no scene of the first {run.pool_scenes} has 1..{run.max_objects} objects")
+    return scenes
 
 
 def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) -> dict[str, torch.Tensor]:
@@ -170,11 +194,12 @@ def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) ->
 def eval_questions(run: GateRun) -> dict[str, list[Question]]:
     out = {}
     for name, seed, renderer in HELDOUT_WORLDS:
-        qs, i = [], 0
-        while len({q.scene.id for q in qs}) < run.eval_scenes:
-            scene, _ = render_scene(seed, i, renderer)
-            i += 1
-            if run.max_objects and len(scene.objects) > run.max_objects:
+        qs: list[Question] = []
+        pool = scene_pool(seed, max(400, run.eval_scenes * (40 if run.max_objects else 2)), renderer, run.pool)
+        for scene in pool:
+            if len({q.scene.id for q in qs}) >= run.eval_scenes:
+                break
+            if not scene.objects or (run.max_objects and len(scene.objects) > run.max_objects):
                 continue
             qs += [q for q in scene_questions(scene, None, seed) if q.metric in ("grounding", "detection")]
         out[name] = qs
@@ -183,7 +208,8 @@ def eval_questions(run: GateRun) -> dict[str, list[Question]]:
 
 @torch.no_grad()
 def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | None,
-             questions: dict[str, list[Question]], batch: int = 16, bf16: bool = True) -> dict[str, dict[str, float]]:
+             questions: dict[str, list[Question]], batch: int = 16, bf16: bool = True,
+             system: str | None = None) -> dict[str, dict[str, float]]:
     model.eval()
     table = {}
     for name, qs in questions.items():
@@ -191,7 +217,7 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
         examples = []
         for i in range(0, len(qs), batch):
             chunk = qs[i:i + batch]
-            b = collate([make_sample(q.scene, q.prompt, None, proc, cells) for q in chunk], proc, left=True)
+            b = collate([make_sample(q.scene, q.prompt, None, proc, cells, system) for q in chunk], proc, left=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 embeds = model.embed(b["input_ids"], b["feats"], b["view_skip"])
             longest = max(200 if q.metric == "detection" else 16 for q in chunk)
@@ -216,6 +242,21 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
     return table
 
 
+def coordinate_accuracy(logits: torch.Tensor, labels: torch.Tensor, coord_ids: torch.Tensor) -> dict[str, float]:
+    """Teacher-forced: of the answer positions whose label is a coordinate token, the share whose
+    argmax is that token (`exact`) or within 0.03 of it (`near`, about the box precision acc@0.5 needs)."""
+    target = labels[:, 1:]
+    where = torch.isin(target, coord_ids)
+    if not where.any():
+        return {"exact": float("nan"), "near": float("nan")}
+    guess = logits[:, :-1].argmax(-1)[where]
+    truth = target[where]
+    value = torch.full((int(max(coord_ids.max(), guess.max())) + 1,), -10.0)
+    value[coord_ids] = torch.arange(len(coord_ids), dtype=torch.float32) / 100
+    return {"exact": (guess == truth).float().mean().item(),
+            "near": ((value[guess] - value[truth]).abs() <= 0.03 + 1e-6).float().mean().item()}
+
+
 def train(run: GateRun) -> dict:
     torch.manual_seed(run.seed)
     torch.set_num_threads(run.threads)
@@ -225,6 +266,8 @@ def train(run: GateRun) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0, betas=(0.9, 0.98))
     questions = eval_questions(run)
+    scenes = training_scenes(run)
+    coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES])
     rng = random.Random(run.seed)
     log = open(folder / "metrics.jsonl", "w", encoding="utf-8")
     start, step, seen, evals = time.time(), 0, 0, []
@@ -232,7 +275,7 @@ def train(run: GateRun) -> dict:
     next_eval = run.eval_every_minutes * 60 if run.eval_every_minutes else None
     bar = tqdm(total=int(budget), unit="s", desc=f"gate A / {run.mechanism}")
     while step < run.max_steps and time.time() - start < budget:
-        batch = collate([training_sample(rng, seen + k, run, proc, cells) for k in range(run.batch_size)], proc)
+        batch = collate([training_sample(rng, scenes, run, proc, cells) for _ in range(run.batch_size)], proc)
         seen += run.batch_size
         progress = min(1.0, (time.time() - start) / budget)
         lr = run.lr * min(1.0, (step + 1) / run.warmup_steps) * (0.1 + 0.9 * (1 - progress))
@@ -240,8 +283,10 @@ def train(run: GateRun) -> dict:
             group["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
             embeds = model.embed(batch["input_ids"], batch["feats"], batch["view_skip"])
-            loss = model.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                   labels=batch["labels"]).loss
+            out = model.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                  labels=batch["labels"])
+        loss = out.loss
+        coord = coordinate_accuracy(out.logits.detach(), batch["labels"], coord_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -249,18 +294,19 @@ def train(run: GateRun) -> dict:
         step += 1
         elapsed = time.time() - start
         bar.n = int(min(elapsed, budget))
-        bar.set_postfix(step=step, loss=f"{loss.item():.3f}")
-        log.write(json.dumps({"step": step, "seconds": round(elapsed, 1), "loss": loss.item(), "lr": lr}) + "\n")
+        bar.set_postfix(step=step, loss=f"{loss.item():.3f}", coord=f"{coord['exact']:.2f}")
+        log.write(json.dumps({"step": step, "seconds": round(elapsed, 1), "loss": loss.item(), "lr": lr,
+                              "coord_exact": coord["exact"], "coord_near": coord["near"]}) + "\n")
         log.flush()
         if next_eval is not None and elapsed >= next_eval:
-            table = evaluate(model, proc, cells, questions, bf16=run.bf16)
+            table = evaluate(model, proc, cells, questions, bf16=run.bf16, system=run.system)
             evals.append({"step": step, "minutes": round(elapsed / 60, 2), **table})
             log.write(json.dumps({"step": step, "eval": table}) + "\n")
             next_eval += run.eval_every_minutes * 60
             start += time.time() - start - elapsed          # evaluation time is not training time
     bar.close()
     train_minutes = (time.time() - start) / 60
-    table = evaluate(model, proc, cells, questions, bf16=run.bf16)
+    table = evaluate(model, proc, cells, questions, bf16=run.bf16, system=run.system)
     result = {"run": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items()},
               "steps": step, "examples": seen, "train_minutes": round(train_minutes, 2), "final": table,
               "evals": evals}
@@ -300,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-objects", type=int, default=0, help="only scenes with at most this many objects")
     ap.add_argument("--name", default=None, help="run folder name (default: the mechanism)")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--system", default=None, help="system prompt (default: the template's; '' for none)")
+    ap.add_argument("--init-llm", type=Path, default=None, help="start the LLM from this demo checkpoint folder")
     ap.add_argument("--table", action="store_true", help="print the table of the runs found in --out and exit")
     a = ap.parse_args(argv)
     if a.table:
@@ -314,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                   eval_every_minutes=a.eval_every_minutes, detection_share=a.detection_share, seed=a.seed, max_objects=a.max_objects,
                   token_grid=a.token_grid,
                   name=a.name,
-                  bf16=not a.fp32)
+                  bf16=not a.fp32, system=a.system, init_llm=a.init_llm)
     result = train(run)
     print(format_table([result]))
     return 0

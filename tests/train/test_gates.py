@@ -1,0 +1,63 @@
+"""The Gate A harness: oracle features say what is where, the scene pool caches scene truth, and
+the teacher-forced coordinate score counts what it says."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from train.gates.oracle import FEATURES, OBJ, OBJ_BOX, perfect_box_readout, scene_features
+from train.gates.pointing import coordinate_accuracy
+from train.gates.scene_pool import scene_pool
+from train.world.scene import Scene, WorldObject, render_scene
+from sphinx_model.canvas_positions import CanvasPositions
+
+
+def one_object_scene() -> Scene:
+    # a 400x400 scene, one object whose centre (280, 90) = (0.7, 0.225) lies in the top-right quarter
+    return Scene(id="t", width=400, height=400, background="plain",
+                 objects=[WorldObject("circle", "red", "medium", (240, 50, 320, 130))])
+
+
+def test_the_object_token_is_the_one_over_its_centre():
+    feats = scene_features(one_object_scene(), "top-left", grid=2, token_grid=2)   # (5 views, 1 + 4, F)
+    assert feats.shape == (5, 5, FEATURES)
+    present = feats[..., OBJ].nonzero().tolist()
+    # global view: its top-right token (index 1 + 1); view 2 (the top-right cell): its top-left token (1 + 0)
+    assert present == [[0, 2], [2, 1]]
+
+
+def test_a_perfect_read_out_places_the_object_box_on_the_canvas():
+    scene = one_object_scene()
+    feats = scene_features(scene, "top-left", grid=2, token_grid=2)
+    pos = CanvasPositions(grid=2, tokens_per_view=5, dim=64, readout_dim=FEATURES)
+    perfect_box_readout(pos.readout)
+    boxes = pos.boxes(torch.arange(5), feats)
+    truth = torch.tensor([240, 50, 320, 130]) / 400
+    for view, token in ((0, 2), (2, 1)):
+        assert torch.allclose(boxes[view, token], truth, atol=0.02), boxes[view, token]
+    assert torch.allclose(boxes[1, 1], torch.tensor([0.0, 0.0, 0.25, 0.25]))  # empty token: its own cell
+
+
+def test_the_pool_renders_once_and_reads_back_the_same_scenes(tmp_path):
+    first = scene_pool(7, 3, folder=tmp_path)
+    assert [s.to_dict() for s in first] == [render_scene(7, i)[0].to_dict() for i in range(3)]
+    cached = next(tmp_path.glob("*.jsonl"))
+    rows = cached.read_text().splitlines()
+    rows[0] = json.dumps({**json.loads(rows[0]), "id": "edited"})
+    cached.write_text("\n".join(rows) + "\n")
+    assert scene_pool(7, 3, folder=tmp_path)[0].id == "edited"          # read from the cache, not redrawn
+
+
+def test_coordinate_accuracy_counts_exact_and_near_guesses():
+    coord = torch.arange(10, 111)                       # token ids of 0.00 .. 1.00
+    labels = torch.tensor([[-100, 50, 5, 80]])          # 0.40, a non-coordinate, 0.70
+    logits = torch.full((1, 4, 200), -1.0)
+    logits[0, 0, 51] = 5.0                              # predicts 0.41 for 0.40: near, not exact
+    logits[0, 1, 5] = 5.0
+    logits[0, 2, 80] = 5.0                              # exact
+    got = coordinate_accuracy(logits, labels, coord)
+    assert got == {"exact": 0.5, "near": 1.0}
+    logits[0, 2, 80] = -5.0
+    logits[0, 2, 100] = 5.0                             # 0.90 for 0.70: far
+    assert coordinate_accuracy(logits, labels, coord) == {"exact": 0.0, "near": 0.5}
