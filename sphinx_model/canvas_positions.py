@@ -60,8 +60,12 @@ class CanvasPositions(nn.Module):
         self.table = nn.Parameter(box_features(cells, dim).float())           # (V*T, d)
         self.register_buffer("cells", cells.float().view(-1, tokens_per_view, 4), persistent=False)
         self.readout = None
+        self.box_scale = None
         if readout_dim is not None:
             self.readout = nn.Linear(readout_dim, 4)                          # cell-relative edges, cell units
+            # the box code's size in the residual stream (sin-cos has norm ~sqrt(d/2)); learned, so a
+            # recipe can start it at the text embeddings' scale
+            self.box_scale = nn.Parameter(torch.ones(()))
             nn.init.zeros_(self.readout.weight)
             with torch.no_grad():
                 self.readout.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]))   # starts at the cell itself
@@ -79,7 +83,7 @@ class CanvasPositions(nn.Module):
             return pos
         if features is None:
             raise ValueError("box positions need the tokens' expert features")
-        return pos.float() + box_features(self.boxes(views, features), d)
+        return pos.float() + self.box_scale.float() * box_features(self.boxes(views, features), d)
 
     def boxes(self, views: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """The read-out boxes in canvas fractions -> (K, T, 4)."""

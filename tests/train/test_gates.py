@@ -61,3 +61,37 @@ def test_coordinate_accuracy_counts_exact_and_near_guesses():
     logits[0, 2, 80] = -5.0
     logits[0, 2, 100] = 5.0                             # 0.90 for 0.70: far
     assert coordinate_accuracy(logits, labels, coord) == {"exact": 0.0, "near": 0.5}
+
+
+def test_the_word_projector_writes_what_a_token_holds_in_the_llms_own_words():
+    from train.gates.pointing import GateRun, build
+
+    model, proc, _ = build(GateRun(mechanism="box", token_grid=2, word_projector=True, visual_norm=0.7))
+    feats = scene_features(one_object_scene(), "top-left", grid=2, token_grid=2)
+    linear = model.model.visual_proj[0]
+    emb = model.model.llm.get_input_embeddings().weight
+    words = [proc.tokenizer.encode(" " + w, add_special_tokens=False) for w in ("medium", "red", "circle")]
+    named = sum(emb[ids].sum(0) for ids in words)
+    token = linear(feats[0, 2])                                   # the object's global-view token
+    assert torch.nn.functional.cosine_similarity(token, named, dim=0) > 0.9
+    other = sum(emb[proc.tokenizer.encode(" " + w, add_special_tokens=False)].sum(0) for w in ("small", "blue", "star"))
+    assert torch.nn.functional.cosine_similarity(token, other, dim=0) < 0.5
+    # tokens start at the text's scale, not LayerNorm's sqrt(d)
+    views = torch.zeros(1, 5, dtype=torch.bool)
+    visual = model.model.layout_images(model.model.visual_proj(feats), views, feats)[0]
+    assert visual.norm(dim=-1).max() < 3.0
+
+
+def test_a_later_gate_run_starts_from_an_earlier_ones_weights_on_another_token_grid(tmp_path):
+    from safetensors.torch import save_file
+    from train.gates.pointing import GateRun, build, load_gate_weights
+
+    small, _, _ = build(GateRun(mechanism="box", token_grid=2))
+    with torch.no_grad():
+        small.model.llm.lm_head.weight.add_(1.0)
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, tmp_path / "w.safetensors")
+    big, _, _ = build(GateRun(mechanism="box", token_grid=4))
+    table = big.model.canvas_pos.table.detach().clone()
+    load_gate_weights(big, tmp_path / "w.safetensors")
+    assert torch.equal(big.model.llm.lm_head.weight, small.model.llm.lm_head.weight)
+    assert torch.equal(big.model.canvas_pos.table, table)           # another grid: its own table stays

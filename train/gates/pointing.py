@@ -45,8 +45,9 @@ from sphinx_model.tokenizer import load_tokenizer
 from ..demo_tokenizer import NUMBER_PIECES
 from ..evaluate import HELDOUT_WORLDS, Question, scene_questions, score
 from ..world.scene import Scene
+from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 from ..world.tasks import TaskWriter
-from .oracle import FEATURES, perfect_box_readout, scene_features
+from .oracle import FEATURES, HAS_WORD, OBJ, perfect_box_readout, scene_features
 from .scene_pool import scene_pool
 
 MECHANISMS = ("none", "embedding", "embedding+coords", "features", "box", "box+coords")
@@ -74,6 +75,9 @@ class GateRun:
     bf16: bool = True                  # autocast: this CPU multiplies bf16 about 3x faster than fp32
     system: str | None = None          # the system prompt (None: the template's own, ~45 tokens)
     init_llm: Path | None = None       # a demo checkpoint folder whose LLM weights start the run
+    init_weights: Path | None = None   # an earlier gate run's weights.safetensors (a curriculum's last step)
+    word_projector: bool = False       # projector rows start at the text embeddings of what each channel names
+    visual_norm: float = 0.0           # > 0: visual tokens and their position codes start at this norm
     pool: Path = Path("runs/scene_pool")  # cached scene truth (`scene_pool`)
     pool_scenes: int = 40_000          # training scenes drawn from (one-object scenes are ~4% of them)
 
@@ -115,7 +119,13 @@ def build(run: GateRun) -> tuple[OracleSphinx, SphinxProcessor, torch.Tensor | N
         perfect_box_readout(model.model.canvas_pos.readout)
     if run.init_llm is not None:
         load_llm_weights(model.model.llm, run.init_llm)
-    if run.mechanism.endswith("+coords"):
+    if run.word_projector:
+        align_projector(model.model.visual_proj[0], model.model.llm.get_input_embeddings().weight, tok)
+    if run.visual_norm > 0:
+        scale_visual_tokens(model.model, run.visual_norm)
+    if run.init_weights is not None:
+        load_gate_weights(model, run.init_weights)
+    elif run.mechanism.endswith("+coords"):
         ids = [tok.convert_tokens_to_ids(p) for p in NUMBER_PIECES]
         values = [float(p) for p in NUMBER_PIECES]
         init_coordinate_embeddings(model.model.llm.get_input_embeddings().weight, ids, values)
@@ -130,6 +140,47 @@ def load_llm_weights(llm: nn.Module, folder: Path) -> None:
     missing, unexpected = llm.load_state_dict(own, strict=False)
     if unexpected or [k for k in missing if "rotary" not in k]:
         raise ValueError(f"{folder}: its LLM does not fit the gate's (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def align_projector(linear: nn.Linear, embeddings: torch.Tensor, tok) -> None:
+    """Each one-hot channel of the oracle (shape, colour, size, word) maps to the LLM's embedding of the
+    word it names, so a token's projected vector reads, in the LLM's own terms, e.g. "small red ellipse";
+    the other channels keep a small random start. (A real expert's linear read-out heads compose with the
+    same embeddings to give this start.)"""
+    names = ([(OBJ + 1 + i, n) for i, n in enumerate(SHAPES)]
+             + [(OBJ + 1 + len(SHAPES) + i, n) for i, n in enumerate(COLOUR_NAMES)]
+             + [(OBJ + 1 + len(SHAPES) + len(COLOUR_NAMES) + i, n) for i, n in enumerate(SIZES)]
+             + [(HAS_WORD + 2 + i, w) for i, w in enumerate(WORDS)])
+    with torch.no_grad():
+        linear.weight.mul_(0.1)
+        linear.bias.zero_()
+        for channel, word in names:
+            ids = tok.encode(" " + word, add_special_tokens=False)
+            linear.weight[:, channel] = embeddings[ids].sum(0).to(linear.weight.dtype)
+
+
+def scale_visual_tokens(model: SphinxForCausalLM, norm: float) -> None:
+    """Start the projector's LayerNorm, the per-slot table and the box code at `norm` (the text
+    embeddings' is ~0.5-0.8 in the demo LLM; a LayerNorm'd token's is sqrt(d) = 16)."""
+    with torch.no_grad():
+        d = model.visual_proj[1].weight.shape[0]
+        model.visual_proj[1].weight.fill_(norm / d ** 0.5)
+        if model.canvas_pos is not None:
+            pos = model.canvas_pos
+            pos.table.mul_(norm / pos.table.norm(dim=-1).mean())
+            if pos.box_scale is not None:
+                pos.box_scale.fill_(norm / (d / 2) ** 0.5)
+
+
+def load_gate_weights(model: OracleSphinx, path: Path) -> None:
+    """An earlier gate run's tensors, where their shapes fit (a run on another token grid keeps
+    its own freshly initialised per-slot table; the LLM, projector and box read-out carry over)."""
+    state = load_file(Path(path))
+    own = model.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not any(k.startswith("model.llm.") for k in fits):
+        raise ValueError(f"{path}: no LLM weights of this gate's shape in it")
+    model.load_state_dict(fits, strict=False)
 
 
 @dataclass
@@ -347,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="run folder name (default: the mechanism)")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--system", default=None, help="system prompt (default: the template's; '' for none)")
+    ap.add_argument("--init-weights", type=Path, default=None, help="start from an earlier gate run's weights.safetensors")
+    ap.add_argument("--word-projector", action="store_true", help="projector rows start at the named words' embeddings")
+    ap.add_argument("--visual-norm", type=float, default=0.0, help="visual tokens and position codes start at this norm")
     ap.add_argument("--init-llm", type=Path, default=None, help="start the LLM from this demo checkpoint folder")
     ap.add_argument("--table", action="store_true", help="print the table of the runs found in --out and exit")
     a = ap.parse_args(argv)
@@ -362,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                   eval_every_minutes=a.eval_every_minutes, detection_share=a.detection_share, seed=a.seed, max_objects=a.max_objects,
                   token_grid=a.token_grid,
                   name=a.name,
-                  bf16=not a.fp32, system=a.system, init_llm=a.init_llm)
+                  bf16=not a.fp32, system=a.system, init_llm=a.init_llm,
+                  init_weights=a.init_weights, word_projector=a.word_projector, visual_norm=a.visual_norm)
     result = train(run)
     print(format_table([result]))
     return 0
