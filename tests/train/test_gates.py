@@ -95,3 +95,19 @@ def test_a_later_gate_run_starts_from_an_earlier_ones_weights_on_another_token_g
     load_gate_weights(big, tmp_path / "w.safetensors")
     assert torch.equal(big.model.llm.lm_head.weight, small.model.llm.lm_head.weight)
     assert torch.equal(big.model.canvas_pos.table, table)           # another grid: its own table stays
+
+
+def test_the_answer_mean_loss_weighs_a_short_answer_as_much_as_a_long_one():
+    from train.gates.pointing import answer_mean_loss
+
+    logits = torch.zeros(2, 6, 4)
+    logits[0, :, 1] = 5.0                               # row 0 always says 1, row 1 always says 2
+    logits[1, :, 2] = 5.0
+    labels = torch.tensor([[-100, 1, -100, -100, -100, -100],    # one answer token, right
+                           [-100, 3, 3, 3, 3, 3]])               # five answer tokens, all wrong
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)
+    per_answer = answer_mean_loss(logits, labels)
+    wrong = torch.nn.functional.cross_entropy(torch.tensor([[0.0, 0.0, 5.0, 0.0]]), torch.tensor([3]))
+    right = torch.nn.functional.cross_entropy(torch.tensor([[0.0, 5.0, 0.0, 0.0]]), torch.tensor([1]))
+    assert torch.allclose(per_answer, (wrong + right) / 2)
+    assert torch.allclose(per_token, (5 * wrong + right) / 6)

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -76,6 +77,7 @@ class GateRun:
     system: str | None = None          # the system prompt (None: the template's own, ~45 tokens)
     init_llm: Path | None = None       # a demo checkpoint folder whose LLM weights start the run
     init_weights: Path | None = None   # an earlier gate run's weights.safetensors (a curriculum's last step)
+    loss_per_answer: bool = False      # average the loss per answer, not per token (`answer_mean_loss`)
     word_projector: bool = False       # projector rows start at the text embeddings of what each channel names
     visual_norm: float = 0.0           # > 0: visual tokens and their position codes start at this norm
     pool: Path = Path("runs/scene_pool")  # cached scene truth (`scene_pool`)
@@ -293,6 +295,16 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
     return table
 
 
+def answer_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over each answer's tokens, then over answers: a 10-token grounding answer
+    weighs as much as a 70-token detection list (per token, detection is ~85% of the loss)."""
+    target = labels[:, 1:]
+    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100,
+                                reduction="none")                             # (B, L-1)
+    counted = (target != -100).float()
+    return ((per_token * counted).sum(1) / counted.sum(1).clamp(min=1)).mean()
+
+
 def coordinate_accuracy(logits: torch.Tensor, labels: torch.Tensor, coord_ids: torch.Tensor) -> dict[str, float]:
     """Teacher-forced: of the answer positions whose label is a coordinate token, the share whose
     argmax is that token (`exact`) or within 0.03 of it (`near`, about the box precision acc@0.5 needs)."""
@@ -335,8 +347,8 @@ def train(run: GateRun) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
             embeds = model.embed(batch["input_ids"], batch["feats"], batch["view_skip"])
             out = model.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                  labels=batch["labels"])
-        loss = out.loss
+                                  labels=None if run.loss_per_answer else batch["labels"])
+        loss = answer_mean_loss(out.logits, batch["labels"]) if run.loss_per_answer else out.loss
         coord = coordinate_accuracy(out.logits.detach(), batch["labels"], coord_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -399,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--system", default=None, help="system prompt (default: the template's; '' for none)")
     ap.add_argument("--init-weights", type=Path, default=None, help="start from an earlier gate run's weights.safetensors")
+    ap.add_argument("--loss-per-answer", action="store_true", help="average the loss per answer, not per token")
     ap.add_argument("--word-projector", action="store_true", help="projector rows start at the named words' embeddings")
     ap.add_argument("--visual-norm", type=float, default=0.0, help="visual tokens and position codes start at this norm")
     ap.add_argument("--init-llm", type=Path, default=None, help="start the LLM from this demo checkpoint folder")
@@ -417,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                   token_grid=a.token_grid,
                   name=a.name,
                   bf16=not a.fp32, system=a.system, init_llm=a.init_llm,
-                  init_weights=a.init_weights, word_projector=a.word_projector, visual_norm=a.visual_norm)
+                  init_weights=a.init_weights, word_projector=a.word_projector, visual_norm=a.visual_norm,
+                  loss_per_answer=a.loss_per_answer)
     result = train(run)
     print(format_table([result]))
     return 0
