@@ -111,3 +111,9 @@ def test_the_answer_mean_loss_weighs_a_short_answer_as_much_as_a_long_one():
     right = torch.nn.functional.cross_entropy(torch.tensor([[0.0, 5.0, 0.0, 0.0]]), torch.tensor([1]))
     assert torch.allclose(per_answer, (wrong + right) / 2)
     assert torch.allclose(per_token, (5 * wrong + right) / 6)
+
+
+def test_a_smaller_pool_is_read_from_a_larger_one_of_the_same_world(tmp_path):
+    scene_pool(7, 4, folder=tmp_path)
+    assert [s.id for s in scene_pool(7, 2, folder=tmp_path)] == [render_scene(7, i)[0].id for i in range(2)]
+    assert len(list(tmp_path.glob("*.jsonl"))) == 1                    # nothing rendered again

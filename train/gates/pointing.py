@@ -71,6 +71,7 @@ class GateRun:
     max_objects: int = 0               # > 0: only scenes with at most this many objects (a curriculum's first step)
     eval_scenes: int = 100             # per held-out set
     eval_every_minutes: float = 0.0    # 0: evaluate only at the end
+    save_every_minutes: float = 0.0    # > 0: weights.safetensors rewritten this often (a killed run continues with --init-weights)
     seed: int = 0
     threads: int = 2
     bf16: bool = True                  # autocast: this CPU multiplies bf16 about 3x faster than fp32
@@ -320,6 +321,15 @@ def coordinate_accuracy(logits: torch.Tensor, labels: torch.Tensor, coord_ids: t
             "near": ((value[guess] - value[truth]).abs() <= 0.03 + 1e-6).float().mean().item()}
 
 
+def save_weights(model: OracleSphinx, folder: Path) -> None:
+    """weights.safetensors in `folder` (what `--init-weights` starts a later run from), written whole
+    or not at all; the experts, never trained here, are left out."""
+    experts = tuple(f"model.{k}." for k in model.model.expert_keys)
+    tmp = folder / "weights.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(experts)}, tmp)
+    tmp.replace(folder / "weights.safetensors")
+
+
 def train(run: GateRun) -> dict:
     torch.manual_seed(run.seed)
     torch.set_num_threads(run.threads)
@@ -336,6 +346,7 @@ def train(run: GateRun) -> dict:
     start, step, seen, evals = time.time(), 0, 0, []
     budget = run.minutes * 60
     next_eval = run.eval_every_minutes * 60 if run.eval_every_minutes else None
+    next_save = run.save_every_minutes * 60
     bar = tqdm(total=int(budget), unit="s", desc=f"gate A / {run.mechanism}")
     while step < run.max_steps and time.time() - start < budget:
         batch = collate([training_sample(rng, scenes, run, proc, cells) for _ in range(run.batch_size)], proc)
@@ -361,6 +372,9 @@ def train(run: GateRun) -> dict:
         log.write(json.dumps({"step": step, "seconds": round(elapsed, 1), "loss": loss.item(), "lr": lr,
                               "coord_exact": coord["exact"], "coord_near": coord["near"]}) + "\n")
         log.flush()
+        if run.save_every_minutes and elapsed >= next_save:
+            save_weights(model, folder)
+            next_save += run.save_every_minutes * 60
         if next_eval is not None and elapsed >= next_eval:
             table = evaluate(model, proc, cells, questions, bf16=run.bf16, system=run.system)
             evals.append({"step": step, "minutes": round(elapsed / 60, 2), **table})
@@ -373,22 +387,42 @@ def train(run: GateRun) -> dict:
     result = {"run": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items()},
               "steps": step, "examples": seen, "train_minutes": round(train_minutes, 2), "final": table,
               "evals": evals}
-    experts = tuple(f"model.{k}." for k in model.model.expert_keys)   # never trained here
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(experts)},
-              folder / "weights.safetensors")
+    save_weights(model, folder)
     (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
 
+def run_label(run: dict) -> str:
+    """What set a run apart, in words, for the gate table."""
+    parts = [run["mechanism"]]
+    if run.get("word_projector"):
+        parts.append("word projector")
+    if run.get("visual_norm"):
+        parts.append(f"visual norm {run['visual_norm']:g}")
+    parts.append(f"{run['token_grid']}x{run['token_grid']} tokens/view")
+    parts.append(f"<= {run['max_objects']} object(s)" if run.get("max_objects") else "all scenes")
+    share = run.get("detection_share", 0.5)
+    parts.append("grounding only" if share == 0 else f"detection {share:g}")
+    if run.get("loss_per_answer"):
+        parts.append("loss per answer")
+    if run.get("system") == "":
+        parts.append("no system prompt")
+    if run.get("init_weights"):
+        parts.append(f"from {Path(run['init_weights']).parent.name}")
+    elif run.get("init_llm"):
+        parts.append("LLM from v4")
+    parts.append(f"lr {run['lr']:g}")
+    return f"{run.get('name') or run['mechanism']}: " + ", ".join(parts)
+
+
 def format_table(results: list[dict]) -> str:
-    lines = ["| mechanism | steps | examples | wall min (2 shared cores) | grounding acc@0.5 (eval / heldout) | detection F1@0.5 (eval / heldout) |",
+    lines = ["| run | steps | examples | wall min (2 shared cores) | grounding acc@0.5 (eval / heldout) | detection F1@0.5 (eval / heldout) |",
              "|---|---|---|---|---|---|"]
     for r in results:
         f = r["final"]
         g = " / ".join(f"{f[n]['grounding']:.2f}" for n, _, _ in HELDOUT_WORLDS)
         d = " / ".join(f"{f[n]['detection']:.2f}" for n, _, _ in HELDOUT_WORLDS)
-        label = r["run"]["mechanism"] + (f", <= {r['run']['max_objects']} object(s)" if r["run"].get("max_objects") else "")
-        label += f", {r['run']['token_grid']}x{r['run']['token_grid']} tokens/view, lr {r['run']['lr']:g}"
+        label = run_label(r["run"])
         lines.append(f"| {label} | {r['steps']} | {r['examples']} | {r['train_minutes']:.1f} | {g} | {d} |")
     return "\n".join(lines)
 
@@ -411,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--system", default=None, help="system prompt (default: the template's; '' for none)")
     ap.add_argument("--init-weights", type=Path, default=None, help="start from an earlier gate run's weights.safetensors")
+    ap.add_argument("--save-every-minutes", type=float, default=0.0, help="rewrite weights.safetensors this often")
     ap.add_argument("--loss-per-answer", action="store_true", help="average the loss per answer, not per token")
     ap.add_argument("--word-projector", action="store_true", help="projector rows start at the named words' embeddings")
     ap.add_argument("--visual-norm", type=float, default=0.0, help="visual tokens and position codes start at this norm")
@@ -431,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                   name=a.name,
                   bf16=not a.fp32, system=a.system, init_llm=a.init_llm,
                   init_weights=a.init_weights, word_projector=a.word_projector, visual_norm=a.visual_norm,
-                  loss_per_answer=a.loss_per_answer)
+                  loss_per_answer=a.loss_per_answer, save_every_minutes=a.save_every_minutes)
     result = train(run)
     print(format_table([result]))
     return 0

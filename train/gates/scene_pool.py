@@ -18,12 +18,15 @@ def scene_pool(seed: int, count: int, renderer: str = "train", folder: Path = Pa
                first: int = 0) -> list[Scene]:
     """Scenes `first` .. `first + count - 1` of world `seed` as drawn by `renderer`, from the cache
     when it holds them, rendered (and cached) otherwise."""
-    path = Path(folder) / f"{renderer}-{seed}-{first}-{count}.jsonl"
-    if path.exists():
-        with path.open(encoding="utf-8") as f:
-            scenes = [Scene.from_dict(json.loads(line)) for line in f]
-        if len(scenes) == count:
-            return scenes
+    folder = Path(folder)
+    for cached in sorted(folder.glob(f"{renderer}-{seed}-{first}-*.jsonl")):
+        held = int(cached.stem.rsplit("-", 1)[1])
+        if held >= count:                           # a larger pool of the same world holds these scenes
+            with cached.open(encoding="utf-8") as f:
+                scenes = [Scene.from_dict(json.loads(line)) for _, line in zip(range(count), f)]
+            if len(scenes) == count:
+                return scenes
+    path = folder / f"{renderer}-{seed}-{first}-{count}.jsonl"
     scenes = [render_scene(seed, first + i, renderer)[0]
               for i in tqdm(range(count), desc=f"rendering {renderer} world {seed}", unit="scene")]
     path.parent.mkdir(parents=True, exist_ok=True)
