@@ -22,6 +22,7 @@ Writes OUT/MECHANISM/metrics.jsonl and result.json; `--table` prints the compari
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import random
 import sys
@@ -39,7 +40,7 @@ from sphinx_model.canvas_positions import init_coordinate_embeddings
 from sphinx_model.config import SphinxConfig, get_preset
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.modeling import SphinxForCausalLM, _projector
-from sphinx_model.processor import ProcessedImage, SphinxProcessor
+from sphinx_model.processor import IMAGE_TOKEN_ID, ProcessedImage, SphinxProcessor
 from sphinx_model.tiling import canvas_geometry, skipped_views, token_cells
 from sphinx_model.tokenizer import load_tokenizer
 
@@ -78,6 +79,7 @@ class GateRun:
     system: str | None = None          # the system prompt (None: the template's own, ~45 tokens)
     init_llm: Path | None = None       # a demo checkpoint folder whose LLM weights start the run
     init_weights: Path | None = None   # an earlier gate run's weights.safetensors (a curriculum's last step)
+    shared_image_position: bool = False  # every visual token of an image at one rotary position (`position_ids`)
     loss_per_answer: bool = False      # average the loss per answer, not per token (`answer_mean_loss`)
     word_projector: bool = False       # projector rows start at the text embeddings of what each channel names
     visual_norm: float = 0.0           # > 0: visual tokens and their position codes start at this norm
@@ -260,10 +262,48 @@ def eval_questions(run: GateRun) -> dict[str, list[Question]]:
     return out
 
 
+def position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_image: bool) -> torch.Tensor:
+    """(B, L) rotary positions. Sequential over the attended tokens; with `shared_image`, every visual
+    token of a run of placeholders takes the position of the run's first, and the text after it goes
+    on from there (as Qwen2-VL's M-RoPE does for an image's temporal axis): an answer is then equally
+    far from every visual token, and which one it attends to is a matter of content and canvas code."""
+    step = attention_mask.long()
+    if shared_image:
+        is_image = input_ids == IMAGE_TOKEN_ID
+        follows_image = torch.zeros_like(is_image)
+        follows_image[:, 1:] = is_image[:, :-1]
+        step = step * ~(is_image & follows_image)
+    return (step.cumsum(1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def greedy(llm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, max_new: int,
+           eos: int) -> list[list[int]]:
+    """Greedy decoding with the KV cache and explicit positions (left-padded rows) -> new ids per row,
+    cut after EOS."""
+    cache_kw = "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+    out = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+    rows = [[] for _ in range(embeds.shape[0])]
+    done = torch.zeros(embeds.shape[0], dtype=torch.bool)
+    nxt, last = out.logits[:, -1].argmax(-1), pos[:, -1]
+    for _ in range(max_new):
+        for r in (~done).nonzero()[:, 0].tolist():
+            rows[r].append(int(nxt[r]))
+        done |= nxt == eos
+        if done.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        last = last + 1
+        out = llm(inputs_embeds=llm.get_input_embeddings()(nxt[:, None]), attention_mask=mask,
+                  position_ids=last[:, None], use_cache=True, **{cache_kw: out.past_key_values})
+        nxt = out.logits[:, -1].argmax(-1)
+    return rows
+
+
 @torch.no_grad()
 def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | None,
              questions: dict[str, list[Question]], batch: int = 16, bf16: bool = True,
-             system: str | None = None) -> dict[str, dict[str, float]]:
+             system: str | None = None, shared_image_position: bool = False) -> dict[str, dict[str, float]]:
     model.eval()
     table = {}
     for name, qs in questions.items():
@@ -275,10 +315,10 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 embeds = model.embed(b["input_ids"], b["feats"], b["view_skip"])
             longest = max(200 if q.metric == "detection" else 16 for q in chunk)
+            pos = position_ids(b["input_ids"], b["attention_mask"], shared_image_position)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = model.model.llm.generate(inputs_embeds=embeds.float(), attention_mask=b["attention_mask"],
-                                               max_new_tokens=longest, do_sample=False,
-                                               pad_token_id=proc.tokenizer.pad_token_id)
+                out = greedy(model.model.llm, embeds.float(), b["attention_mask"], pos, longest,
+                             proc.tokenizer.eos_token_id)
             for q, ids in zip(chunk, out):
                 text = proc.tokenizer.decode(ids, skip_special_tokens=True)
                 s = score(q, text, proc.config.anchor)
@@ -358,6 +398,8 @@ def train(run: GateRun) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
             embeds = model.embed(batch["input_ids"], batch["feats"], batch["view_skip"])
             out = model.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                  position_ids=position_ids(batch["input_ids"], batch["attention_mask"],
+                                                            run.shared_image_position),
                                   labels=None if run.loss_per_answer else batch["labels"])
         loss = answer_mean_loss(out.logits, batch["labels"]) if run.loss_per_answer else out.loss
         coord = coordinate_accuracy(out.logits.detach(), batch["labels"], coord_ids)
@@ -376,14 +418,16 @@ def train(run: GateRun) -> dict:
             save_weights(model, folder)
             next_save += run.save_every_minutes * 60
         if next_eval is not None and elapsed >= next_eval:
-            table = evaluate(model, proc, cells, questions, bf16=run.bf16, system=run.system)
+            table = evaluate(model, proc, cells, questions, bf16=run.bf16, system=run.system,
+                             shared_image_position=run.shared_image_position)
             evals.append({"step": step, "minutes": round(elapsed / 60, 2), **table})
             log.write(json.dumps({"step": step, "eval": table}) + "\n")
             next_eval += run.eval_every_minutes * 60
             start += time.time() - start - elapsed          # evaluation time is not training time
     bar.close()
     train_minutes = (time.time() - start) / 60
-    table = evaluate(model, proc, cells, questions, bf16=run.bf16, system=run.system)
+    table = evaluate(model, proc, cells, questions, bf16=run.bf16, system=run.system,
+                             shared_image_position=run.shared_image_position)
     result = {"run": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items()},
               "steps": step, "examples": seen, "train_minutes": round(train_minutes, 2), "final": table,
               "evals": evals}
@@ -403,6 +447,8 @@ def run_label(run: dict) -> str:
     parts.append(f"<= {run['max_objects']} object(s)" if run.get("max_objects") else "all scenes")
     share = run.get("detection_share", 0.5)
     parts.append("grounding only" if share == 0 else f"detection {share:g}")
+    if run.get("shared_image_position"):
+        parts.append("shared image position")
     if run.get("loss_per_answer"):
         parts.append("loss per answer")
     if run.get("system") == "":
@@ -446,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--system", default=None, help="system prompt (default: the template's; '' for none)")
     ap.add_argument("--init-weights", type=Path, default=None, help="start from an earlier gate run's weights.safetensors")
     ap.add_argument("--save-every-minutes", type=float, default=0.0, help="rewrite weights.safetensors this often")
+    ap.add_argument("--shared-image-position", action="store_true", help="an image's visual tokens share one rotary position")
     ap.add_argument("--loss-per-answer", action="store_true", help="average the loss per answer, not per token")
     ap.add_argument("--word-projector", action="store_true", help="projector rows start at the named words' embeddings")
     ap.add_argument("--visual-norm", type=float, default=0.0, help="visual tokens and position codes start at this norm")
@@ -466,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
                   name=a.name,
                   bf16=not a.fp32, system=a.system, init_llm=a.init_llm,
                   init_weights=a.init_weights, word_projector=a.word_projector, visual_norm=a.visual_norm,
-                  loss_per_answer=a.loss_per_answer, save_every_minutes=a.save_every_minutes)
+                  loss_per_answer=a.loss_per_answer, save_every_minutes=a.save_every_minutes,
+                  shared_image_position=a.shared_image_position)
     result = train(run)
     print(format_table([result]))
     return 0
