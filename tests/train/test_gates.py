@@ -145,3 +145,16 @@ def test_the_gates_greedy_decoder_writes_what_transformers_generate_writes():
     theirs = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False,
                           pad_token_id=0, eos_token_id=None)
     assert ours == theirs.tolist()
+
+
+def test_the_attention_probe_labels_the_named_objects_tokens_as_the_target():
+    from train.gates.attention import slot_kinds
+
+    scene = one_object_scene()
+    scene.objects.append(WorldObject("square", "blue", "small", (20, 300, 60, 340)))
+    feats = scene_features(scene, "top-left", grid=2, token_grid=2)             # (5, 5, F), no view skipped
+    kinds = slot_kinds(feats, [False] * 5, "circle", "red")
+    assert len(kinds) == 5 * (5 + 2)
+    # layout per view: start, token 0 (pooled), 4 grid tokens, end
+    assert [i for i, k in enumerate(kinds) if k == "target"] == [0 * 7 + 1 + 2, 2 * 7 + 1 + 1]
+    assert kinds.count("object") == 2                                             # the square: global + its view

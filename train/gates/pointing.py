@@ -361,6 +361,16 @@ def coordinate_accuracy(logits: torch.Tensor, labels: torch.Tensor, coord_ids: t
             "near": ((value[guess] - value[truth]).abs() <= 0.03 + 1e-6).float().mean().item()}
 
 
+def run_record(run: GateRun) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items()}
+
+
+def run_from_record(record: dict) -> GateRun:
+    """A run's GateRun back from its run.json (paths as Paths, unknown keys refused)."""
+    paths = {"out", "tokenizer", "init_llm", "init_weights", "pool"}
+    return GateRun(**{k: Path(v) if k in paths and v is not None else v for k, v in record.items()})
+
+
 def save_weights(model: OracleSphinx, folder: Path) -> None:
     """weights.safetensors in `folder` (what `--init-weights` starts a later run from), written whole
     or not at all; the experts, never trained here, are left out."""
@@ -375,6 +385,7 @@ def train(run: GateRun) -> dict:
     torch.set_num_threads(run.threads)
     folder = run.out / (run.name or run.mechanism.replace("+", "_"))
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "run.json").write_text(json.dumps(run_record(run), indent=2) + "\n", encoding="utf-8")
     model, proc, cells = build(run)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -428,7 +439,7 @@ def train(run: GateRun) -> dict:
     train_minutes = (time.time() - start) / 60
     table = evaluate(model, proc, cells, questions, bf16=run.bf16, system=run.system,
                              shared_image_position=run.shared_image_position)
-    result = {"run": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(run).items()},
+    result = {"run": run_record(run),
               "steps": step, "examples": seen, "train_minutes": round(train_minutes, 2), "final": table,
               "evals": evals}
     save_weights(model, folder)
