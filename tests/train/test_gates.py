@@ -158,3 +158,20 @@ def test_the_attention_probe_labels_the_named_objects_tokens_as_the_target():
     # layout per view: start, token 0 (pooled), 4 grid tokens, end
     assert [i for i, k in enumerate(kinds) if k == "target"] == [0 * 7 + 1 + 2, 2 * 7 + 1 + 1]
     assert kinds.count("object") == 2                                             # the square: global + its view
+
+
+def test_gate_curves_average_the_near_score_and_chain_curriculum_steps(tmp_path):
+    from train.gates.curves import WINDOW, near_curve, plot, start_step
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, value, n in ((first, 0.2, 2 * WINDOW), (second, 0.6, WINDOW)):
+        folder.mkdir()
+        rows = [{"step": s + 1, "loss": 1.0, "coord_near": value if s % 2 else value + 0.2} for s in range(n)]
+        rows.insert(3, {"step": 3, "eval": {}})                              # evaluation rows are skipped
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (second / "run.json").write_text(json.dumps({"init_weights": str(first / "weights.safetensors")}))
+    steps, values = near_curve(first)
+    assert steps == [WINDOW, 2 * WINDOW] and all(abs(v - 0.3) < 1e-9 for v in values)
+    assert start_step(second, {"first": 2 * WINDOW}) == 2 * WINDOW
+    assert start_step(first, {}) == 0
+    assert plot([first, second], tmp_path / "c.png").stat().st_size > 1000
