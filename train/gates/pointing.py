@@ -17,7 +17,13 @@ on the same data, steps and seed:
 
 Held-out scenes (another seed of the training renderer, and the held-out renderer) are scored
 with `train.evaluate`'s own metrics (grounding acc@0.5, detection F1@0.5), greedy.
-Writes OUT/MECHANISM/metrics.jsonl and result.json; `--table` prints the comparison.
+Scenes come from a cached pool (`scene_pool`: their truth, never their pixels), so a step pays
+for the LLM only. The recipe's other knobs: where the LLM starts (`--init-llm`, `--init-weights`
+for a curriculum's next step), the projector's start (`--word-projector`), the visual tokens'
+scale (`--visual-norm`), the loss's weighting (`--loss-per-answer`), rotary positions
+(`--shared-image-position`), the task mix (`--detection-share`, `--max-objects`).
+Writes OUT/NAME/run.json, metrics.jsonl (with the teacher-forced coordinate accuracy),
+weights.safetensors and result.json; `--table` prints the comparison.
 """
 from __future__ import annotations
 
