@@ -301,7 +301,7 @@ def greedy(llm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         last = last + 1
         out = llm(inputs_embeds=llm.get_input_embeddings()(nxt[:, None]), attention_mask=mask,
-                  position_ids=last[:, None], use_cache=True, **{cache_kw: out.past_key_values})
+                  position_ids=last[:, None], use_cache=True, **{cache_kw: out[cache_kw]})
         nxt = out.logits[:, -1].argmax(-1)
     return rows
 
