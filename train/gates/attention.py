@@ -20,7 +20,7 @@ from sphinx_model.processor import IMAGE_TOKEN_ID
 
 from ..world.tasks import PROMPTS, TaskWriter, describe
 from ..world.vocab import COLOUR_NAMES, SHAPES
-from .oracle import OBJ
+from .oracle import COLOUR, OBJ, SHAPE, SIZE
 from .pointing import OracleSphinx, build, collate, make_sample, position_ids, run_from_record, training_scenes
 
 KINDS = ("target", "object", "other")
@@ -38,8 +38,8 @@ def slot_kinds(feats: torch.Tensor, skipped: list[bool], shape: str, colour: str
         for t in range(feats.shape[1]):
             f = feats[k, t]
             if f[OBJ] > 0:
-                s = SHAPES[int(f[OBJ + 1:OBJ + 1 + len(SHAPES)].argmax())]
-                c = COLOUR_NAMES[int(f[OBJ + 1 + len(SHAPES):OBJ + 1 + len(SHAPES) + len(COLOUR_NAMES)].argmax())]
+                s = SHAPES[int(f[SHAPE:COLOUR].argmax())]
+                c = COLOUR_NAMES[int(f[COLOUR:SIZE].argmax())]
                 kinds.append("target" if (s, c) == (shape, colour) else "object")
             else:
                 kinds.append("other")

@@ -21,8 +21,12 @@ COUNTS = len(SHAPES) + len(COLOUR_NAMES)
 FEATURES = (1 + len(SHAPES) + len(COLOUR_NAMES) + len(SIZES) + 4 + (MAX_MARK + 1)
             + 1 + (len(WORDS) + 1) + 4 + COUNTS)
 OBJ = 0                                                    # channel of "an object is here"
-OBJ_BOX = 1 + len(SHAPES) + len(COLOUR_NAMES) + len(SIZES)  # its 4 cell-relative edges
+SHAPE = OBJ + 1                                            # first of its one-hot shape channels
+COLOUR = SHAPE + len(SHAPES)                               # ... colour channels
+SIZE = COLOUR + len(COLOUR_NAMES)                          # ... size channels
+OBJ_BOX = SIZE + len(SIZES)                                # its 4 cell-relative edges
 HAS_WORD = OBJ_BOX + 4 + MAX_MARK + 1
+WORD = HAS_WORD + 2                                        # first word's one-hot channel (HAS_WORD + 1: no word)
 WORD_BOX = HAS_WORD + 1 + len(WORDS) + 1
 
 

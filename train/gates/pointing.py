@@ -55,7 +55,7 @@ from ..evaluate import HELDOUT_WORLDS, Question, scene_questions, score
 from ..world.scene import Scene
 from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 from ..world.tasks import TaskWriter
-from .oracle import FEATURES, HAS_WORD, OBJ, perfect_box_readout, scene_features
+from .oracle import COLOUR, FEATURES, SHAPE, SIZE, WORD, perfect_box_readout, scene_features
 from .scene_pool import scene_pool
 
 MECHANISMS = ("none", "embedding", "embedding+coords", "features", "box", "box+coords")
@@ -158,10 +158,8 @@ def align_projector(linear: nn.Linear, embeddings: torch.Tensor, tok) -> None:
     word it names, so a token's projected vector reads, in the LLM's own terms, e.g. "small red ellipse";
     the other channels keep a small random start. (A real expert's linear read-out heads compose with the
     same embeddings to give this start.)"""
-    names = ([(OBJ + 1 + i, n) for i, n in enumerate(SHAPES)]
-             + [(OBJ + 1 + len(SHAPES) + i, n) for i, n in enumerate(COLOUR_NAMES)]
-             + [(OBJ + 1 + len(SHAPES) + len(COLOUR_NAMES) + i, n) for i, n in enumerate(SIZES)]
-             + [(HAS_WORD + 2 + i, w) for i, w in enumerate(WORDS)])
+    names = [(first + i, n) for first, group in ((SHAPE, SHAPES), (COLOUR, COLOUR_NAMES), (SIZE, SIZES), (WORD, WORDS))
+             for i, n in enumerate(group)]
     with torch.no_grad():
         linear.weight.mul_(0.1)
         linear.bias.zero_()
@@ -230,10 +228,14 @@ def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc:
             return make_sample(scene, qa[0], qa[1], proc, cells, run.system)
 
 
+def in_curriculum(scene: Scene, max_objects: int) -> bool:
+    """A scene the gate asks about: at least one object, and at most `max_objects` (0: any number)."""
+    return bool(scene.objects) and (not max_objects or len(scene.objects) <= max_objects)
+
+
 def training_scenes(run: GateRun) -> list[Scene]:
     """The training world's cached scenes the run may use (at most `max_objects` objects)."""
-    scenes = [s for s in scene_pool(run.seed, run.pool_scenes, folder=run.pool)
-              if s.objects and (not run.max_objects or len(s.objects) <= run.max_objects)]
+    scenes = [s for s in scene_pool(run.seed, run.pool_scenes, folder=run.pool) if in_curriculum(s, run.max_objects)]
     if not scenes:
         raise ValueError(f"no scene of the first {run.pool_scenes} has 1..{run.max_objects} objects")
     return scenes
@@ -256,13 +258,10 @@ def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) ->
 def eval_questions(run: GateRun) -> dict[str, list[Question]]:
     out = {}
     for name, seed, renderer in HELDOUT_WORLDS:
-        qs: list[Question] = []
         pool = scene_pool(seed, max(400, run.eval_scenes * (40 if run.max_objects else 2)), renderer, run.pool)
-        for scene in pool:
-            if len({q.scene.id for q in qs}) >= run.eval_scenes:
-                break
-            if not scene.objects or (run.max_objects and len(scene.objects) > run.max_objects):
-                continue
+        scenes = [s for s in pool if in_curriculum(s, run.max_objects)][:run.eval_scenes]
+        qs: list[Question] = []
+        for scene in scenes:
             qs += [q for q in scene_questions(scene, None, seed) if q.metric in ("grounding", "detection")]
         out[name] = qs
     return out
