@@ -175,3 +175,13 @@ def test_gate_curves_average_the_near_score_and_chain_curriculum_steps(tmp_path)
     assert start_step(second, {"first": 2 * WINDOW}) == 2 * WINDOW
     assert start_step(first, {}) == 0
     assert plot([first, second], tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_the_gate_names_a_missing_starting_point_instead_of_failing_later(tmp_path, capsys):
+    from train.gates.pointing import main
+
+    assert main(["--init-weights", str(tmp_path / "none.safetensors"), "--out", str(tmp_path)]) == 1
+    assert "not found: --init-weights" in capsys.readouterr().err
+    assert main(["--init-llm", str(tmp_path), "--out", str(tmp_path)]) == 1
+    assert "--init-llm" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())                                   # no run folder was started

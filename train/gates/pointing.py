@@ -531,6 +531,12 @@ def main(argv: list[str] | None = None) -> int:
                   init_weights=a.init_weights, word_projector=a.word_projector, visual_norm=a.visual_norm,
                   loss_per_answer=a.loss_per_answer, save_every_minutes=a.save_every_minutes,
                   shared_image_position=a.shared_image_position)
+    missing = [f"{flag} {path}" for flag, path in (("--init-weights", run.init_weights),
+                                                     ("--init-llm", run.init_llm and run.init_llm / "model.safetensors"))
+               if path is not None and not Path(path).is_file()]
+    if missing:
+        print(f"not found: {', '.join(missing)}", file=sys.stderr)
+        return 1
     result = train(run)
     print(format_table([result]))
     return 0
