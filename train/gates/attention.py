@@ -19,8 +19,7 @@ import torch
 from sphinx_model.processor import IMAGE_TOKEN_ID
 
 from ..world.tasks import PROMPTS, TaskWriter, describe
-from ..world.vocab import COLOUR_NAMES, SHAPES
-from .oracle import COLOUR, OBJ, SHAPE, SIZE
+from .attend import attributes, visual_slots
 from .pointing import OracleSphinx, build, collate, make_sample, position_ids, run_from_record, training_scenes
 
 KINDS = ("target", "object", "other")
@@ -29,22 +28,10 @@ KINDS = ("target", "object", "other")
 def slot_kinds(feats: torch.Tensor, skipped: list[bool], shape: str, colour: str) -> list[str]:
     """The kind of every visual position of one image, in layout order (start, tokens, end per kept
     view; one skip token per skipped view)."""
-    kinds, k = [], 0
-    for skip in skipped:
-        if skip:
-            kinds.append("other")
-            continue
-        kinds.append("other")
-        for t in range(feats.shape[1]):
-            f = feats[k, t]
-            if f[OBJ] > 0:
-                s = SHAPES[int(f[SHAPE:COLOUR].argmax())]
-                c = COLOUR_NAMES[int(f[COLOUR:SIZE].argmax())]
-                kinds.append("target" if (s, c) == (shape, colour) else "object")
-            else:
-                kinds.append("other")
-        kinds.append("other")
-        k += 1
+    kinds = []
+    for f in visual_slots(feats, skipped):
+        held = None if f is None else attributes(f)
+        kinds.append("other" if held is None else "target" if held[:2] == (shape, colour) else "object")
     return kinds
 
 

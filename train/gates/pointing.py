@@ -33,7 +33,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,8 @@ from ..evaluate import HELDOUT_WORLDS, Question, scene_questions, score
 from ..world.scene import Scene
 from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 from ..world.tasks import TaskWriter
+from .attend import (BoxTarget, HeadAttention, attention_loss, object_slots, phrase_loss, phrase_positions,
+                     visual_slots)
 from .oracle import COLOUR, FEATURES, SHAPE, SIZE, WORD, perfect_box_readout, scene_features
 from .scene_pool import scene_pool
 
@@ -91,6 +93,12 @@ class GateRun:
     visual_norm: float = 0.0           # > 0: visual tokens and their position codes start at this norm
     pool: Path = Path("runs/scene_pool")  # cached scene truth (`scene_pool`)
     pool_scenes: int = 40_000          # training scenes drawn from (one-object scenes are ~4% of them)
+    attend_weight: float = 0.0         # > 0: attention supervision (`attend`) of one head, this weight
+    attend_layer: int = 2
+    attend_head: int = 0
+    gather_weight: float = 0.0         # > 0: the first hop supervised too (`attend.phrase_loss`), this weight
+    gather_layer: int = 1
+    gather_head: int = 1
 
 
 class OracleSphinx(nn.Module):
@@ -198,6 +206,8 @@ class Sample:
     labels: list[int]
     feats: torch.Tensor      # (kept views, T, F)
     skipped: list[bool]
+    targets: list[BoxTarget] = field(default_factory=list)  # per box of the answer: its object's visual slots
+    phrase: list[int] = field(default_factory=list)         # positions of the question's naming words (grounding)
 
 
 def make_sample(scene: Scene, question: str, answer: str | None, proc: SphinxProcessor,
@@ -219,13 +229,25 @@ def make_sample(scene: Scene, question: str, answer: str | None, proc: SphinxPro
 
 def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc: SphinxProcessor,
                     cells: torch.Tensor | None) -> Sample:
-    """A grounding or detection dialogue about a scene drawn from the (already filtered) pool."""
+    """A grounding or detection dialogue about a scene drawn from the (already filtered) pool, with
+    the objects its boxes are about (for `attend`)."""
     while True:
         scene = rng.choice(scenes)
         writer = TaskWriter(scene, proc.config.anchor)
-        qa = writer.detection(rng) if rng.random() < run.detection_share else writer.grounding(rng)
+        if rng.random() < run.detection_share:
+            qa = writer.detection(rng)
+            objects = [o for group in writer.detection_groups().values() for o in group]
+        else:
+            qa = writer.grounding_object(rng)
+            objects = [qa[2]] if qa is not None else []
         if qa is not None:
-            return make_sample(scene, qa[0], qa[1], proc, cells, run.system)
+            sample = make_sample(scene, qa[0], qa[1], proc, cells, run.system)
+            slots = visual_slots(sample.feats, sample.skipped)
+            sample.targets = [BoxTarget(object_slots(slots, o)) for o in objects]
+            if len(qa) == 4:                                         # "the brown triangle" -> " brown triangle"
+                words = proc.tokenizer.encode(qa[3].removeprefix("the"), add_special_tokens=False)
+                sample.phrase = phrase_positions(sample.input_ids, words)
+            return sample
 
 
 def in_curriculum(scene: Scene, max_objects: int) -> bool:
@@ -252,7 +274,8 @@ def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) ->
         ids[row, cols], labels[row, cols], mask[row, cols] = torch.tensor(s.input_ids), torch.tensor(s.labels), 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "feats": torch.cat([s.feats for s in samples]),
-            "view_skip": torch.tensor([s.skipped for s in samples], dtype=torch.bool)}
+            "view_skip": torch.tensor([s.skipped for s in samples], dtype=torch.bool),
+            "targets": [s.targets for s in samples], "phrases": [s.phrase for s in samples]}
 
 
 def eval_questions(run: GateRun) -> dict[str, list[Question]]:
@@ -398,6 +421,12 @@ def train(run: GateRun) -> dict:
     scenes = training_scenes(run)
     coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES])
     rng = random.Random(run.seed)
+    probe = None
+    if run.attend_weight > 0:
+        probe = HeadAttention(model.model.llm.model.layers[run.attend_layer].self_attn, run.attend_head)
+    gather = None
+    if run.gather_weight > 0:
+        gather = HeadAttention(model.model.llm.model.layers[run.gather_layer].self_attn, run.gather_head)
     log = open(folder / "metrics.jsonl", "w", encoding="utf-8")
     start, step, seen, evals = time.time(), 0, 0, []
     budget = run.minutes * 60
@@ -418,6 +447,17 @@ def train(run: GateRun) -> dict:
                                                             run.shared_image_position),
                                   labels=None if run.loss_per_answer else batch["labels"])
         loss = answer_mean_loss(out.logits, batch["labels"]) if run.loss_per_answer else out.loss
+        attend = None
+        if probe is not None:
+            attend = attention_loss(probe, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                    batch["targets"], coord_ids, IMAGE_TOKEN_ID)
+            if attend is not None:
+                loss = loss + run.attend_weight * attend
+        hop = None
+        if gather is not None:
+            hop = phrase_loss(gather, batch["labels"], batch["attention_mask"], batch["phrases"], coord_ids)
+            if hop is not None:
+                loss = loss + run.gather_weight * hop
         coord = coordinate_accuracy(out.logits.detach(), batch["labels"], coord_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -426,9 +466,12 @@ def train(run: GateRun) -> dict:
         step += 1
         elapsed = time.time() - start
         bar.n = int(min(elapsed, budget))
-        bar.set_postfix(step=step, loss=f"{loss.item():.3f}", coord=f"{coord['exact']:.2f}")
+        bar.set_postfix(step=step, loss=f"{loss.item():.3f}", coord=f"{coord['exact']:.2f}",
+                        **({} if attend is None else {"attend": f"{attend.item():.2f}"}))
         log.write(json.dumps({"step": step, "seconds": round(elapsed, 1), "loss": loss.item(), "lr": lr,
-                              "coord_exact": coord["exact"], "coord_near": coord["near"]}) + "\n")
+                              "coord_exact": coord["exact"], "coord_near": coord["near"],
+                              "attend": None if attend is None else attend.item(),
+                              "gather": None if hop is None else hop.item()}) + "\n")
         log.flush()
         if run.save_every_minutes and elapsed >= next_save:
             save_weights(model, folder)
@@ -467,6 +510,12 @@ def run_label(run: dict) -> str:
         parts.append("shared image position")
     if run.get("loss_per_answer"):
         parts.append("loss per answer")
+    if run.get("attend_weight"):
+        parts.append(f"attention supervision (layer {run['attend_layer']} head {run['attend_head']}, "
+                     f"weight {run['attend_weight']:g})")
+    if run.get("gather_weight"):
+        parts.append(f"first hop supervised (layer {run['gather_layer']} head {run['gather_head']}, "
+                     f"weight {run['gather_weight']:g})")
     if run.get("system") == "":
         parts.append("no system prompt")
     if run.get("init_weights"):
@@ -512,6 +561,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss-per-answer", action="store_true", help="average the loss per answer, not per token")
     ap.add_argument("--word-projector", action="store_true", help="projector rows start at the named words' embeddings")
     ap.add_argument("--visual-norm", type=float, default=0.0, help="visual tokens and position codes start at this norm")
+    ap.add_argument("--attend-weight", type=float, default=0.0,
+                    help="> 0: supervise one head's attention onto each box's object, with this weight")
+    ap.add_argument("--attend-layer", type=int, default=GateRun.attend_layer)
+    ap.add_argument("--attend-head", type=int, default=GateRun.attend_head)
+    ap.add_argument("--gather-weight", type=float, default=0.0,
+                    help="> 0: supervise a head's attention onto the question's naming words at each coordinate")
+    ap.add_argument("--gather-layer", type=int, default=GateRun.gather_layer)
+    ap.add_argument("--gather-head", type=int, default=GateRun.gather_head)
     ap.add_argument("--init-llm", type=Path, default=None, help="start the LLM from this demo checkpoint folder")
     ap.add_argument("--table", action="store_true", help="print the table of the runs found in --out and exit")
     a = ap.parse_args(argv)
@@ -530,7 +587,15 @@ def main(argv: list[str] | None = None) -> int:
                   bf16=not a.fp32, system=a.system, init_llm=a.init_llm,
                   init_weights=a.init_weights, word_projector=a.word_projector, visual_norm=a.visual_norm,
                   loss_per_answer=a.loss_per_answer, save_every_minutes=a.save_every_minutes,
-                  shared_image_position=a.shared_image_position)
+                  shared_image_position=a.shared_image_position, attend_weight=a.attend_weight,
+                  attend_layer=a.attend_layer, attend_head=a.attend_head, gather_weight=a.gather_weight,
+                  gather_layer=a.gather_layer, gather_head=a.gather_head)
+    llm = get_preset("sphinx-demo").llm.config
+    if not all(0 <= layer < llm["num_hidden_layers"] and 0 <= head < llm["num_attention_heads"]
+               for layer, head in ((run.attend_layer, run.attend_head), (run.gather_layer, run.gather_head))):
+        print(f"--attend-/--gather-layer and -head: the demo LLM has layers 0-{llm['num_hidden_layers'] - 1} and "
+              f"heads 0-{llm['num_attention_heads'] - 1}", file=sys.stderr)
+        return 1
     missing = [f"{flag} {path}" for flag, path in (("--init-weights", run.init_weights),
                                                      ("--init-llm", run.init_llm and run.init_llm / "model.safetensors"))
                if path is not None and not Path(path).is_file()]

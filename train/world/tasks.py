@@ -71,12 +71,17 @@ class TaskWriter:
 
     # Each task returns (question, answer) or None when it does not apply to this scene.
     def grounding(self, rng: random.Random) -> tuple[str, str] | None:
+        asked = self.grounding_object(rng)
+        return None if asked is None else asked[:2]
+
+    def grounding_object(self, rng: random.Random) -> tuple[str, str, WorldObject, str] | None:
+        """A grounding question and answer, the object they are about, and the phrase that names it."""
         named = [(o, describe(o, self.scene, rng)) for o in self.scene.objects]
         named = [(o, p) for o, p in named if p]
         if not named:
             return None
         obj, phrase = rng.choice(named)
-        return rng.choice(PROMPTS["grounding"]).format(phrase=phrase), self.box(obj.box)
+        return rng.choice(PROMPTS["grounding"]).format(phrase=phrase), self.box(obj.box), obj, phrase
 
     def region(self, rng: random.Random) -> tuple[str, str] | None:
         if not self.scene.objects:
@@ -90,14 +95,19 @@ class TaskWriter:
             return None
         return rng.choice(PROMPTS["detection"]), self.detection_answer()
 
-    def detection_answer(self) -> str:
+    def detection_groups(self) -> dict[str, list[WorldObject]]:
+        """The scene's objects by name, in the order the detection answer lists them (names by their
+        first object in reading order; within a name, reading order)."""
         objs = self.scene.objects
-        groups: dict[str, list] = {}
+        groups: dict[str, list[WorldObject]] = {}
         for i in reading_order([o.box for o in objs]):
             o = objs[i]
-            groups.setdefault(object_name(o.size, o.colour, o.shape), []).append(o.box)
-        return ", ".join(f"<p>{name}</p> " + format_regions([self.canvas_box(b) for b in boxes])
-                         for name, boxes in groups.items())
+            groups.setdefault(object_name(o.size, o.colour, o.shape), []).append(o)
+        return groups
+
+    def detection_answer(self) -> str:
+        return ", ".join(f"<p>{name}</p> " + format_regions([self.canvas_box(o.box) for o in objs])
+                         for name, objs in self.detection_groups().items())
 
     def count_shape(self, rng: random.Random) -> tuple[str, str] | None:
         present = [o.shape for o in self.scene.objects]

@@ -1,0 +1,143 @@
+"""Attention supervision of Gate A: its targets are the named object's tokens, its attention is the
+head's real attention, and its loss falls when the head looks at the object."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from sphinx_model.processor import IMAGE_TOKEN_ID
+from train.demo_tokenizer import NUMBER_PIECES
+from train.gates.attend import (BoxTarget, HeadAttention, attention_loss, attributes, object_slots, phrase_loss,
+                               phrase_positions, visual_slots)
+from train.gates.pointing import GateRun, build, collate, make_sample, position_ids
+from train.world.scene import Scene, WorldObject
+from train.world.tasks import TaskWriter
+
+
+def two_object_scene() -> Scene:
+    return Scene(id="t", width=400, height=400, background="plain",
+                 objects=[WorldObject("circle", "red", "medium", (240, 50, 320, 130)),
+                          WorldObject("triangle", "blue", "large", (40, 220, 160, 340))])
+
+
+def gate(token_grid: int = 2):
+    run = GateRun(mechanism="box+coords", token_grid=token_grid, system="", shared_image_position=True)
+    model, proc, cells = build(run)
+    return run, model.eval(), proc, cells
+
+
+def test_an_objects_slots_are_the_visual_positions_that_hold_it():
+    run, model, proc, cells = gate()
+    scene = two_object_scene()
+    sample = make_sample(scene, "Locate the triangle in the image.", "[0.10,0.55,0.40,0.85]", proc, cells, "")
+    slots = visual_slots(sample.feats, sample.skipped)
+    assert len(slots) == sample.input_ids.count(IMAGE_TOKEN_ID)       # one entry per placeholder
+    triangle = object_slots(slots, scene.objects[1])
+    circle = object_slots(slots, scene.objects[0])
+    assert triangle and circle and not set(triangle) & set(circle)
+    assert all(attributes(slots[i]) == ("triangle", "blue", "large") for i in triangle)
+    # the global view holds both; each sub-view at most one of them
+    assert len(triangle) == 2 and len(circle) == 2
+
+
+def test_grounding_object_asks_what_grounding_asks_and_names_its_object():
+    scene = two_object_scene()
+    writer = TaskWriter(scene)
+    for seed in range(6):
+        q, a, obj, phrase = writer.grounding_object(random.Random(seed))
+        assert writer.grounding(random.Random(seed)) == (q, a)
+        assert a == writer.box(obj.box) and phrase in q and obj.shape in phrase
+
+
+def test_detection_groups_list_the_objects_in_the_answers_order():
+    scene = two_object_scene()
+    writer = TaskWriter(scene)
+    order = [o for group in writer.detection_groups().values() for o in group]
+    answer = writer.detection_answer()
+    places = [answer.index(writer.box(o.box)[1:-1]) for o in order]
+    assert places == sorted(places) and len(order) == 2
+
+
+def test_the_supervised_rows_are_the_heads_own_attention_and_the_loss_rewards_looking_at_the_object():
+    run, model, proc, cells = gate()
+    scene = two_object_scene()
+    writer = TaskWriter(scene)
+    coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES])
+    sample = make_sample(scene, "Locate the triangle in the image.", writer.box(scene.objects[1].box), proc, cells, "")
+    slots = visual_slots(sample.feats, sample.skipped)
+    sample.targets = [BoxTarget(object_slots(slots, scene.objects[1]))]
+    b = collate([sample], proc)
+    llm = model.model.llm
+    llm.set_attn_implementation("eager")
+    attn = llm.model.layers[1].self_attn
+    probe = HeadAttention(attn, head=3)
+
+    def forward():
+        return llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
+                   attention_mask=b["attention_mask"], output_attentions=True,
+                   position_ids=position_ids(b["input_ids"], b["attention_mask"], True))
+
+    with torch.no_grad():
+        out = forward()
+        writes = torch.isin(b["labels"][0, 1:], coord_ids).nonzero()[:, 0]
+        assert len(writes) == 4
+        mine = probe.log_probs(0, writes, b["attention_mask"][0].bool()).exp()
+        assert torch.allclose(mine, out.attentions[1][0, 3, writes], atol=1e-5)
+        before = attention_loss(probe, b["input_ids"], b["labels"], b["attention_mask"], b["targets"],
+                                coord_ids, IMAGE_TOKEN_ID)
+    # a few steps on the supervision alone move that head's mass onto the triangle
+    opt = torch.optim.SGD([attn.q_proj.weight, attn.k_proj.weight], lr=0.5)
+    for _ in range(20):
+        forward()
+        loss = attention_loss(probe, b["input_ids"], b["labels"], b["attention_mask"], b["targets"],
+                              coord_ids, IMAGE_TOKEN_ID)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * before.item()
+    probe.remove()
+
+
+def test_rows_whose_boxes_do_not_match_their_targets_are_left_out():
+    run, model, proc, cells = gate()
+    scene = two_object_scene()
+    coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES])
+    sample = make_sample(scene, "Locate the triangle in the image.", TaskWriter(scene).box(scene.objects[1].box),
+                         proc, cells, "")
+    sample.targets = [BoxTarget([3]), BoxTarget([4])]            # two targets for a one-box answer
+    b = collate([sample], proc)
+    probe = HeadAttention(model.model.llm.model.layers[0].self_attn, head=0)
+    with torch.no_grad():
+        model.model.llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
+                        attention_mask=b["attention_mask"])
+    assert attention_loss(probe, b["input_ids"], b["labels"], b["attention_mask"], b["targets"], coord_ids,
+                          IMAGE_TOKEN_ID) is None
+
+
+def test_the_first_hop_targets_the_questions_naming_words_at_every_coordinate():
+    run, model, proc, cells = gate()
+    scene = two_object_scene()
+    writer = TaskWriter(scene)
+    coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES])
+    sample = make_sample(scene, "Where is the large triangle? Give its bounding box.", writer.box(scene.objects[1].box),
+                         proc, cells, "")
+    words = proc.tokenizer.encode(" large triangle", add_special_tokens=False)
+    sample.phrase = phrase_positions(sample.input_ids, words)
+    assert proc.tokenizer.decode([sample.input_ids[i] for i in sample.phrase]).strip() == "large triangle"
+    assert phrase_positions(sample.input_ids, proc.tokenizer.encode(" red star", add_special_tokens=False)) == []
+    b = collate([sample], proc)
+    attn = model.model.llm.model.layers[1].self_attn
+    probe = HeadAttention(attn, head=1)
+    opt = torch.optim.Adam([attn.q_proj.weight, attn.k_proj.weight], lr=0.02)
+    losses = []
+    for _ in range(15):
+        model.model.llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
+                        attention_mask=b["attention_mask"])
+        loss = phrase_loss(probe, b["labels"], b["attention_mask"], b["phrases"], coord_ids)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0]
+    assert phrase_loss(probe, b["labels"], b["attention_mask"], [[]], coord_ids) is None   # detection: no phrase
