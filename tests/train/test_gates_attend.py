@@ -8,8 +8,16 @@ import torch
 
 from sphinx_model.processor import IMAGE_TOKEN_ID
 from train.demo_tokenizer import NUMBER_PIECES
-from train.gates.attend import (BoxTarget, HeadAttention, attention_loss, attributes, object_slots, phrase_loss,
-                               phrase_positions, visual_slots)
+from train.gates.attend import (
+    BoxTarget,
+    HeadAttention,
+    attention_loss,
+    attributes,
+    object_slots,
+    phrase_loss,
+    phrase_positions,
+    visual_slots,
+)
 from train.gates.pointing import GateRun, build, collate, make_sample, position_ids
 from train.world.scene import Scene, WorldObject
 from train.world.tasks import TaskWriter
@@ -141,3 +149,30 @@ def test_the_first_hop_targets_the_questions_naming_words_at_every_coordinate():
         opt.step()
     assert losses[-1] < 0.5 * losses[0]
     assert phrase_loss(probe, b["labels"], b["attention_mask"], [[]], coord_ids) is None   # detection: no phrase
+
+
+def test_ridge_read_outs_find_an_attribute_that_is_there_and_not_one_that_is_not():
+    from train.gates.probe import GROUPS, WORDS, ridge_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    n, d = 600, 32
+    shape = torch.randint(0, GROUPS["shape"][1], (n,), generator=g)
+    y = torch.zeros(n, len(WORDS))
+    y[torch.arange(n), shape] = 1.0
+    codes = torch.randn(GROUPS["shape"][1], d, generator=g)
+    held = codes[shape] + 0.1 * torch.randn(n, d, generator=g)          # shape written into the vectors
+    noise = torch.randn(n, d, generator=g)                              # nothing of it
+    assert ridge_accuracy(held, y)["shape"] > 0.95
+    assert ridge_accuracy(noise, y)["shape"] < 0.4
+    assert ridge_accuracy(held, y)["colour"] is None                   # no row names a colour
+
+
+def test_the_probe_reads_a_fresh_gate_models_visual_tokens_and_measures_its_residual_stream(tmp_path):
+    from train.gates.probe import probe
+
+    run = GateRun(mechanism="box+coords", token_grid=2, system="", word_projector=True, max_objects=2,
+                  pool=tmp_path, pool_scenes=300)
+    model, proc, _ = build(run)
+    report = probe(model, proc, run, layer=0, questions=60)
+    assert report["key"]["shape"] > 0.9 and report["key"]["colour"] > 0.9
+    assert report["norms"]["0/resid/visual"] > 0 and "5/mlp/text" in report["norms"]

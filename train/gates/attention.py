@@ -9,7 +9,6 @@ on the target; one that only finds "an object" splits it over all objects.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
@@ -20,7 +19,14 @@ from sphinx_model.processor import IMAGE_TOKEN_ID
 
 from ..world.tasks import PROMPTS, TaskWriter, describe
 from .attend import attributes, visual_slots
-from .pointing import OracleSphinx, build, collate, make_sample, position_ids, run_from_record, training_scenes
+from .pointing import (
+    OracleSphinx,
+    collate,
+    load_run,
+    make_sample,
+    position_ids,
+    training_scenes,
+)
 
 KINDS = ("target", "object", "other")
 
@@ -92,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (a.run / "run.json").exists() or not (a.run / "weights.safetensors").exists():
         print(f"{a.run}: needs run.json and weights.safetensors (a gate run's folder)", file=sys.stderr)
         return 1
-    run = run_from_record(json.loads((a.run / "run.json").read_text()))
-    run.init_weights, run.init_llm, run.max_objects = a.run / "weights.safetensors", None, 0
-    run.word_projector, run.visual_norm = False, 0.0             # their starts are in the weights
-    model, proc, _ = build(run)
+    run, model, proc = load_run(a.run)
     table = attention_table(model, proc, run, a.objects, a.questions)
     cfg = model.model.llm.config
     print(f"{table['questions']} grounding questions on {a.objects}-object scenes; attention of the first coordinate's position")

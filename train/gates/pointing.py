@@ -53,11 +53,26 @@ from sphinx_model.tokenizer import load_tokenizer
 from ..demo_tokenizer import NUMBER_PIECES
 from ..evaluate import HELDOUT_WORLDS, Question, scene_questions, score
 from ..world.scene import Scene
-from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 from ..world.tasks import TaskWriter
-from .attend import (BoxTarget, HeadAttention, attention_loss, object_slots, phrase_loss, phrase_positions,
-                     visual_slots)
-from .oracle import COLOUR, FEATURES, SHAPE, SIZE, WORD, perfect_box_readout, scene_features
+from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
+from .attend import (
+    BoxTarget,
+    HeadAttention,
+    attention_loss,
+    object_slots,
+    phrase_loss,
+    phrase_positions,
+    visual_slots,
+)
+from .oracle import (
+    COLOUR,
+    FEATURES,
+    SHAPE,
+    SIZE,
+    WORD,
+    perfect_box_readout,
+    scene_features,
+)
 from .scene_pool import scene_pool
 
 MECHANISMS = ("none", "embedding", "embedding+coords", "features", "box", "box+coords")
@@ -138,10 +153,6 @@ def build(run: GateRun) -> tuple[OracleSphinx, SphinxProcessor, torch.Tensor | N
         perfect_box_readout(model.model.canvas_pos.readout)
     if run.init_llm is not None:
         load_llm_weights(model.model.llm, run.init_llm)
-    if run.word_projector:
-        align_projector(model.model.visual_proj[0], model.model.llm.get_input_embeddings().weight, tok)
-    if run.visual_norm > 0:
-        scale_visual_tokens(model.model, run.visual_norm)
     if run.init_weights is not None:
         load_gate_weights(model, run.init_weights)
     elif run.mechanism.endswith("+coords"):
@@ -149,6 +160,10 @@ def build(run: GateRun) -> tuple[OracleSphinx, SphinxProcessor, torch.Tensor | N
         values = [float(p) for p in NUMBER_PIECES]
         init_coordinate_embeddings(model.model.llm.get_input_embeddings().weight, ids, values)
         init_coordinate_embeddings(model.model.llm.get_output_embeddings().weight, ids, values)
+    if run.word_projector:           # after an earlier run's weights too: a curriculum step may re-align it
+        align_projector(model.model.visual_proj[0], model.model.llm.get_input_embeddings().weight, tok)
+    if run.visual_norm > 0:
+        scale_visual_tokens(model.model, run.visual_norm)
     return model, SphinxProcessor(config, tok), cells
 
 
@@ -397,6 +412,16 @@ def run_from_record(record: dict) -> GateRun:
     """A run's GateRun back from its run.json (paths as Paths, unknown keys refused)."""
     paths = {"out", "tokenizer", "init_llm", "init_weights", "pool"}
     return GateRun(**{k: Path(v) if k in paths and v is not None else v for k, v in record.items()})
+
+
+def load_run(folder: Path) -> tuple[GateRun, OracleSphinx, SphinxProcessor]:
+    """A finished (or saved) gate run back from its folder, for the probes: its set-up with its own
+    weights (the starts it was given, e.g. the word projector, are already in them)."""
+    run = run_from_record(json.loads((folder / "run.json").read_text()))
+    run.init_weights, run.init_llm, run.max_objects = folder / "weights.safetensors", None, 0
+    run.word_projector, run.visual_norm = False, 0.0
+    model, proc, _ = build(run)
+    return run, model, proc
 
 
 def save_weights(model: OracleSphinx, folder: Path) -> None:
