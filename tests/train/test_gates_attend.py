@@ -176,3 +176,24 @@ def test_the_probe_reads_a_fresh_gate_models_visual_tokens_and_measures_its_resi
     report = probe(model, proc, run, layer=0, questions=60)
     assert report["key"]["shape"] > 0.9 and report["key"]["colour"] > 0.9
     assert report["norms"]["0/resid/visual"] > 0 and "5/mlp/text" in report["norms"]
+
+
+def test_the_named_words_read_out_scores_the_questions_words_at_the_coordinates():
+    from torch import nn
+
+    from train.gates.attend import ATTRIBUTE_WORDS, named_loss, named_words
+
+    assert sorted(ATTRIBUTE_WORDS[i] for i in named_words("the small red circle")) == ["circle", "red", "small"]
+    coord = torch.arange(10, 111)
+    labels = torch.tensor([[-100, -100, 20, 30, 40, 50, 2]])                 # positions 1-4 write the coordinates
+    d = 8
+    hidden = torch.zeros(1, 7, d)
+    readout = nn.Linear(d, len(ATTRIBUTE_WORDS))
+    with torch.no_grad():
+        readout.weight.zero_()
+        readout.bias.fill_(-10.0)
+        readout.bias[named_words("the red circle")] = 10.0                 # says "red circle" everywhere
+    right = named_loss(readout, hidden, labels, [named_words("the red circle")], coord)
+    wrong = named_loss(readout, hidden, labels, [named_words("the blue square")], coord)
+    assert right.item() < 0.01 < 10.0 < wrong.item()
+    assert named_loss(readout, hidden, labels, [[]], coord) is None       # detection rows: nothing named

@@ -158,3 +158,32 @@ def phrase_positions(input_ids: list[int], words: list[int]) -> list[int]:
         if input_ids[start:start + n] == words:
             return list(range(start, start + n))
     return []
+
+
+ATTRIBUTE_WORDS = (*SHAPES, *COLOUR_NAMES, *SIZES)
+
+
+def named_words(phrase: str) -> list[int]:
+    """Indices in ATTRIBUTE_WORDS of the words a grounding phrase names ("the small red circle")."""
+    return [ATTRIBUTE_WORDS.index(w) for w in phrase.split() if w in ATTRIBUTE_WORDS]
+
+
+def named_loss(readout: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, named: list[list[int]],
+               coord_ids: torch.Tensor) -> torch.Tensor | None:
+    """Binary cross-entropy of a linear read-out of the hidden states (B, L, d) at the coordinate-writing
+    positions against the attribute words the question names: the selecting head's query can only
+    match what its input holds (`python -m train.gates.probe` found it held the named colour at
+    chance). Rows without named words (detection) are left out; None where no row counts."""
+    xs, ys = [], []
+    for row, words in enumerate(named):
+        writes = _coordinate_writes(labels[row], coord_ids)
+        if not words or not len(writes):
+            continue
+        target = torch.zeros(len(ATTRIBUTE_WORDS), device=hidden.device)
+        target[words] = 1.0
+        xs.append(hidden[row, writes])
+        ys.append(target.expand(len(writes), -1))
+    if not xs:
+        return None
+    logits = readout(torch.cat(xs).float())
+    return nn.functional.binary_cross_entropy_with_logits(logits, torch.cat(ys), reduction="sum") / len(logits)

@@ -56,9 +56,12 @@ from ..world.scene import Scene
 from ..world.tasks import TaskWriter
 from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 from .attend import (
+    ATTRIBUTE_WORDS,
     BoxTarget,
     HeadAttention,
     attention_loss,
+    named_loss,
+    named_words,
     object_slots,
     phrase_loss,
     phrase_positions,
@@ -114,6 +117,7 @@ class GateRun:
     gather_weight: float = 0.0         # > 0: the first hop supervised too (`attend.phrase_loss`), this weight
     gather_layer: int = 1
     gather_head: int = 1
+    query_weight: float = 0.0          # > 0: the attend layer's input at coordinates must name the question's words (`attend.named_loss`)
 
 
 class OracleSphinx(nn.Module):
@@ -223,6 +227,7 @@ class Sample:
     skipped: list[bool]
     targets: list[BoxTarget] = field(default_factory=list)  # per box of the answer: its object's visual slots
     phrase: list[int] = field(default_factory=list)         # positions of the question's naming words (grounding)
+    named: list[int] = field(default_factory=list)          # which attribute words they are (`attend.ATTRIBUTE_WORDS`)
 
 
 def make_sample(scene: Scene, question: str, answer: str | None, proc: SphinxProcessor,
@@ -262,6 +267,7 @@ def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc:
             if len(qa) == 4:                                         # "the brown triangle" -> " brown triangle"
                 words = proc.tokenizer.encode(qa[3].removeprefix("the"), add_special_tokens=False)
                 sample.phrase = phrase_positions(sample.input_ids, words)
+                sample.named = named_words(qa[3])
             return sample
 
 
@@ -290,7 +296,8 @@ def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) ->
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "feats": torch.cat([s.feats for s in samples]),
             "view_skip": torch.tensor([s.skipped for s in samples], dtype=torch.bool),
-            "targets": [s.targets for s in samples], "phrases": [s.phrase for s in samples]}
+            "targets": [s.targets for s in samples], "phrases": [s.phrase for s in samples],
+            "named": [s.named for s in samples]}
 
 
 def eval_questions(run: GateRun) -> dict[str, list[Question]]:
@@ -440,14 +447,17 @@ def train(run: GateRun) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "run.json").write_text(json.dumps(run_record(run), indent=2) + "\n", encoding="utf-8")
     model, proc, cells = build(run)
-    params = [p for p in model.parameters() if p.requires_grad]
+    readout = None
+    if run.query_weight > 0:          # trained with the run, not part of the model
+        readout = nn.Linear(model.model.llm.config.hidden_size, len(ATTRIBUTE_WORDS))
+    params = [p for p in model.parameters() if p.requires_grad] + ([] if readout is None else list(readout.parameters()))
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0, betas=(0.9, 0.98))
     questions = eval_questions(run)
     scenes = training_scenes(run)
     coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES])
     rng = random.Random(run.seed)
     probe = None
-    if run.attend_weight > 0:
+    if run.attend_weight > 0 or run.query_weight > 0:
         probe = HeadAttention(model.model.llm.model.layers[run.attend_layer].self_attn, run.attend_head)
     gather = None
     if run.gather_weight > 0:
@@ -473,11 +483,16 @@ def train(run: GateRun) -> dict:
                                   labels=None if run.loss_per_answer else batch["labels"])
         loss = answer_mean_loss(out.logits, batch["labels"]) if run.loss_per_answer else out.loss
         attend = None
-        if probe is not None:
+        if probe is not None and run.attend_weight > 0:
             attend = attention_loss(probe, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                     batch["targets"], coord_ids, IMAGE_TOKEN_ID)
             if attend is not None:
                 loss = loss + run.attend_weight * attend
+        named = None
+        if readout is not None:
+            named = named_loss(readout, probe.inputs[0], batch["labels"], batch["named"], coord_ids)
+            if named is not None:
+                loss = loss + run.query_weight * named
         hop = None
         if gather is not None:
             hop = phrase_loss(gather, batch["labels"], batch["attention_mask"], batch["phrases"], coord_ids)
@@ -496,7 +511,8 @@ def train(run: GateRun) -> dict:
         log.write(json.dumps({"step": step, "seconds": round(elapsed, 1), "loss": loss.item(), "lr": lr,
                               "coord_exact": coord["exact"], "coord_near": coord["near"],
                               "attend": None if attend is None else attend.item(),
-                              "gather": None if hop is None else hop.item()}) + "\n")
+                              "gather": None if hop is None else hop.item(),
+                              "named": None if named is None else named.item()}) + "\n")
         log.flush()
         if run.save_every_minutes and elapsed >= next_save:
             save_weights(model, folder)
@@ -538,6 +554,8 @@ def run_label(run: dict) -> str:
     if run.get("attend_weight"):
         parts.append(f"attention supervision (layer {run['attend_layer']} head {run['attend_head']}, "
                      f"weight {run['attend_weight']:g})")
+    if run.get("query_weight"):
+        parts.append(f"named words read out at layer {run['attend_layer']} (weight {run['query_weight']:g})")
     if run.get("gather_weight"):
         parts.append(f"first hop supervised (layer {run['gather_layer']} head {run['gather_head']}, "
                      f"weight {run['gather_weight']:g})")
@@ -594,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="> 0: supervise a head's attention onto the question's naming words at each coordinate")
     ap.add_argument("--gather-layer", type=int, default=GateRun.gather_layer)
     ap.add_argument("--gather-head", type=int, default=GateRun.gather_head)
+    ap.add_argument("--query-weight", type=float, default=0.0,
+                    help="> 0: a linear read-out of the attend layer's input at coordinates must name the question's words")
     ap.add_argument("--init-llm", type=Path, default=None, help="start the LLM from this demo checkpoint folder")
     ap.add_argument("--table", action="store_true", help="print the table of the runs found in --out and exit")
     a = ap.parse_args(argv)
@@ -614,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
                   loss_per_answer=a.loss_per_answer, save_every_minutes=a.save_every_minutes,
                   shared_image_position=a.shared_image_position, attend_weight=a.attend_weight,
                   attend_layer=a.attend_layer, attend_head=a.attend_head, gather_weight=a.gather_weight,
-                  gather_layer=a.gather_layer, gather_head=a.gather_head)
+                  gather_layer=a.gather_layer, gather_head=a.gather_head, query_weight=a.query_weight)
     llm = get_preset("sphinx-demo").llm.config
     if not all(0 <= layer < llm["num_hidden_layers"] and 0 <= head < llm["num_attention_heads"]
                for layer, head in ((run.attend_layer, run.attend_head), (run.gather_layer, run.gather_head))):
