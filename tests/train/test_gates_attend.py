@@ -9,6 +9,7 @@ import torch
 from sphinx_model.processor import IMAGE_TOKEN_ID
 from train.demo_tokenizer import NUMBER_PIECES
 from train.gates.attend import (
+    ATTRIBUTE_WORDS,
     BoxTarget,
     HeadAttention,
     attention_loss,
@@ -123,17 +124,40 @@ def test_rows_whose_boxes_do_not_match_their_targets_are_left_out():
                           IMAGE_TOKEN_ID) is None
 
 
-def test_the_first_hop_targets_the_questions_naming_words_at_every_coordinate():
+def test_box_targets_find_each_boxs_object_and_the_words_that_name_it():
+    from train.gates.pointing import box_targets
+
     run, model, proc, cells = gate()
     scene = two_object_scene()
     writer = TaskWriter(scene)
-    coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES])
+    # grounding: the question's phrase
     sample = make_sample(scene, "Where is the large triangle? Give its bounding box.", writer.box(scene.objects[1].box),
                          proc, cells, "")
-    words = proc.tokenizer.encode(" large triangle", add_special_tokens=False)
-    sample.phrase = phrase_positions(sample.input_ids, words)
-    assert proc.tokenizer.decode([sample.input_ids[i] for i in sample.phrase]).strip() == "large triangle"
+    (box,) = box_targets(sample, [(" large triangle", scene.objects[1])], proc)
+    assert proc.tokenizer.decode([sample.input_ids[i] for i in box.phrase]).strip() == "large triangle"
+    assert sorted(ATTRIBUTE_WORDS[i] for i in box.named) == ["large", "triangle"]
+    assert box.slots == object_slots(visual_slots(sample.feats, sample.skipped), scene.objects[1])
+    # detection: each box's own "<p>name</p>" in the answer, in turn
+    question, answer = writer.detection(random.Random(0))
+    sample = make_sample(scene, question, answer, proc, cells, "")
+    named = [(name, o) for name, group in writer.detection_groups().items() for o in group]
+    boxes = box_targets(sample, named, proc)
+    names = [proc.tokenizer.decode([sample.input_ids[i] for i in b.phrase]).strip() for b in boxes]
+    assert names == [name for name, _ in named] and len(set(map(tuple, (b.phrase for b in boxes)))) == 2
+    first_answer = next(i for i, label in enumerate(sample.labels) if label != -100)
+    assert all(b.phrase[0] >= first_answer for b in boxes)
     assert phrase_positions(sample.input_ids, proc.tokenizer.encode(" red star", add_special_tokens=False)) == []
+
+
+def test_the_first_hop_targets_the_naming_words_at_every_coordinate():
+    from train.gates.pointing import box_targets
+
+    run, model, proc, cells = gate()
+    scene = two_object_scene()
+    coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES])
+    sample = make_sample(scene, "Where is the large triangle? Give its bounding box.",
+                         TaskWriter(scene).box(scene.objects[1].box), proc, cells, "")
+    sample.targets = box_targets(sample, [(" large triangle", scene.objects[1])], proc)
     b = collate([sample], proc)
     attn = model.model.llm.model.layers[1].self_attn
     probe = HeadAttention(attn, head=1)
@@ -142,13 +166,14 @@ def test_the_first_hop_targets_the_questions_naming_words_at_every_coordinate():
     for _ in range(15):
         model.model.llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
                         attention_mask=b["attention_mask"])
-        loss = phrase_loss(probe, b["labels"], b["attention_mask"], b["phrases"], coord_ids)
+        loss = phrase_loss(probe, b["labels"], b["attention_mask"], b["targets"], coord_ids)
         losses.append(loss.item())
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert losses[-1] < 0.5 * losses[0]
-    assert phrase_loss(probe, b["labels"], b["attention_mask"], [[]], coord_ids) is None   # detection: no phrase
+    unnamed = [[BoxTarget(box.slots) for box in row] for row in b["targets"]]
+    assert phrase_loss(probe, b["labels"], b["attention_mask"], unnamed, coord_ids) is None
 
 
 def test_ridge_read_outs_find_an_attribute_that_is_there_and_not_one_that_is_not():
@@ -181,7 +206,7 @@ def test_the_probe_reads_a_fresh_gate_models_visual_tokens_and_measures_its_resi
 def test_the_named_words_read_out_scores_the_questions_words_at_the_coordinates():
     from torch import nn
 
-    from train.gates.attend import ATTRIBUTE_WORDS, named_loss, named_words
+    from train.gates.attend import named_loss, named_words
 
     assert sorted(ATTRIBUTE_WORDS[i] for i in named_words("the small red circle")) == ["circle", "red", "small"]
     coord = torch.arange(10, 111)
@@ -193,7 +218,7 @@ def test_the_named_words_read_out_scores_the_questions_words_at_the_coordinates(
         readout.weight.zero_()
         readout.bias.fill_(-10.0)
         readout.bias[named_words("the red circle")] = 10.0                 # says "red circle" everywhere
-    right = named_loss(readout, hidden, labels, [named_words("the red circle")], coord)
-    wrong = named_loss(readout, hidden, labels, [named_words("the blue square")], coord)
+    right = named_loss(readout, hidden, labels, [[BoxTarget([], [], named_words("the red circle"))]], coord)
+    wrong = named_loss(readout, hidden, labels, [[BoxTarget([], [], named_words("the blue square"))]], coord)
     assert right.item() < 0.01 < 10.0 < wrong.item()
-    assert named_loss(readout, hidden, labels, [[]], coord) is None       # detection rows: nothing named
+    assert named_loss(readout, hidden, labels, [[BoxTarget([])]], coord) is None       # nothing named

@@ -11,7 +11,7 @@ is the same truth the answers' boxes come from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,9 +23,13 @@ from .oracle import COLOUR, OBJ, SHAPE, SIZE
 
 @dataclass
 class BoxTarget:
-    """The visual slots (indices among one image's visual positions, layout order) of the object
-    that one box of the answer is about; boxes in answer order."""
+    """What one box of an answer (boxes in answer order) is about: the visual slots of its object
+    (indices among one image's visual positions, layout order), the positions of the words that
+    name it (the question's phrase for grounding, the answer's `<p>name</p>` for detection), and
+    which attribute words those are (indices in ATTRIBUTE_WORDS)."""
     slots: list[int]
+    phrase: list[int] = field(default_factory=list)
+    named: list[int] = field(default_factory=list)
 
 
 def visual_slots(feats: torch.Tensor, skipped: list[bool]) -> list[torch.Tensor | None]:
@@ -112,51 +116,60 @@ def _mass_losses(probe: HeadAttention, row: int, queries: list[int], wanted: lis
     return [-torch.logsumexp(logp[i, cols], dim=0) for i, cols in enumerate(wanted)]
 
 
+def _box_writes(labels: torch.Tensor, targets: list[list[BoxTarget]], coord_ids: torch.Tensor):
+    """(row, box, its four coordinate-writing positions) for every row whose count of coordinates is
+    four per target (a row that does not match, e.g. a malformed answer, is left out)."""
+    for row, boxes in enumerate(targets):
+        writes = _coordinate_writes(labels[row], coord_ids).tolist()
+        if boxes and len(writes) == 4 * len(boxes):
+            for b, box in enumerate(boxes):
+                yield row, box, writes[4 * b:4 * b + 4]
+
+
+def _head_mass_loss(probe: HeadAttention, attention_mask: torch.Tensor,
+                    wanted: list[tuple[int, list[int], torch.Tensor]]) -> torch.Tensor | None:
+    """Mean -log(attention mass on the columns) over (row, query positions, columns) entries."""
+    losses = []
+    rows: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+    for row, queries, cols in wanted:
+        qs, cs = rows.setdefault(row, ([], []))
+        qs += queries
+        cs += [cols] * len(queries)
+    for row, (queries, cols) in rows.items():
+        losses += _mass_losses(probe, row, queries, cols, attention_mask[row].bool())
+    return torch.stack(losses).mean() if losses else None
+
+
 def attention_loss(probe: HeadAttention, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor, targets: list[list[BoxTarget]], coord_ids: torch.Tensor,
                    image_token_id: int) -> torch.Tensor | None:
-    """Mean over the coordinate-writing positions of -log(attention mass on that box's object).
-
-    The answer's coordinates come in fours, one box each, in the order of `targets[row]`. A row whose
-    count of coordinates does not match its targets (or that has no targets) is left out. None where
-    no row counts."""
-    losses = []
-    for row, boxes in enumerate(targets):
-        writes = _coordinate_writes(labels[row], coord_ids)
-        if not boxes or len(writes) != 4 * len(boxes):
-            continue
-        image_at = (input_ids[row] == image_token_id).nonzero()[:, 0]
-        queries, wanted = [], []
-        for b, box in enumerate(boxes):
-            if box.slots:
-                queries += writes[4 * b:4 * b + 4].tolist()
-                wanted += [image_at[box.slots]] * 4
-        if queries:
-            losses += _mass_losses(probe, row, queries, wanted, attention_mask[row].bool())
-    return torch.stack(losses).mean() if losses else None
+    """Mean over the coordinate-writing positions of -log(attention mass on that box's object's
+    visual tokens): the second hop. None where no row counts."""
+    wanted = []
+    for row, box, writes in _box_writes(labels, targets, coord_ids):
+        if box.slots:
+            image_at = (input_ids[row] == image_token_id).nonzero()[:, 0]
+            wanted.append((row, writes, image_at[box.slots]))
+    return _head_mass_loss(probe, attention_mask, wanted)
 
 
 def phrase_loss(probe: HeadAttention, labels: torch.Tensor, attention_mask: torch.Tensor,
-                phrases: list[list[int]], coord_ids: torch.Tensor) -> torch.Tensor | None:
-    """Mean over the coordinate-writing positions of -log(attention mass on the question's naming
-    words): the first hop, which brings what the question names to where the box is written. Rows
-    without a phrase (detection) are left out; None where no row counts."""
-    losses = []
-    for row, phrase in enumerate(phrases):
-        writes = _coordinate_writes(labels[row], coord_ids).tolist()
-        if phrase and writes:
-            cols = torch.tensor(phrase, device=labels.device)
-            losses += _mass_losses(probe, row, writes, [cols] * len(writes), attention_mask[row].bool())
-    return torch.stack(losses).mean() if losses else None
+                targets: list[list[BoxTarget]], coord_ids: torch.Tensor) -> torch.Tensor | None:
+    """Mean over the coordinate-writing positions of -log(attention mass on the words that name that
+    box's object): the first hop, which brings the name to where the box is written. None where no
+    box has its words located."""
+    wanted = [(row, writes, torch.tensor(box.phrase, device=labels.device))
+              for row, box, writes in _box_writes(labels, targets, coord_ids) if box.phrase]
+    return _head_mass_loss(probe, attention_mask, wanted)
 
 
-def phrase_positions(input_ids: list[int], words: list[int]) -> list[int]:
-    """Where the token ids `words` (a phrase's naming words) last occur, contiguously, in `input_ids`
+def phrase_positions(input_ids: list[int], words: list[int], start: int = 0) -> list[int]:
+    """Where the token ids `words` first occur, contiguously, in `input_ids` at or after `start`
     (empty if they do not)."""
     n = len(words)
-    for start in range(len(input_ids) - n, -1, -1):
-        if input_ids[start:start + n] == words:
-            return list(range(start, start + n))
+    for at in range(start, len(input_ids) - n + 1):
+        if input_ids[at:at + n] == words:
+            return list(range(at, at + n))
     return []
 
 
@@ -164,25 +177,23 @@ ATTRIBUTE_WORDS = (*SHAPES, *COLOUR_NAMES, *SIZES)
 
 
 def named_words(phrase: str) -> list[int]:
-    """Indices in ATTRIBUTE_WORDS of the words a grounding phrase names ("the small red circle")."""
+    """Indices in ATTRIBUTE_WORDS of the words a phrase names ("the small red circle")."""
     return [ATTRIBUTE_WORDS.index(w) for w in phrase.split() if w in ATTRIBUTE_WORDS]
 
 
-def named_loss(readout: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, named: list[list[int]],
+def named_loss(readout: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, targets: list[list[BoxTarget]],
                coord_ids: torch.Tensor) -> torch.Tensor | None:
-    """Binary cross-entropy of a linear read-out of the hidden states (B, L, d) at the coordinate-writing
-    positions against the attribute words the question names: the selecting head's query can only
-    match what its input holds (`python -m train.gates.probe` found it held the named colour at
-    chance). Rows without named words (detection) are left out; None where no row counts."""
+    """Binary cross-entropy of a linear read-out of the hidden states (B, L, d) at each box's
+    coordinate-writing positions against the attribute words that name its object: the selecting
+    head's query can only match what its input holds (`python -m train.gates.probe` found the named
+    colour there at chance). None where no box names words."""
     xs, ys = [], []
-    for row, words in enumerate(named):
-        writes = _coordinate_writes(labels[row], coord_ids)
-        if not words or not len(writes):
-            continue
-        target = torch.zeros(len(ATTRIBUTE_WORDS), device=hidden.device)
-        target[words] = 1.0
-        xs.append(hidden[row, writes])
-        ys.append(target.expand(len(writes), -1))
+    for row, box, writes in _box_writes(labels, targets, coord_ids):
+        if box.named:
+            target = torch.zeros(len(ATTRIBUTE_WORDS), device=hidden.device)
+            target[box.named] = 1.0
+            xs.append(hidden[row, writes])
+            ys.append(target.expand(len(writes), -1))
     if not xs:
         return None
     logits = readout(torch.cat(xs).float())

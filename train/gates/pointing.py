@@ -52,7 +52,7 @@ from sphinx_model.tokenizer import load_tokenizer
 
 from ..demo_tokenizer import NUMBER_PIECES
 from ..evaluate import HELDOUT_WORLDS, Question, scene_questions, score
-from ..world.scene import Scene
+from ..world.scene import Scene, WorldObject
 from ..world.tasks import TaskWriter
 from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 from .attend import (
@@ -225,9 +225,7 @@ class Sample:
     labels: list[int]
     feats: torch.Tensor      # (kept views, T, F)
     skipped: list[bool]
-    targets: list[BoxTarget] = field(default_factory=list)  # per box of the answer: its object's visual slots
-    phrase: list[int] = field(default_factory=list)         # positions of the question's naming words (grounding)
-    named: list[int] = field(default_factory=list)          # which attribute words they are (`attend.ATTRIBUTE_WORDS`)
+    targets: list[BoxTarget] = field(default_factory=list)  # per box of the answer: its object, where it is named
 
 
 def make_sample(scene: Scene, question: str, answer: str | None, proc: SphinxProcessor,
@@ -256,19 +254,31 @@ def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc:
         writer = TaskWriter(scene, proc.config.anchor)
         if rng.random() < run.detection_share:
             qa = writer.detection(rng)
-            objects = [o for group in writer.detection_groups().values() for o in group]
+            # each box is named by its group's "<p>name</p>" in the answer (the name's first word follows ">")
+            named = [(name, o) for name, group in writer.detection_groups().items() for o in group]
         else:
-            qa = writer.grounding_object(rng)
-            objects = [qa[2]] if qa is not None else []
+            qa = writer.grounding_object(rng)                       # "the brown triangle" -> " brown triangle"
+            named = [(" " + qa[3].removeprefix("the ").strip(), qa[2])] if qa is not None else []
         if qa is not None:
             sample = make_sample(scene, qa[0], qa[1], proc, cells, run.system)
-            slots = visual_slots(sample.feats, sample.skipped)
-            sample.targets = [BoxTarget(object_slots(slots, o)) for o in objects]
-            if len(qa) == 4:                                         # "the brown triangle" -> " brown triangle"
-                words = proc.tokenizer.encode(qa[3].removeprefix("the"), add_special_tokens=False)
-                sample.phrase = phrase_positions(sample.input_ids, words)
-                sample.named = named_words(qa[3])
+            sample.targets = box_targets(sample, named, proc)
             return sample
+
+
+def box_targets(sample: Sample, named: list[tuple[str, WorldObject]], proc: SphinxProcessor) -> list[BoxTarget]:
+    """Per box of the answer (in order): its object's visual slots, and the positions and attribute
+    words of the name that names it (searched from the last one found, so each detection group's
+    name is found in turn after the question)."""
+    slots = visual_slots(sample.feats, sample.skipped)
+    answer = next((i for i, label in enumerate(sample.labels) if label != -100), 0)
+    targets, after, last = [], 0, None
+    for name, obj in named:
+        if name != last:                                             # a detection group's boxes share its name
+            ids = proc.tokenizer.encode(name, add_special_tokens=False)
+            phrase = phrase_positions(sample.input_ids, ids, after if name.startswith(" ") else max(after, answer))
+            after, last = (phrase[-1] + 1 if phrase else after), name
+        targets.append(BoxTarget(object_slots(slots, obj), phrase, named_words(name)))
+    return targets
 
 
 def in_curriculum(scene: Scene, max_objects: int) -> bool:
@@ -296,8 +306,7 @@ def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) ->
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "feats": torch.cat([s.feats for s in samples]),
             "view_skip": torch.tensor([s.skipped for s in samples], dtype=torch.bool),
-            "targets": [s.targets for s in samples], "phrases": [s.phrase for s in samples],
-            "named": [s.named for s in samples]}
+            "targets": [s.targets for s in samples]}
 
 
 def eval_questions(run: GateRun) -> dict[str, list[Question]]:
@@ -490,12 +499,12 @@ def train(run: GateRun) -> dict:
                 loss = loss + run.attend_weight * attend
         named = None
         if readout is not None:
-            named = named_loss(readout, probe.inputs[0], batch["labels"], batch["named"], coord_ids)
+            named = named_loss(readout, probe.inputs[0], batch["labels"], batch["targets"], coord_ids)
             if named is not None:
                 loss = loss + run.query_weight * named
         hop = None
         if gather is not None:
-            hop = phrase_loss(gather, batch["labels"], batch["attention_mask"], batch["phrases"], coord_ids)
+            hop = phrase_loss(gather, batch["labels"], batch["attention_mask"], batch["targets"], coord_ids)
             if hop is not None:
                 loss = loss + run.gather_weight * hop
         coord = coordinate_accuracy(out.logits.detach(), batch["labels"], coord_ids)
