@@ -222,3 +222,11 @@ def test_the_named_words_read_out_scores_the_questions_words_at_the_coordinates(
     wrong = named_loss(readout, hidden, labels, [[BoxTarget([], [], named_words("the blue square"))]], coord)
     assert right.item() < 0.01 < 10.0 < wrong.item()
     assert named_loss(readout, hidden, labels, [[BoxTarget([])]], coord) is None       # nothing named
+
+
+def test_the_probes_name_a_folder_that_is_not_a_gate_run(tmp_path, capsys):
+    from train.gates import attention, probe
+
+    for tool in (attention, probe):
+        assert tool.main([str(tmp_path)]) == 1
+        assert "needs run.json and weights.safetensors" in capsys.readouterr().err

@@ -95,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objects", type=int, default=2, help="scenes with exactly this many objects")
     ap.add_argument("--questions", type=int, default=24)
     a = ap.parse_args(argv)
-    if not (a.run / "run.json").exists() or not (a.run / "weights.safetensors").exists():
-        print(f"{a.run}: needs run.json and weights.safetensors (a gate run's folder)", file=sys.stderr)
+    try:
+        run, model, proc = load_run(a.run)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
         return 1
-    run, model, proc = load_run(a.run)
     table = attention_table(model, proc, run, a.objects, a.questions)
     cfg = model.model.llm.config
     print(f"{table['questions']} grounding questions on {a.objects}-object scenes; attention of the first coordinate's position")

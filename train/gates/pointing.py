@@ -433,6 +433,8 @@ def run_from_record(record: dict) -> GateRun:
 def load_run(folder: Path) -> tuple[GateRun, OracleSphinx, SphinxProcessor]:
     """A finished (or saved) gate run back from its folder, for the probes: its set-up with its own
     weights (the starts it was given, e.g. the word projector, are already in them)."""
+    if not (folder / "run.json").exists() or not (folder / "weights.safetensors").exists():
+        raise FileNotFoundError(f"{folder}: needs run.json and weights.safetensors (a gate run's folder)")
     run = run_from_record(json.loads((folder / "run.json").read_text()))
     run.init_weights, run.init_llm, run.max_objects = folder / "weights.safetensors", None, 0
     run.word_projector, run.visual_norm = False, 0.0
@@ -574,6 +576,8 @@ def run_label(run: dict) -> str:
         parts.append(f"from {Path(run['init_weights']).parent.name}")
     elif run.get("init_llm"):
         parts.append("LLM from v4")
+    else:
+        parts.append("fresh LLM")
     parts.append(f"lr {run['lr']:g}")
     return f"{run.get('name') or run['mechanism']}: " + ", ".join(parts)
 

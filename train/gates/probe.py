@@ -128,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", type=int, default=2, help="read out at this layer's attention input")
     ap.add_argument("--questions", type=int, default=150)
     a = ap.parse_args(argv)
-    if not (a.run / "run.json").exists() or not (a.run / "weights.safetensors").exists():
-        print(f"{a.run}: needs run.json and weights.safetensors (a gate run's folder)", file=sys.stderr)
+    try:
+        run, model, proc = load_run(a.run)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
         return 1
-    run, model, proc = load_run(a.run)
     layers = model.model.llm.config.num_hidden_layers
     if not 0 <= a.layer < layers:
         print(f"--layer: the model has layers 0-{layers - 1}", file=sys.stderr)
