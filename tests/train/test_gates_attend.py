@@ -230,3 +230,25 @@ def test_the_probes_name_a_folder_that_is_not_a_gate_run(tmp_path, capsys):
     for tool in (attention, probe):
         assert tool.main([str(tmp_path)]) == 1
         assert "needs run.json and weights.safetensors" in capsys.readouterr().err
+
+
+def test_a_short_supervised_gate_run_trains_logs_and_saves(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from train.gates.pointing import train
+
+    run = GateRun(mechanism="box+coords", token_grid=2, system="", shared_image_position=True, max_objects=2,
+                  detection_share=0.5, max_steps=3, batch_size=4, eval_scenes=1, out=tmp_path / "runs",
+                  name="sup", pool=tmp_path / "pool", pool_scenes=300, word_projector=True, loss_per_answer=True,
+                  attend_weight=0.3, gather_weight=0.3, query_weight=0.3)
+    result = train(run)
+    assert result["steps"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "sup" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("attend", "gather", "named"):
+        values = [r[key] for r in rows if r[key] is not None]
+        assert values and all(v == v and v >= 0 for v in values), key
+    weights = load_file(tmp_path / "runs" / "sup" / "weights.safetensors")
+    assert any(k.startswith("model.llm.") for k in weights)
+    assert not any("readout" in k and "canvas_pos" not in k for k in weights)   # the named-words read-out is not kept

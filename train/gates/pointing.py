@@ -101,6 +101,7 @@ class GateRun:
     save_every_minutes: float = 0.0    # > 0: weights.safetensors rewritten this often (a killed run continues with --init-weights)
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"                # "cuda" on a GPU machine: the same run, minutes instead of hours
     bf16: bool = True                  # autocast: this CPU multiplies bf16 about 3x faster than fp32
     system: str | None = None          # the system prompt (None: the template's own, ~45 tokens)
     init_llm: Path | None = None       # a demo checkpoint folder whose LLM weights start the run
@@ -359,11 +360,17 @@ def greedy(llm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.
     return rows
 
 
+def on_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch with its tensors on `device` (the per-box targets stay as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
 def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | None,
              questions: dict[str, list[Question]], batch: int = 16, bf16: bool = True,
              system: str | None = None, shared_image_position: bool = False) -> dict[str, dict[str, float]]:
     model.eval()
+    device = next(model.parameters()).device
     table = {}
     for name, qs in questions.items():
         correct, tp, n_pred, n_truth, n_ground = 0.0, 0, 0, 0, 0
@@ -371,11 +378,12 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
         for i in range(0, len(qs), batch):
             chunk = qs[i:i + batch]
             b = collate([make_sample(q.scene, q.prompt, None, proc, cells, system) for q in chunk], proc, left=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            b = on_device(b, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 embeds = model.embed(b["input_ids"], b["feats"], b["view_skip"])
             longest = max(200 if q.metric == "detection" else 16 for q in chunk)
             pos = position_ids(b["input_ids"], b["attention_mask"], shared_image_position)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = greedy(model.model.llm, embeds.float(), b["attention_mask"], pos, longest,
                              proc.tokenizer.eos_token_id)
             for q, ids in zip(chunk, out):
@@ -414,8 +422,8 @@ def coordinate_accuracy(logits: torch.Tensor, labels: torch.Tensor, coord_ids: t
         return {"exact": float("nan"), "near": float("nan")}
     guess = logits[:, :-1].argmax(-1)[where]
     truth = target[where]
-    value = torch.full((int(max(coord_ids.max(), guess.max())) + 1,), -10.0)
-    value[coord_ids] = torch.arange(len(coord_ids), dtype=torch.float32) / 100
+    value = torch.full((int(max(coord_ids.max(), guess.max())) + 1,), -10.0, device=guess.device)
+    value[coord_ids] = torch.arange(len(coord_ids), dtype=torch.float32, device=guess.device) / 100
     return {"exact": (guess == truth).float().mean().item(),
             "near": ((value[guess] - value[truth]).abs() <= 0.03 + 1e-6).float().mean().item()}
 
@@ -447,7 +455,7 @@ def save_weights(model: OracleSphinx, folder: Path) -> None:
     or not at all; the experts, never trained here, are left out."""
     experts = tuple(f"model.{k}." for k in model.model.expert_keys)
     tmp = folder / "weights.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith(experts)}, tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(experts)}, tmp)
     tmp.replace(folder / "weights.safetensors")
 
 
@@ -458,14 +466,16 @@ def train(run: GateRun) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "run.json").write_text(json.dumps(run_record(run), indent=2) + "\n", encoding="utf-8")
     model, proc, cells = build(run)
+    device = torch.device(run.device)
+    model.to(device)
     readout = None
     if run.query_weight > 0:          # trained with the run, not part of the model
-        readout = nn.Linear(model.model.llm.config.hidden_size, len(ATTRIBUTE_WORDS))
+        readout = nn.Linear(model.model.llm.config.hidden_size, len(ATTRIBUTE_WORDS)).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + ([] if readout is None else list(readout.parameters()))
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0, betas=(0.9, 0.98))
     questions = eval_questions(run)
     scenes = training_scenes(run)
-    coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES])
+    coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES], device=device)
     rng = random.Random(run.seed)
     probe = None
     if run.attend_weight > 0 or run.query_weight > 0:
@@ -480,13 +490,14 @@ def train(run: GateRun) -> dict:
     next_save = run.save_every_minutes * 60
     bar = tqdm(total=int(budget), unit="s", desc=f"gate A / {run.mechanism}")
     while step < run.max_steps and time.time() - start < budget:
-        batch = collate([training_sample(rng, scenes, run, proc, cells) for _ in range(run.batch_size)], proc)
+        batch = on_device(collate([training_sample(rng, scenes, run, proc, cells) for _ in range(run.batch_size)],
+                                  proc), device)
         seen += run.batch_size
         progress = min(1.0, (time.time() - start) / budget)
         lr = run.lr * min(1.0, (step + 1) / run.warmup_steps) * (0.1 + 0.9 * (1 - progress))
         for group in opt.param_groups:
             group["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
             embeds = model.embed(batch["input_ids"], batch["feats"], batch["view_skip"])
             out = model.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                   position_ids=position_ids(batch["input_ids"], batch["attention_mask"],
@@ -610,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-objects", type=int, default=0, help="only scenes with at most this many objects")
     ap.add_argument("--name", default=None, help="run folder name (default: the mechanism)")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     ap.add_argument("--system", default=None, help="system prompt (default: the template's; '' for none)")
     ap.add_argument("--init-weights", type=Path, default=None, help="start from an earlier gate run's weights.safetensors")
     ap.add_argument("--save-every-minutes", type=float, default=0.0, help="rewrite weights.safetensors this often")
@@ -647,7 +659,14 @@ def main(argv: list[str] | None = None) -> int:
                   loss_per_answer=a.loss_per_answer, save_every_minutes=a.save_every_minutes,
                   shared_image_position=a.shared_image_position, attend_weight=a.attend_weight,
                   attend_layer=a.attend_layer, attend_head=a.attend_head, gather_weight=a.gather_weight,
-                  gather_layer=a.gather_layer, gather_head=a.gather_head, query_weight=a.query_weight)
+                  gather_layer=a.gather_layer, gather_head=a.gather_head, query_weight=a.query_weight,
+                  device=a.device)
+    if run.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device on this machine", file=sys.stderr)
+        return 1
+    if not run.device.startswith(("cpu", "cuda")):
+        print(f"--device {run.device}: use cpu or cuda", file=sys.stderr)
+        return 1
     llm = get_preset("sphinx-demo").llm.config
     if not all(0 <= layer < llm["num_hidden_layers"] and 0 <= head < llm["num_attention_heads"]
                for layer, head in ((run.attend_layer, run.attend_head), (run.gather_layer, run.gather_head))):
