@@ -198,3 +198,41 @@ def named_loss(readout: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, t
         return None
     logits = readout(torch.cat(xs).float())
     return nn.functional.binary_cross_entropy_with_logits(logits, torch.cat(ys), reduction="sum") / len(logits)
+
+
+class Supervision:
+    """The auxiliary losses of a gate run, with their weights: the selecting head onto each box's object
+    (`attention_loss`), the first-hop head onto its name (`phrase_loss`), and the named-words read-out at
+    the selecting layer's input (`named_loss`; its linear layer trains with the run and is not kept).
+    A weight of 0 leaves that loss out."""
+
+    def __init__(self, llm: nn.Module, attend: tuple[int, int, float], gather: tuple[int, int, float],
+                 query_weight: float):
+        layers = llm.model.layers
+        self.attend_weight, self.gather_weight, self.query_weight = attend[2], gather[2], query_weight
+        self.select = HeadAttention(layers[attend[0]].self_attn, attend[1]) if attend[2] > 0 or query_weight > 0 else None
+        self.first_hop = HeadAttention(layers[gather[0]].self_attn, gather[1]) if gather[2] > 0 else None
+        self.readout = None
+        if query_weight > 0:
+            weight = llm.get_input_embeddings().weight
+            self.readout = nn.Linear(weight.shape[1], len(ATTRIBUTE_WORDS)).to(weight.device)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [] if self.readout is None else list(self.readout.parameters())
+
+    def losses(self, batch: dict, coord_ids: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor | None]:
+        """After the LLM's forward on `batch`: each auxiliary loss (None where off or where no row counts)."""
+        out: dict[str, torch.Tensor | None] = {"attend": None, "gather": None, "named": None}
+        if self.select is not None and self.attend_weight > 0:
+            out["attend"] = attention_loss(self.select, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                           batch["targets"], coord_ids, image_token_id)
+        if self.readout is not None:
+            out["named"] = named_loss(self.readout, self.select.inputs[0], batch["labels"], batch["targets"], coord_ids)
+        if self.first_hop is not None:
+            out["gather"] = phrase_loss(self.first_hop, batch["labels"], batch["attention_mask"], batch["targets"],
+                                        coord_ids)
+        return out
+
+    def total(self, losses: dict[str, torch.Tensor | None]) -> torch.Tensor | float:
+        weights = {"attend": self.attend_weight, "gather": self.gather_weight, "named": self.query_weight}
+        return sum(weights[k] * v for k, v in losses.items() if v is not None)

@@ -56,14 +56,10 @@ from ..world.scene import Scene, WorldObject
 from ..world.tasks import TaskWriter
 from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 from .attend import (
-    ATTRIBUTE_WORDS,
     BoxTarget,
-    HeadAttention,
-    attention_loss,
-    named_loss,
+    Supervision,
     named_words,
     object_slots,
-    phrase_loss,
     phrase_positions,
     visual_slots,
 )
@@ -468,21 +464,14 @@ def train(run: GateRun) -> dict:
     model, proc, cells = build(run)
     device = torch.device(run.device)
     model.to(device)
-    readout = None
-    if run.query_weight > 0:          # trained with the run, not part of the model
-        readout = nn.Linear(model.model.llm.config.hidden_size, len(ATTRIBUTE_WORDS)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad] + ([] if readout is None else list(readout.parameters()))
+    supervision = Supervision(model.model.llm, (run.attend_layer, run.attend_head, run.attend_weight),
+                              (run.gather_layer, run.gather_head, run.gather_weight), run.query_weight)
+    params = [p for p in model.parameters() if p.requires_grad] + supervision.parameters()
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0, betas=(0.9, 0.98))
     questions = eval_questions(run)
     scenes = training_scenes(run)
     coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES], device=device)
     rng = random.Random(run.seed)
-    probe = None
-    if run.attend_weight > 0 or run.query_weight > 0:
-        probe = HeadAttention(model.model.llm.model.layers[run.attend_layer].self_attn, run.attend_head)
-    gather = None
-    if run.gather_weight > 0:
-        gather = HeadAttention(model.model.llm.model.layers[run.gather_layer].self_attn, run.gather_head)
     log = open(folder / "metrics.jsonl", "w", encoding="utf-8")
     start, step, seen, evals = time.time(), 0, 0, []
     budget = run.minutes * 60
@@ -504,22 +493,8 @@ def train(run: GateRun) -> dict:
                                                             run.shared_image_position),
                                   labels=None if run.loss_per_answer else batch["labels"])
         loss = answer_mean_loss(out.logits, batch["labels"]) if run.loss_per_answer else out.loss
-        attend = None
-        if probe is not None and run.attend_weight > 0:
-            attend = attention_loss(probe, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                    batch["targets"], coord_ids, IMAGE_TOKEN_ID)
-            if attend is not None:
-                loss = loss + run.attend_weight * attend
-        named = None
-        if readout is not None:
-            named = named_loss(readout, probe.inputs[0], batch["labels"], batch["targets"], coord_ids)
-            if named is not None:
-                loss = loss + run.query_weight * named
-        hop = None
-        if gather is not None:
-            hop = phrase_loss(gather, batch["labels"], batch["attention_mask"], batch["targets"], coord_ids)
-            if hop is not None:
-                loss = loss + run.gather_weight * hop
+        aux = supervision.losses(batch, coord_ids, IMAGE_TOKEN_ID)
+        loss = loss + supervision.total(aux)
         coord = coordinate_accuracy(out.logits.detach(), batch["labels"], coord_ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -529,12 +504,10 @@ def train(run: GateRun) -> dict:
         elapsed = time.time() - start
         bar.n = int(min(elapsed, budget))
         bar.set_postfix(step=step, loss=f"{loss.item():.3f}", coord=f"{coord['exact']:.2f}",
-                        **({} if attend is None else {"attend": f"{attend.item():.2f}"}))
+                        **({} if aux["attend"] is None else {"attend": f"{aux['attend'].item():.2f}"}))
         log.write(json.dumps({"step": step, "seconds": round(elapsed, 1), "loss": loss.item(), "lr": lr,
                               "coord_exact": coord["exact"], "coord_near": coord["near"],
-                              "attend": None if attend is None else attend.item(),
-                              "gather": None if hop is None else hop.item(),
-                              "named": None if named is None else named.item()}) + "\n")
+                              **{k: None if v is None else v.item() for k, v in aux.items()}}) + "\n")
         log.flush()
         if run.save_every_minutes and elapsed >= next_save:
             save_weights(model, folder)
