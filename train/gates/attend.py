@@ -145,11 +145,12 @@ def attention_loss(probe: HeadAttention, input_ids: torch.Tensor, labels: torch.
                    image_token_id: int) -> torch.Tensor | None:
     """Mean over the coordinate-writing positions of -log(attention mass on that box's object's
     visual tokens): the second hop. None where no row counts."""
-    wanted = []
+    wanted, image_at = [], {}
     for row, box, writes in _box_writes(labels, targets, coord_ids):
         if box.slots:
-            image_at = (input_ids[row] == image_token_id).nonzero()[:, 0]
-            wanted.append((row, writes, image_at[box.slots]))
+            if row not in image_at:                                        # once per row, not per box
+                image_at[row] = (input_ids[row] == image_token_id).nonzero()[:, 0]
+            wanted.append((row, writes, image_at[row][box.slots]))
     return _head_mass_loss(probe, attention_mask, wanted)
 
 

@@ -258,7 +258,8 @@ def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc:
             named = [(" " + qa[3].removeprefix("the ").strip(), qa[2])] if qa is not None else []
         if qa is not None:
             sample = make_sample(scene, qa[0], qa[1], proc, cells, run.system)
-            sample.targets = box_targets(sample, named, proc)
+            if run.attend_weight or run.gather_weight or run.query_weight:   # only supervision reads them
+                sample.targets = box_targets(sample, named, proc)
             return sample
 
 
