@@ -438,10 +438,11 @@ def run_from_record(record: dict) -> GateRun:
 def load_run(folder: Path) -> tuple[GateRun, OracleSphinx, SphinxProcessor]:
     """A finished (or saved) gate run back from its folder, for the probes: its set-up with its own
     weights (the starts it was given, e.g. the word projector, are already in them)."""
-    if not (folder / "run.json").exists() or not (folder / "weights.safetensors").exists():
+    weights = next((folder / n for n in ("weights.safetensors", "weights.bf16.safetensors") if (folder / n).exists()), None)
+    if not (folder / "run.json").exists() or weights is None:   # bf16: as committed in train/gates/results
         raise FileNotFoundError(f"{folder}: needs run.json and weights.safetensors (a gate run's folder)")
     run = run_from_record(json.loads((folder / "run.json").read_text()))
-    run.init_weights, run.init_llm, run.max_objects = folder / "weights.safetensors", None, 0
+    run.init_weights, run.init_llm, run.max_objects = weights, None, 0
     run.word_projector, run.visual_norm = False, 0.0
     model, proc, _ = build(run)
     return run, model, proc
