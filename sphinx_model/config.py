@@ -116,6 +116,8 @@ class SphinxConfig:
                                       # projector (canvas_positions.py); off in every released preset
     box_positions: bool = False       # with canvas_positions: each token's embedding also codes the box a linear
                                       # read-out of its expert features finds, placed in the token's cell
+    shared_image_position: bool = False  # every visual token of an image at one rotary position (positions.py);
+                                         # off in every released preset (trained with sequential positions)
 
     def __post_init__(self) -> None:
         from .templates import TEMPLATES  # torch-free; imported here, as templates needs the schema only

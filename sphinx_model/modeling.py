@@ -9,6 +9,7 @@ Tensors in, tensors out (the processor prepares them). Forward path:
     [+ canvas positions of each token's slot, when config.canvas_positions]
     --layout per image--> [start, Q + T tokens, end] per encoded view, one skip token per skipped view
     --scatter into the placeholder positions of input_ids--> inputs_embeds (B, L, d) --> LLM
+    [rotary positions: one per image's visual tokens, when config.shared_image_position (positions.py)]
 
 The N images are those of all rows in order (a row may hold none, one or several); they
 fill the placeholders row by row, each row's images in sequence order.
@@ -25,6 +26,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from .canvas_positions import CanvasPositions
 from .config import LLMConfig, SphinxConfig
 from .experts import build_expert
+from .positions import rotary_positions
 from .processor import IMAGE_TOKEN_ID
 from .tiling import num_views, visual_token_count
 
@@ -269,10 +271,17 @@ class SphinxForCausalLM(nn.Module):
         return embeds
 
     # --- forward ------------------------------------------------------------------------
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) rotary positions of (left- or right-padded) rows, as this model counts them:
+        one image's visual tokens share one position when `config.shared_image_position` is on."""
+        return rotary_positions(input_ids, attention_mask, self.config.shared_image_position)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, view_skip: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs):
         embeds = self.embed_inputs(input_ids, pixel_values, view_skip)   # (B, L, d)
+        if self.config.shared_image_position and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = self.position_ids(input_ids, attention_mask).to(embeds.device)
         if labels is not None and self.config.llm.router_aux_loss_coef:
             kwargs.setdefault("output_router_logits", True)  # MoE load balancing joins the loss
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)

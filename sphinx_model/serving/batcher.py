@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..positions import position_shift
 from ..processor import IMAGE_TOKEN_ID, ProcessedImage
 from .batch_cache import RoomyLayer, pad_left
 from .caches import ImageCache, PrefixCache, cache_from, cacheable, common_prefix
@@ -216,11 +217,22 @@ class ContinuousBatcher(JobMaker):
         cache = cache if cache is not None else DynamicCache(config=self.llm.config)
         logits = self._forward(cache, inputs_embeds=embeds,
                                attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
-                               position_ids=torch.arange(reused, n, device=device)[None])
+                               position_ids=self._positions(ids)[:, reused:])
         if self._batchable is None:
             self._batchable = cacheable(cache)
         self.stats["prefilled"] += n - reused
         return cache, logits
+
+    def _positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """(1, n) rotary positions of a prompt, as the model counts them (`positions.py`)."""
+        return self.model.position_ids(ids)
+
+    def _shift(self, job: Job) -> int:
+        """How far the job's rotary positions fall behind its cache indices (0 unless the model
+        gives an image's tokens one position); found once per job."""
+        if job.position_shift is None:
+            job.position_shift = position_shift(job.ids, self.model.config.shared_image_position)
+        return job.position_shift
 
     def _in_flight(self, keys: tuple, most: int) -> tuple[int, int]:
         """(row, n): the batch row whose prompt and answer so far share the longest prefix with
@@ -293,7 +305,7 @@ class ContinuousBatcher(JobMaker):
         device, rows = self.model.device, self._rows
         # a row that joined with its prompt's last position still to run feeds that position
         last = torch.tensor([[(j.generated or j.ids)[-1]] for j in rows], device=device)     # (B, 1)
-        pos = torch.tensor([[j.cached] for j in rows], device=device)                        # (B, 1)
+        pos = torch.tensor([[j.cached - self._shift(j)] for j in rows], device=device)       # (B, 1)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)       # (B, W + 1)
         try:
             with _timed(self.stats, "us_step"):

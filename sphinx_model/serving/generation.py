@@ -158,6 +158,9 @@ class Generator:
             if cancel is not None:
                 criteria.append(StopOnEvent(cancel))
             sampling = settings.temperature > 0
+            extra = {}
+            if self.model.config.shared_image_position:   # else transformers counts them from the mask
+                extra["position_ids"] = self.model.position_ids(batch["input_ids"], batch["attention_mask"]).to(device)
             out = self.model.llm.generate(
                 inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device),
                 max_new_tokens=max_new_tokens, do_sample=sampling,
@@ -165,7 +168,7 @@ class Generator:
                 top_p=settings.top_p if sampling else None, top_k=settings.top_k if sampling else None,
                 repetition_penalty=settings.repetition_penalty, use_cache=settings.use_cache,
                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                stopping_criteria=criteria, streamer=streamer)
+                stopping_criteria=criteria, streamer=streamer, **extra)
         return out  # (B, new_tokens): transformers returns only new tokens for inputs_embeds
 
     def _finish(self, ids: Sequence[int]) -> str:

@@ -88,6 +88,7 @@ class Job:
         self.penalty = LogitsProcessorList()
         self.warpers = LogitsProcessorList()
         self.rng: torch.Generator | None = None
+        self.position_shift: int | None = None      # rotary positions behind cache indices (the batcher's)
 
     @property
     def sampling(self) -> bool:

@@ -119,20 +119,9 @@ def test_a_smaller_pool_is_read_from_a_larger_one_of_the_same_world(tmp_path):
     assert len(list(tmp_path.glob("*.jsonl"))) == 1                    # nothing rendered again
 
 
-def test_shared_image_positions_put_every_visual_token_of_an_image_at_one_place():
-    from sphinx_model.processor import IMAGE_TOKEN_ID
-    from train.gates.pointing import position_ids
-
-    I = IMAGE_TOKEN_ID
-    ids = torch.tensor([[0, 0, 1, I, I, I, 5, 6],          # left-padded row
-                        [1, I, I, I, 5, 6, 7, 8]])
-    mask = (torch.arange(8) >= torch.tensor([[2], [0]])).long()
-    assert position_ids(ids, mask, False).tolist() == [[0, 0, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5, 6, 7]]
-    assert position_ids(ids, mask, True).tolist() == [[0, 0, 0, 1, 1, 1, 2, 3], [0, 1, 1, 1, 2, 3, 4, 5]]
-
-
 def test_the_gates_greedy_decoder_writes_what_transformers_generate_writes():
-    from train.gates.pointing import GateRun, build, greedy, position_ids
+    from sphinx_model.positions import rotary_positions
+    from train.gates.pointing import GateRun, build, greedy
 
     torch.manual_seed(0)
     model, proc, _ = build(GateRun(mechanism="none", token_grid=2))
@@ -141,7 +130,7 @@ def test_the_gates_greedy_decoder_writes_what_transformers_generate_writes():
     mask = torch.ones_like(ids)
     mask[0, :3] = 0                                                     # left padding
     embeds = llm.get_input_embeddings()(ids)
-    ours = greedy(llm, embeds, mask, position_ids(ids, mask, False), 6, eos=-1)
+    ours = greedy(llm, embeds, mask, rotary_positions(ids, mask, False), 6, eos=-1)
     theirs = llm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False,
                           pad_token_id=0, eos_token_id=None)
     assert ours == theirs.tolist()

@@ -19,7 +19,8 @@ from train.gates.attend import (
     phrase_positions,
     visual_slots,
 )
-from train.gates.pointing import GateRun, build, collate, make_sample, position_ids
+from sphinx_model.positions import rotary_positions
+from train.gates.pointing import GateRun, build, collate, make_sample
 from train.world.scene import Scene, WorldObject
 from train.world.tasks import TaskWriter
 
@@ -85,7 +86,7 @@ def test_the_supervised_rows_are_the_heads_own_attention_and_the_loss_rewards_lo
     def forward():
         return llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
                    attention_mask=b["attention_mask"], output_attentions=True,
-                   position_ids=position_ids(b["input_ids"], b["attention_mask"], True))
+                   position_ids=rotary_positions(b["input_ids"], b["attention_mask"], True))
 
     with torch.no_grad():
         out = forward()

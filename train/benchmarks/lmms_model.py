@@ -236,11 +236,12 @@ class SphinxX(lmms):
         batch = self.processor.collate(samples, padding_side="left")
         device = self.model.device
         mask = batch["attention_mask"].to(device)
-        kwargs: dict[str, Any] = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        ids = batch["input_ids"].to(device)
+        kwargs: dict[str, Any] = {"position_ids": self.model.position_ids(ids, mask)}
         if self._keep_logits:
             kwargs["logits_to_keep"] = longest + 1
         with torch.inference_mode():
-            out = self.model(batch["input_ids"].to(device), attention_mask=mask,
+            out = self.model(ids, attention_mask=mask,
                              pixel_values=batch.get("pixel_values"), view_skip=batch.get("view_skip"), **kwargs)
         logits = out.logits.float()                                   # (B, K, V), K = longest + 1 or L
         labels = batch["labels"].to(device)

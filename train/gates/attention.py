@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sphinx_model.positions import rotary_positions
 from sphinx_model.processor import IMAGE_TOKEN_ID
 
 from ..world.tasks import PROMPTS, TaskWriter, describe
@@ -24,7 +25,6 @@ from .pointing import (
     collate,
     load_run,
     make_sample,
-    position_ids,
     training_scenes,
 )
 
@@ -65,7 +65,7 @@ def attention_table(model: OracleSphinx, proc, run, objects: int, questions: int
         kinds = slot_kinds(sample.feats, sample.skipped, obj.shape, obj.colour)
         query = int((b["labels"][0] != -100).nonzero()[0, 0])   # the input there predicts the first coordinate
         out = llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
-                  position_ids=position_ids(b["input_ids"], b["attention_mask"], run.shared_image_position),
+                  position_ids=rotary_positions(b["input_ids"], b["attention_mask"], run.shared_image_position),
                   output_attentions=True)
         for layer, att in enumerate(out.attentions):
             a = att[0, :, query, image_at]                          # (heads, visual positions)

@@ -46,6 +46,7 @@ from sphinx_model.canvas_positions import init_coordinate_embeddings
 from sphinx_model.config import SphinxConfig, get_preset
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.modeling import SphinxForCausalLM, _projector
+from sphinx_model.positions import rotary_positions
 from sphinx_model.processor import IMAGE_TOKEN_ID, ProcessedImage, SphinxProcessor
 from sphinx_model.tiling import canvas_geometry, skipped_views, token_cells
 from sphinx_model.tokenizer import load_tokenizer
@@ -319,20 +320,6 @@ def eval_questions(run: GateRun) -> dict[str, list[Question]]:
     return out
 
 
-def position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_image: bool) -> torch.Tensor:
-    """(B, L) rotary positions. Sequential over the attended tokens; with `shared_image`, every visual
-    token of a run of placeholders takes the position of the run's first, and the text after it goes
-    on from there (as Qwen2-VL's M-RoPE does for an image's temporal axis): an answer is then equally
-    far from every visual token, and which one it attends to is a matter of content and canvas code."""
-    step = attention_mask.long()
-    if shared_image:
-        is_image = input_ids == IMAGE_TOKEN_ID
-        follows_image = torch.zeros_like(is_image)
-        follows_image[:, 1:] = is_image[:, :-1]
-        step = step * ~(is_image & follows_image)
-    return (step.cumsum(1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def greedy(llm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, max_new: int,
            eos: int) -> list[list[int]]:
@@ -379,7 +366,7 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 embeds = model.embed(b["input_ids"], b["feats"], b["view_skip"])
             longest = max(200 if q.metric == "detection" else 16 for q in chunk)
-            pos = position_ids(b["input_ids"], b["attention_mask"], shared_image_position)
+            pos = rotary_positions(b["input_ids"], b["attention_mask"], shared_image_position)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = greedy(model.model.llm, embeds.float(), b["attention_mask"], pos, longest,
                              proc.tokenizer.eos_token_id)
@@ -491,7 +478,7 @@ def train(run: GateRun) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
             embeds = model.embed(batch["input_ids"], batch["feats"], batch["view_skip"])
             out = model.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                  position_ids=position_ids(batch["input_ids"], batch["attention_mask"],
+                                  position_ids=rotary_positions(batch["input_ids"], batch["attention_mask"],
                                                             run.shared_image_position),
                                   labels=None if run.loss_per_answer else batch["labels"])
         loss = answer_mean_loss(out.logits, batch["labels"]) if run.loss_per_answer else out.loss

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from sphinx_model.positions import rotary_positions
 from sphinx_model.processor import IMAGE_TOKEN_ID
 
 from ..demo_tokenizer import NUMBER_PIECES
@@ -30,7 +31,6 @@ from .pointing import (
     collate,
     load_run,
     make_sample,
-    position_ids,
     training_scenes,
 )
 
@@ -85,7 +85,7 @@ def probe(model: OracleSphinx, proc, run: GateRun, layer: int, questions: int, s
         b = collate([sample], proc)
         embeds = model.embed(b["input_ids"], b["feats"], b["view_skip"])
         out = llm(inputs_embeds=embeds, output_hidden_states=True,
-                  position_ids=position_ids(b["input_ids"], b["attention_mask"], run.shared_image_position))
+                  position_ids=rotary_positions(b["input_ids"], b["attention_mask"], run.shared_image_position))
         image = b["input_ids"][0] == IMAGE_TOKEN_ID
         for i in range(len(llm.model.layers)):
             for part, t in (("resid", out.hidden_states[i]), ("attn", adds[("attn", i)]), ("mlp", adds[("mlp", i)])):
