@@ -14,6 +14,7 @@ from train.gates.attend import (
     HeadAttention,
     attention_loss,
     attributes,
+    naming_loss,
     object_slots,
     phrase_loss,
     phrase_positions,
@@ -177,6 +178,49 @@ def test_the_first_hop_targets_the_naming_words_at_every_coordinate():
     assert phrase_loss(probe, b["labels"], b["attention_mask"], unnamed, coord_ids) is None
 
 
+def test_naming_targets_the_objects_a_detection_answer_names_at_the_positions_that_write_the_name():
+    from train.gates.pointing import box_targets
+
+    run, model, proc, cells = gate()
+    scene = two_object_scene()
+    writer = TaskWriter(scene)
+    question, answer = writer.detection(random.Random(0))
+    sample = make_sample(scene, question, answer, proc, cells, "")
+    named = [(name, o) for name, group in writer.detection_groups().items() for o in group]
+    sample.targets = box_targets(sample, named, proc)
+    b = collate([sample], proc)
+    attn = model.model.llm.model.layers[3].self_attn
+    probe = HeadAttention(attn, head=1)
+    seen = []
+    real = probe.log_probs
+
+    def spy(row, queries, keep):                                    # which positions ask, for which columns
+        seen.append(queries.tolist())
+        return real(row, queries, keep)
+
+    probe.log_probs = spy
+    opt = torch.optim.Adam([attn.q_proj.weight, attn.k_proj.weight], lr=0.02)
+    losses = []
+    for _ in range(15):
+        model.model.llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
+                        attention_mask=b["attention_mask"])
+        loss = naming_loss(probe, b["input_ids"], b["labels"], b["attention_mask"], b["targets"], IMAGE_TOKEN_ID)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0]
+    # each name's words are written by the position before each: "<p>" then the words but the last
+    names = {tuple(t.phrase) for t in sample.targets}
+    assert sorted(seen[0]) == sorted(p - 1 for phrase in names for p in phrase)
+    # grounding names its object in the question, not in the answer: nothing to supervise
+    grounding = make_sample(scene, "Where is the large triangle? Give its bounding box.",
+                            writer.box(scene.objects[1].box), proc, cells, "")
+    grounding.targets = box_targets(grounding, [(" large triangle", scene.objects[1])], proc)
+    g = collate([grounding], proc)
+    assert naming_loss(probe, g["input_ids"], g["labels"], g["attention_mask"], g["targets"], IMAGE_TOKEN_ID) is None
+
+
 def test_ridge_read_outs_find_an_attribute_that_is_there_and_not_one_that_is_not():
     from train.gates.probe import GROUPS, WORDS, ridge_accuracy
 
@@ -243,11 +287,11 @@ def test_a_short_supervised_gate_run_trains_logs_and_saves(tmp_path):
     run = GateRun(mechanism="box+coords", token_grid=2, system="", shared_image_position=True, max_objects=2,
                   detection_share=0.5, max_steps=3, batch_size=4, eval_scenes=1, out=tmp_path / "runs",
                   name="sup", pool=tmp_path / "pool", pool_scenes=300, word_projector=True, loss_per_answer=True,
-                  attend_weight=0.3, gather_weight=0.3, query_weight=0.3)
+                  attend_weight=0.3, gather_weight=0.3, query_weight=0.3, name_weight=0.3)
     result = train(run)
     assert result["steps"] == 3
     rows = [json.loads(line) for line in (tmp_path / "runs" / "sup" / "metrics.jsonl").read_text().splitlines()]
-    for key in ("attend", "gather", "named"):
+    for key in ("attend", "gather", "named", "name"):
         values = [r[key] for r in rows if r[key] is not None]
         assert values and all(v == v and v >= 0 for v in values), key
     weights = load_file(tmp_path / "runs" / "sup" / "weights.safetensors")

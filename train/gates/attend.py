@@ -164,6 +164,26 @@ def phrase_loss(probe: HeadAttention, labels: torch.Tensor, attention_mask: torc
     return _head_mass_loss(probe, attention_mask, wanted)
 
 
+def naming_loss(probe: HeadAttention, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor,
+                targets: list[list[BoxTarget]], image_token_id: int) -> torch.Tensor | None:
+    """Mean over the positions that write an answer's name of an object (a detection group's
+    `<p>name`: the position before each of its words) of -log(attention mass on the visual tokens
+    of the objects that name is about). Choosing which object to list next is the step the
+    coordinate losses leave unsupervised; this gives it a place to look. None where no name is
+    written in an answer."""
+    wanted, image_at = [], {}
+    for row, boxes in enumerate(targets):
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for box in boxes:
+            if box.phrase and box.slots and labels[row, box.phrase[0]] != -100:   # named in the answer
+                groups.setdefault(tuple(box.phrase), []).extend(box.slots)
+        for phrase, slots in groups.items():
+            if row not in image_at:
+                image_at[row] = (input_ids[row] == image_token_id).nonzero()[:, 0]
+            wanted.append((row, [p - 1 for p in phrase], image_at[row][sorted(set(slots))]))
+    return _head_mass_loss(probe, attention_mask, wanted)
+
+
 def phrase_positions(input_ids: list[int], words: list[int], start: int = 0) -> list[int]:
     """Where the token ids `words` first occur, contiguously, in `input_ids` at or after `start`
     (empty if they do not)."""
@@ -203,16 +223,22 @@ def named_loss(readout: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor, t
 
 class Supervision:
     """The auxiliary losses of a gate run, with their weights: the selecting head onto each box's object
-    (`attention_loss`), the first-hop head onto its name (`phrase_loss`), and the named-words read-out at
-    the selecting layer's input (`named_loss`; its linear layer trains with the run and is not kept).
+    (`attention_loss`), the first-hop head onto its name (`phrase_loss`), the named-words read-out at
+    the selecting layer's input (`named_loss`; its linear layer trains with the run and is not kept),
+    and a head onto the objects a detection answer names next (`naming_loss`).
     A weight of 0 leaves that loss out."""
 
     def __init__(self, llm: nn.Module, attend: tuple[int, int, float], gather: tuple[int, int, float],
-                 query_weight: float):
+                 query_weight: float, name: tuple[int, int, float] = (3, 1, 0.0)):
         layers = llm.model.layers
         self.attend_weight, self.gather_weight, self.query_weight = attend[2], gather[2], query_weight
+        self.name_weight = name[2]
         self.select = HeadAttention(layers[attend[0]].self_attn, attend[1]) if attend[2] > 0 or query_weight > 0 else None
         self.first_hop = HeadAttention(layers[gather[0]].self_attn, gather[1]) if gather[2] > 0 else None
+        self.chooser = None
+        if name[2] > 0:     # the same head as `select` shares its hook
+            same = self.select is not None and (name[0], name[1]) == (attend[0], attend[1])
+            self.chooser = self.select if same else HeadAttention(layers[name[0]].self_attn, name[1])
         self.readout = None
         if query_weight > 0:
             weight = llm.get_input_embeddings().weight
@@ -223,7 +249,7 @@ class Supervision:
 
     def losses(self, batch: dict, coord_ids: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor | None]:
         """After the LLM's forward on `batch`: each auxiliary loss (None where off or where no row counts)."""
-        out: dict[str, torch.Tensor | None] = {"attend": None, "gather": None, "named": None}
+        out: dict[str, torch.Tensor | None] = {"attend": None, "gather": None, "named": None, "name": None}
         if self.select is not None and self.attend_weight > 0:
             out["attend"] = attention_loss(self.select, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                            batch["targets"], coord_ids, image_token_id)
@@ -232,8 +258,12 @@ class Supervision:
         if self.first_hop is not None:
             out["gather"] = phrase_loss(self.first_hop, batch["labels"], batch["attention_mask"], batch["targets"],
                                         coord_ids)
+        if self.chooser is not None:
+            out["name"] = naming_loss(self.chooser, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                      batch["targets"], image_token_id)
         return out
 
     def total(self, losses: dict[str, torch.Tensor | None]) -> torch.Tensor | float:
-        weights = {"attend": self.attend_weight, "gather": self.gather_weight, "named": self.query_weight}
+        weights = {"attend": self.attend_weight, "gather": self.gather_weight, "named": self.query_weight,
+                   "name": self.name_weight}
         return sum(weights[k] * v for k, v in losses.items() if v is not None)

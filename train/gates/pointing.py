@@ -116,6 +116,9 @@ class GateRun:
     gather_layer: int = 1
     gather_head: int = 1
     query_weight: float = 0.0          # > 0: the attend layer's input at coordinates must name the question's words (`attend.named_loss`)
+    name_weight: float = 0.0           # > 0: a head looks at the objects a detection answer names next (`attend.naming_loss`)
+    name_layer: int = 3
+    name_head: int = 1
 
 
 class OracleSphinx(nn.Module):
@@ -259,7 +262,7 @@ def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc:
             named = [(" " + qa[3].removeprefix("the ").strip(), qa[2])] if qa is not None else []
         if qa is not None:
             sample = make_sample(scene, qa[0], qa[1], proc, cells, run.system)
-            if run.attend_weight or run.gather_weight or run.query_weight:   # only supervision reads them
+            if run.attend_weight or run.gather_weight or run.query_weight or run.name_weight:  # only supervision reads them
                 sample.targets = box_targets(sample, named, proc)
             return sample
 
@@ -454,7 +457,8 @@ def train(run: GateRun) -> dict:
     device = torch.device(run.device)
     model.to(device)
     supervision = Supervision(model.model.llm, (run.attend_layer, run.attend_head, run.attend_weight),
-                              (run.gather_layer, run.gather_head, run.gather_weight), run.query_weight)
+                              (run.gather_layer, run.gather_head, run.gather_weight), run.query_weight,
+                              (run.name_layer, run.name_head, run.name_weight))
     params = [p for p in model.parameters() if p.requires_grad] + supervision.parameters()
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0, betas=(0.9, 0.98))
     questions = eval_questions(run)
@@ -543,6 +547,9 @@ def run_label(run: dict) -> str:
     if run.get("gather_weight"):
         parts.append(f"first hop supervised (layer {run['gather_layer']} head {run['gather_head']}, "
                      f"weight {run['gather_weight']:g})")
+    if run.get("name_weight"):
+        parts.append(f"naming supervised (layer {run['name_layer']} head {run['name_head']}, "
+                     f"weight {run['name_weight']:g})")
     if run.get("system") == "":
         parts.append("no system prompt")
     if run.get("init_weights"):
@@ -601,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gather-head", type=int, default=GateRun.gather_head)
     ap.add_argument("--query-weight", type=float, default=0.0,
                     help="> 0: a linear read-out of the attend layer's input at coordinates must name the question's words")
+    ap.add_argument("--name-weight", type=float, default=0.0,
+                    help="> 0: a head must look at the objects a detection answer names next, this weight")
+    ap.add_argument("--name-layer", type=int, default=GateRun.name_layer)
+    ap.add_argument("--name-head", type=int, default=GateRun.name_head)
     ap.add_argument("--init-llm", type=Path, default=None, help="start the LLM from this demo checkpoint folder")
     ap.add_argument("--table", action="store_true", help="print the table of the runs found in --out and exit")
     a = ap.parse_args(argv)
@@ -622,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                   shared_image_position=a.shared_image_position, attend_weight=a.attend_weight,
                   attend_layer=a.attend_layer, attend_head=a.attend_head, gather_weight=a.gather_weight,
                   gather_layer=a.gather_layer, gather_head=a.gather_head, query_weight=a.query_weight,
+                  name_weight=a.name_weight, name_layer=a.name_layer, name_head=a.name_head,
                   device=a.device)
     if run.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device on this machine", file=sys.stderr)
@@ -631,8 +643,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     llm = get_preset("sphinx-demo").llm.config
     if not all(0 <= layer < llm["num_hidden_layers"] and 0 <= head < llm["num_attention_heads"]
-               for layer, head in ((run.attend_layer, run.attend_head), (run.gather_layer, run.gather_head))):
-        print(f"--attend-/--gather-layer and -head: the demo LLM has layers 0-{llm['num_hidden_layers'] - 1} and "
+               for layer, head in ((run.attend_layer, run.attend_head), (run.gather_layer, run.gather_head),
+                                   (run.name_layer, run.name_head))):
+        print(f"--attend-/--gather-/--name-layer and -head: the demo LLM has layers 0-{llm['num_hidden_layers'] - 1} and "
               f"heads 0-{llm['num_attention_heads'] - 1}", file=sys.stderr)
         return 1
     missing = [f"{flag} {path}" for flag, path in (("--init-weights", run.init_weights),
