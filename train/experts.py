@@ -81,6 +81,8 @@ class ExpertRun:
                                            # held-out read-outs then use train.evaluate's HELDOUT_WORLDS
     imagenet_init: bool = False            # timm_cnn experts start from EfficientNet-Lite0's ImageNet weights
     spell_heads: bool = False              # the v5 heads: letters per place, case, has-mark (SPELL_HEADS)
+    freeze_blocks: int = 0                 # timm_cnn experts: the stem and the first N stages stay as they start
+                                           # (ImageNet): no backward through the high-resolution layers
 
 
 class SceneViews(Dataset):
@@ -245,6 +247,19 @@ def load_run(path: Path, overrides: dict) -> ExpertRun:
     return run
 
 
+def freeze_stem(trunk: nn.Module, blocks: int) -> None:
+    """Keep a timm EfficientNet trunk's stem and first `blocks` stages as they are: no gradients, and
+    their batch norms in eval mode (the expert trainer never switches modes). Most of a step's CPU
+    time is the backward of these high-resolution layers."""
+    stages = getattr(trunk, "blocks", None)
+    if stages is None or not 0 < blocks < len(stages):
+        raise ConfigError(f"freeze_blocks: the trunk has {0 if stages is None else len(stages)} stages; "
+                          f"give 1..{0 if stages is None else len(stages) - 1}, got {blocks}")
+    for module in (trunk.conv_stem, trunk.bn1, *stages[:blocks]):
+        module.requires_grad_(False)
+        module.eval()
+
+
 # --- the loop ---------------------------------------------------------------------------------
 class ExpertTrainer:
     def __init__(self, run: ExpertRun):
@@ -262,12 +277,14 @@ class ExpertTrainer:
                 from .imagenet_init import load_imagenet_trunk
 
                 load_imagenet_trunk(expert.trunk)
+            if run.freeze_blocks and ecfg.kind == "timm_cnn":
+                freeze_stem(expert.trunk, run.freeze_blocks)
             self.heads[ecfg.key] = DenseHeads(expert.out_dim, spell=run.spell_heads)
         grids = {e.grid_size for e in self.experts.values()}
         if len(grids) != 1:
             raise ConfigError(f"experts disagree on the token grid: {grids}")
         self.token_grid = grids.pop()
-        params = list(self.experts.parameters()) + list(self.heads.parameters())
+        params = [p for p in list(self.experts.parameters()) + list(self.heads.parameters()) if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         self.optim = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
@@ -375,7 +392,7 @@ class ExpertTrainer:
                 loss, logs, accs = self.forward(pixels, targets)
                 self.optim.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(self.experts.parameters()) + list(self.heads.parameters()), 2.0)
+                torch.nn.utils.clip_grad_norm_([p for g in self.optim.param_groups for p in g["params"]], 2.0)
                 self.optim.step()
                 self.step += 1
                 bar.update(1)

@@ -128,3 +128,31 @@ def test_imagenet_weights_map_onto_the_cnn_expert_by_order_with_every_shape_chec
     bad["_conv_stem.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="does not fit"):
         map_by_order(bad, trunk.state_dict())
+
+
+def test_frozen_imagenet_stages_stay_as_loaded_while_the_rest_of_the_expert_learns(tmp_path):
+    import torch
+
+    from train.config import ConfigError
+    from train.experts import RenderedViews, collate
+
+    run = ExpertRun(preset="sphinx-demo", world_seed=3, spell_heads=True, imagenet_init=True, freeze_blocks=3,
+                    output_dir=tmp_path / "frozen", batch_size=1, lr=1e-2, warmup_steps=1, workers=0)
+    trainer = ExpertTrainer(run)
+    trunk = trainer.experts["efficientnet_lite0"].trunk
+    frozen = {n: p.detach().clone() for n, p in trunk.named_parameters() if n.startswith(("conv_stem", "bn1", "blocks.0.",
+                                                                                            "blocks.1.", "blocks.2."))}
+    stats = trunk.blocks[1][0].bn1.running_mean.clone()
+    later = trunk.blocks[5][0].conv_pw.weight.detach().clone()
+    in_optimizer = {id(p) for g in trainer.optim.param_groups for p in g["params"]}
+    assert frozen and not any(p.requires_grad for n, p in trunk.named_parameters() if n in frozen)
+    assert not any(id(p) in in_optimizer for n, p in trunk.named_parameters() if n in frozen)
+    pixels, targets = collate([RenderedViews(3, 1, trainer.config, trainer.token_grid)[0]])
+    loss, _, _ = trainer.forward(pixels, targets)
+    loss.backward()
+    trainer.optim.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in trunk.named_parameters() if n in frozen)
+    assert torch.equal(trunk.blocks[1][0].bn1.running_mean, stats)               # batch norms too
+    assert not torch.equal(trunk.blocks[5][0].conv_pw.weight, later)              # the rest learns
+    with pytest.raises(ConfigError, match="freeze_blocks"):
+        ExpertTrainer(ExpertRun(preset="sphinx-demo", freeze_blocks=7, output_dir=tmp_path / "bad"))
