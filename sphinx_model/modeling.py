@@ -9,6 +9,8 @@ Tensors in, tensors out (the processor prepares them). Forward path:
     [+ canvas positions of each token's slot, when config.canvas_positions]
     --layout per image--> [start, Q + T tokens, end] per encoded view, one skip token per skipped view
     --scatter into the placeholder positions of input_ids--> inputs_embeds (B, L, d) --> LLM
+    [or `expert_features` (N*V_kept, T, sum c_e) computed once before (a feature cache): the experts
+     do not run, the path goes on at visual_proj; for models whose experts are all fused]
     [rotary positions: one per image's visual tokens, when config.shared_image_position (positions.py)]
 
 The N images are those of all rows in order (a row may hold none, one or several); they
@@ -223,6 +225,31 @@ class SphinxForCausalLM(nn.Module):
         first, fused = self.expert_features(pixel_values, view_skip)
         return self.layout_images(self.project(first, fused), view_skip, fused)
 
+    @property
+    def fused_dim(self) -> int:
+        """Channels of the fused experts' tokens, concatenated (the projector's input)."""
+        return self.visual_proj[0].in_features
+
+    def image_embeddings_from_features(self, expert_features: torch.Tensor,
+                                       view_skip: torch.Tensor) -> list[torch.Tensor]:
+        """`image_embeddings` from the frozen experts' outputs computed before: `expert_features`
+        (K, T, sum c_e) is `expert_features(...)[1]` of the same images (kept views, in batch order).
+        The experts stay frozen, so their outputs can be computed once per image and cached
+        (train/feature_cache.py); from here on the path is the pixel path's, bit for bit. Separate
+        experts (the Q-Former) are projected by a trainable `{key}_proj` from tokens of their own,
+        which this one tensor does not hold: such models are refused."""
+        separate = [k for k, e in zip(self.expert_keys, self.experts) if not e.fused]
+        if separate:
+            raise ValueError(f"expert_features hold the fused experts' tokens only; this model's {separate} "
+                             "give separate tokens: pass pixel_values")
+        kept = int((~view_skip).sum())
+        want = (kept, self.config.tokens_per_view, self.fused_dim)
+        if tuple(expert_features.shape) != want:
+            raise ValueError(f"expert_features have shape {tuple(expert_features.shape)}; {kept} kept views of "
+                             f"this model need {want}")
+        fused = expert_features.to(device=self.device, dtype=self.dtype)   # (K, T, sum c_e)
+        return self.layout_images(self.project([], fused), view_skip, fused)
+
     def layout_images(self, tokens: torch.Tensor, view_skip: torch.Tensor,
                       features: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Projected tokens of the kept views (K, T, d) -> per image (K_i, d): canvas positions added
@@ -247,8 +274,14 @@ class SphinxForCausalLM(nn.Module):
         return out
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                     view_skip: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the image placeholders filled -> (B, L, d)."""
+                     view_skip: torch.Tensor | None = None,
+                     expert_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the image placeholders filled -> (B, L, d); the images come as
+        pixels, or as the experts' outputs of their kept views (see image_embeddings_from_features)."""
+        if expert_features is not None:
+            if pixel_values is not None or view_skip is None:
+                raise ValueError("expert_features go with view_skip (which views they are of) and without pixel_values")
+            return self.fill_image_tokens(input_ids, self.image_embeddings_from_features(expert_features, view_skip))
         if pixel_values is None:
             return self.fill_image_tokens(input_ids, [])
         if view_skip is None:
@@ -278,8 +311,8 @@ class SphinxForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, view_skip: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **kwargs):
-        embeds = self.embed_inputs(input_ids, pixel_values, view_skip)   # (B, L, d)
+                labels: torch.Tensor | None = None, expert_features: torch.Tensor | None = None, **kwargs):
+        embeds = self.embed_inputs(input_ids, pixel_values, view_skip, expert_features)   # (B, L, d)
         if self.config.shared_image_position and kwargs.get("position_ids") is None:
             kwargs["position_ids"] = self.position_ids(input_ids, attention_mask).to(embeds.device)
         if labels is not None and self.config.llm.router_aux_loss_coef:

@@ -22,6 +22,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_SEED = 2**32 - 1          # numpy's and accelerate's set_seed take 32-bit seeds
 MAX_CONFIG_BYTES = 1 << 20    # a run or mixture YAML is a page of settings, not data
+FEATURE_MANIFEST = "manifest.json"  # of a feature cache (train/feature_files.py)
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,8 @@ class DataSection:
     num_workers: int = 0                   # DataLoader worker processes (images decode there)
     cache_dir: Path | None = None          # index cache; default OUTPUT_DIR/cache
     max_fallbacks: int = 8                 # a bad record is replaced by up to this many following ones
+    feature_cache: Path | None = None      # the experts' outputs cached per image (python -m train.feature_cache):
+                                           # read instead of decoding images and running the frozen experts
 
 
 @dataclass
@@ -198,6 +201,9 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
     cfg.train.output_dir = resolve_path(base, cfg.train.output_dir)
     if cfg.data.cache_dir is not None:
         cfg.data.cache_dir = resolve_path(base, cfg.data.cache_dir)
+    if cfg.data.feature_cache is not None:
+        cfg.data.feature_cache = resolve_path(base, cfg.data.feature_cache)
+        check_feature_cache(cfg.data.feature_cache)
     init = Path(cfg.model.init)
     if not init.is_absolute() and (base / init).is_dir():  # a checkpoint folder next to the config
         cfg.model.init = str(base / init)
@@ -206,6 +212,16 @@ def load_run_config(path: str | Path, overrides: dict[str, Any] | None = None) -
         if not source.is_absolute() and (base / source).is_dir():
             cfg.model.experts_from = str(base / source)
     return cfg.validate()
+
+
+def check_feature_cache(folder: Path) -> None:
+    """Torch-free: the folder is there and holds a manifest (whether its features are this model's
+    experts' is checked once the model is built: `train.feature_files.FeatureCache.check`)."""
+    if not folder.is_dir():
+        raise ConfigError(f"data.feature_cache {folder} is not a folder (write it with python -m train.feature_cache)")
+    if not (folder / FEATURE_MANIFEST).is_file():
+        raise ConfigError(f"data.feature_cache {folder} holds no {FEATURE_MANIFEST}: not a feature cache, "
+                          "or its first shard was never finished")
 
 
 def expand_path(p: str | Path) -> Path:

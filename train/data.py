@@ -2,7 +2,10 @@
 
 Images are decoded only in `__getitem__`, by the same `SphinxProcessor.encode(...,
 add_generation_prompt=False)` the model uses at inference, so training and serving render
-identically. The records themselves (index, status, split) live in `train.records`.
+identically. With a feature cache (`data.feature_cache`, train/feature_files.py) an image is not
+decoded at all: its experts' outputs are read from the cache and a batch carries them as
+`expert_features` instead of `pixel_values`. The records themselves (index, status, split) live in
+`train.records`.
 
 A bad record (unparsable, empty dialogue, missing or unreadable image, too long) never stops
 a run: it is counted under one of `REASONS` and replaced by the next usable record. The
@@ -23,6 +26,7 @@ from sphinx_model.image_processing import ImageError
 from sphinx_model.processor import IMAGE_TOKEN_ID, Encoded, SphinxProcessor
 from sphinx_model.templates import IGNORE_INDEX
 
+from .feature_files import CachedImage, FeatureCache
 from .records import OK, REASONS, RecordStore, Skip, image_path, is_empty_dialogue, parse_record
 
 
@@ -37,8 +41,10 @@ class ConversationDataset(torch.utils.data.Dataset):
     """Global id -> rendered sample. A bad record is counted and replaced by the next id in `pool`."""
 
     def __init__(self, store: RecordStore, processor: SphinxProcessor, max_text_tokens: int | None = None,
-                 truncate: bool = False, pool: np.ndarray | None = None, max_fallbacks: int = 8):
+                 truncate: bool = False, pool: np.ndarray | None = None, max_fallbacks: int = 8,
+                 features: FeatureCache | None = None):
         self.store = store
+        self.features = features
         self.processor = processor
         self.max_text_tokens = max_text_tokens
         self.truncate = truncate
@@ -89,6 +95,11 @@ class ConversationDataset(torch.utils.data.Dataset):
             raise Skip("schema", "image part without a reference")
         d, _ = self.store.locate(gid)
         path = image_path(self.store.specs[d].image_root, ref)
+        if self.features is not None:   # the cached experts' outputs; the image file is not read
+            cached = self.features.load(path)
+            if cached is None:
+                raise Skip("uncached_image" if path.is_file() else "missing_image", str(path))
+            return cached
         if not path.is_file():
             raise Skip("missing_image", str(path))
         try:
@@ -144,9 +155,23 @@ class Collator:
         encoded = [it.encoded for it in items if it.encoded is not None]
         if not encoded:
             return Batch(None, skipped)
-        inputs = self.processor.collate(encoded, padding_side="right")
+        images = [im for e in encoded for im in e.images]
+        if any(isinstance(im, CachedImage) for im in images):
+            inputs = self._collate_cached(encoded, images)
+        else:
+            inputs = self.processor.collate(encoded, padding_side="right")
         rows, width = inputs["input_ids"].shape
         return Batch(inputs, skipped, len(encoded), int(inputs["attention_mask"].sum()), rows * width)
+
+    def _collate_cached(self, encoded: list[Encoded], images: list) -> dict[str, torch.Tensor]:
+        """The processor's text tensors; the images as the experts' outputs of their kept views
+        (K, T, sum c_e) and the view mask (N, V), in the order the placeholders take them."""
+        if not all(isinstance(im, CachedImage) for im in images):
+            raise ValueError("a batch mixes cached expert features with pixels")
+        inputs = self.processor.collate([Encoded(e.input_ids, e.labels, []) for e in encoded], padding_side="right")
+        inputs["view_skip"] = torch.tensor([im.skipped for im in images], dtype=torch.bool)
+        inputs["expert_features"] = torch.cat([im.features for im in images])
+        return inputs
 
 
 def make_loader(dataset: ConversationDataset, batches: Sequence[Sequence[int]], num_workers: int,

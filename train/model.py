@@ -65,11 +65,12 @@ def load_processor(config: SphinxConfig, section: ModelSection):
     return SphinxProcessor(config, load_tokenizer(str(source), trust_remote_code=config.llm.trust_remote_code))
 
 
-def build_model(config: SphinxConfig, section: ModelSection):
-    """Trainable weights in `section.dtype` (fp32 master weights by default); frozen ones in `frozen_dtype`."""
+def build_model(config: SphinxConfig, section: ModelSection, cast_frozen: bool = True):
+    """Trainable weights in `section.dtype` (fp32 master weights by default); frozen ones in `frozen_dtype`
+    (unless `cast_frozen` is False: then `cast_frozen_experts` later, e.g. once a feature cache has
+    checked the experts' weights as they were loaded)."""
     import sphinx_model.released  # noqa: F401  (registers released:NAME with the loader)
     from sphinx_model.loading import CheckpointError, build_from_config, from_pretrained
-    from sphinx_model.modeling import resolve_dtype
 
     if Path(section.init).is_dir():
         fields = config.to_dict()
@@ -82,10 +83,18 @@ def build_model(config: SphinxConfig, section: ModelSection):
         model, _ = build_from_config(config, load_weights=section.load_weights)
     if section.experts_from:
         replace_experts(model, section.experts_from)
+    if cast_frozen:
+        cast_frozen_experts(model, section)
+    return model
+
+
+def cast_frozen_experts(model, section: ModelSection) -> None:
+    """The frozen experts in `section.frozen_dtype` (when set), to halve their memory."""
+    from sphinx_model.modeling import resolve_dtype
+
     if section.frozen_dtype:
         for expert in model.experts:
             expert.to(resolve_dtype(section.frozen_dtype))
-    return model
 
 
 def replace_experts(model, source: str) -> None:

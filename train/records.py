@@ -37,7 +37,9 @@ from sphinx_model.tiling import visual_token_count
 from .mixture import DataError, DatasetSpec
 
 
-REASONS: tuple[str, ...] = ("schema", "empty_dialogue", "missing_image", "unreadable_image", "too_long")
+# New reasons go last: a cached index stores 1 + the index of its reason.
+REASONS: tuple[str, ...] = ("schema", "empty_dialogue", "missing_image", "unreadable_image", "too_long",
+                            "uncached_image")  # the last: not in the run's feature cache (train/feature_files.py)
 OK = 0  # status code; a bad record has status 1 + REASONS.index(reason)
 INDEX_VERSION = 1
 CALIBRATION_RECORDS = 512  # records tokenised exactly per dataset to fit chars -> tokens

@@ -10,10 +10,11 @@ the process stops, may change freely.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
+from .config import FEATURE_MANIFEST, ConfigError, RunConfig
 
 # May differ on resume: they never change the maths of the steps to come.
 FREE_TO_CHANGE = frozenset({
@@ -33,7 +34,19 @@ def run_settings(cfg: RunConfig) -> dict[str, Any]:
         flat["data.mixture"] = "sha256:" + hashlib.sha256(mixture.read_bytes()).hexdigest()
     except OSError:
         flat["data.mixture"] = str(mixture)
+    if cfg.data.feature_cache is not None:  # likewise: what its features are, wherever it lies
+        flat["data.feature_cache"] = _feature_cache_identity(Path(cfg.data.feature_cache))
     return flat
+
+
+def _feature_cache_identity(folder: Path) -> str:
+    """What a feature cache holds, from its manifest: whose features, in which dtype, how many shards
+    (a cache extended since holds features for records that were skipped before); its path if unreadable."""
+    try:
+        m = json.loads((folder / FEATURE_MANIFEST).read_text(encoding="utf-8"))
+        return f"fingerprint:{m['fingerprint']}:{m['dtype']}:{len(m['shards'])} shards"
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(folder)
 
 
 def changed_fields(saved: Any, current: dict[str, Any]) -> list[str]:

@@ -34,10 +34,11 @@ from .checkpointing import (CHECKPOINTS, Checkpoint, TrainerState, check_compati
                             write_run_file)
 from .config import ConfigError, RunConfig
 from .data import Batch, Collator, ConversationDataset, make_loader
+from .feature_files import FeatureCache
 from .final import export_final
 from .freeze import apply_freeze, apply_lora
 from .mixture import DataError, EpochPlan, epoch_samples, load_mixture, plan_batches, rank_plan
-from .model import build_model, load_processor, model_config
+from .model import build_model, cast_frozen_experts, load_processor, model_config
 from .parallel import deepspeed_requested, prepare
 from .progress import Progress
 from .records import REASONS, open_records, split
@@ -92,7 +93,10 @@ class Trainer:
         config = model_config(cfg.model)
         self.processor = load_processor(config, cfg.model)
         self._setup_data()  # before any weights load: a hopeless mixture fails in seconds
-        model = build_model(config, cfg.model)
+        model = build_model(config, cfg.model, cast_frozen=False)
+        if self.dataset.features is not None:  # the cache must hold what these experts make of the images
+            self.dataset.features.check(model)
+        cast_frozen_experts(model, cfg.model)
         self.params = apply_freeze(model, cfg.freeze)
         if cfg.train.gradient_checkpointing:  # per decoder layer, recomputed in backward
             model.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -166,10 +170,11 @@ class Trainer:
         self.weights = mixture.weights
         self.samples_per_epoch = mixture.samples_per_epoch or int(sum(len(p) for p in self.pools))
         d = cfg.data
+        features = FeatureCache(d.feature_cache) if d.feature_cache is not None else None
         self.dataset = ConversationDataset(store, self.processor, d.max_text_tokens, d.truncate,
-                                           pool=parts.train_pool, max_fallbacks=d.max_fallbacks)
+                                           pool=parts.train_pool, max_fallbacks=d.max_fallbacks, features=features)
         self.eval_dataset = ConversationDataset(store, self.processor, d.max_text_tokens, d.truncate,
-                                                pool=self.eval_ids, max_fallbacks=d.max_fallbacks)
+                                                pool=self.eval_ids, max_fallbacks=d.max_fallbacks, features=features)
         self.collate = Collator(self.processor)
         self._plans: dict[int, EpochPlan] = {}
         self.steps_per_epoch = self.plan(0).steps
@@ -182,7 +187,8 @@ class Trainer:
         self._print(f"data: {len(store)} records in {len(mixture.datasets)} datasets, "
                     f"{sum(len(p) for p in self.pools)} train / {len(self.eval_ids)} eval, "
                     f"skipped at indexing: {dict(self.index_skipped) or 'none'}; "
-                    f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps")
+                    f"{self.steps_per_epoch} steps per epoch, {self.total_steps} steps"
+                    + (f"; expert features of {len(features)} images from {d.feature_cache}" if features is not None else ""))
 
     def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:

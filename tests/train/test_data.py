@@ -73,7 +73,7 @@ def test_bad_records_are_skipped_replaced_and_counted_when_drawn(tmp_path, proce
         item = ds[gid]
         assert item.encoded is not None  # always replaced by a good record
         seen.update(item.skipped)
-    assert set(seen) == set(REASONS)
+    assert set(seen) == set(REASONS) - {"uncached_image"}  # that one needs a feature cache (test_feature_cache.py)
     # without fallbacks the item is empty and the collated batch says why
     bare = ConversationDataset(store, processor)
     batch = Collator(processor)([bare[0], bare[4]])
