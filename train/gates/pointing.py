@@ -591,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="run folder name (default: the mechanism)")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    ap.add_argument("--threads", type=int, default=GateRun.threads, help="torch threads (CPU)")
     ap.add_argument("--system", default=None, help="system prompt (default: the template's; '' for none)")
     ap.add_argument("--init-weights", type=Path, default=None, help="start from an earlier gate run's weights.safetensors")
     ap.add_argument("--save-every-minutes", type=float, default=0.0, help="rewrite weights.safetensors this often")
@@ -634,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                   attend_layer=a.attend_layer, attend_head=a.attend_head, gather_weight=a.gather_weight,
                   gather_layer=a.gather_layer, gather_head=a.gather_head, query_weight=a.query_weight,
                   name_weight=a.name_weight, name_layer=a.name_layer, name_head=a.name_head,
-                  device=a.device)
+                  device=a.device, threads=a.threads)
     if run.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device on this machine", file=sys.stderr)
         return 1
