@@ -4,7 +4,7 @@ import torch
 
 from sphinx_model.canvas_positions import box_features, coordinate_features, init_coordinate_embeddings
 from sphinx_model.loading import build_from_config, from_pretrained, save_pretrained
-from sphinx_model.config import ConfigError, SphinxConfig, get_preset, list_presets
+from sphinx_model.config import ConfigError, get_preset
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.tiling import token_cells, view_boxes
 
@@ -20,20 +20,10 @@ def test_token_cells_put_the_pooled_token_on_its_view_and_tile_the_view_row_majo
         token_cells(2, 6)
 
 
-def test_config_validates_saves_and_loads_the_option(tmp_path):
-    cfg = get_preset("sphinx-test-tiny").replace(canvas_positions=True)
-    assert SphinxConfig.from_json(cfg.to_json()).canvas_positions is True
-    cfg.save(tmp_path)
-    assert SphinxConfig.load(tmp_path).canvas_positions is True
+def test_the_option_needs_a_square_map_per_view_and_released_models_have_no_table():
+    # saving, loading and being off in every released preset: test_positions.py, for both options
     with pytest.raises(ConfigError, match="canvas_positions needs tokens_per_view"):
         get_preset("sphinx-test-tiny").replace(canvas_positions=True, tokens_per_view=6)
-    with pytest.raises(ConfigError, match="canvas_positions must be true or false"):
-        get_preset("sphinx-test-tiny").replace(canvas_positions="yes")
-
-
-def test_every_released_preset_keeps_it_off():
-    released = [n for n in list_presets() if n != "sphinx-demo"]
-    assert released and not any(get_preset(n).canvas_positions for n in released)
     model, _ = build_from_config(get_preset("sphinx-test-released"))
     assert model.canvas_pos is None and not any(k.startswith("canvas_pos") for k in model.state_dict())
 

@@ -33,19 +33,20 @@ def test_the_shift_is_how_far_the_last_position_falls_behind_its_index():
         assert position_shift(row, False) == 0
 
 
-def test_the_option_is_validated_saved_and_loaded_and_off_in_every_released_preset(tmp_path):
-    cfg = get_preset("sphinx-test-tiny").replace(shared_image_position=True)
-    assert SphinxConfig.from_json(cfg.to_json()).shared_image_position is True
+@pytest.mark.parametrize("option", ["shared_image_position", "canvas_positions"])
+def test_a_demo_option_is_validated_saved_and_loaded_and_off_in_every_released_preset(option, tmp_path):
+    cfg = get_preset("sphinx-test-tiny").replace(**{option: True})
+    assert getattr(SphinxConfig.from_json(cfg.to_json()), option) is True
     cfg.save(tmp_path)
-    assert SphinxConfig.load(tmp_path).shared_image_position is True
-    with pytest.raises(ConfigError, match="shared_image_position must be true or false"):
-        get_preset("sphinx-test-tiny").replace(shared_image_position=1)
+    assert getattr(SphinxConfig.load(tmp_path), option) is True
+    with pytest.raises(ConfigError, match=f"{option} must be true or false"):
+        get_preset("sphinx-test-tiny").replace(**{option: 1})
     data = get_preset("sphinx-test-tiny").to_dict()
-    del data["shared_image_position"]                                  # a config written before the option
-    assert SphinxConfig.from_dict(data).shared_image_position is False
+    del data[option]                                                   # a config written before the option
+    assert getattr(SphinxConfig.from_dict(data), option) is False
     released = [n for n in list_presets() if n != "sphinx-demo"]
-    assert released and not any(get_preset(n).shared_image_position for n in released)
-    assert get_preset("sphinx-demo").shared_image_position
+    assert released and not any(getattr(get_preset(n), option) for n in released)
+    assert getattr(get_preset("sphinx-demo"), option)
 
 
 @pytest.fixture(scope="module")
