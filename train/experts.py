@@ -470,13 +470,50 @@ def write_init(trainer: ExpertTrainer, out: Path) -> Path:
     return save_pretrained(model, SphinxProcessor(config, tok), out)
 
 
+# Gate B of issue 18: held-out read-outs the experts must reach (names as in head_accuracy)
+GATE_B = {"shape": 0.95, "colour": 0.98, "size": 0.9, "word_exact": 0.9, "mark": 0.95, "box_iou50": 0.95}
+
+
+def gate_b_table(metrics: Path) -> str:
+    """The last held-out read-outs of an expert run's metrics.jsonl against Gate B's targets: per
+    expert, and the better of the experts (the projector reads them side by side)."""
+    rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+    last = {}
+    for r in rows:
+        if r.get("split") != "train":
+            last[r["split"]] = r
+    if not last:
+        raise ConfigError(f"{metrics}: no held-out evaluation yet")
+    experts = sorted({k.split("/")[0] for r in last.values() for k in r if "/acc/" in k})
+    head = ["read-out", "target"] + [f"{e} ({split})" for split in last for e in experts] + ["met (both sets)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, target in GATE_B.items():
+        values = [last[split].get(f"{e}/acc/{name}") for split in last for e in experts]
+        best = [max(last[split].get(f"{e}/acc/{name}", 0.0) for e in experts) for split in last]
+        cells = ["—" if v is None else f"{v:.2f}" for v in values]
+        lines.append(f"| {name} | >= {target:g} | " + " | ".join(cells) + f" | {'yes' if min(best) >= target else 'no'} |")
+    step = max(r["step"] for r in last.values())
+    return f"Step {step}, held-out sets: {', '.join(last)}.\n\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.experts", description="Pretrain the visual experts "
                                  "on the synthetic world and write the one-stage run's starting checkpoint.")
-    ap.add_argument("--config", type=Path, required=True)
+    ap.add_argument("--table", type=Path, default=None, metavar="RUN_DIR",
+                    help="print a run's last held-out read-outs against Gate B's targets and exit")
+    ap.add_argument("--config", type=Path, required=False)
     ap.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/state")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     args = ap.parse_args(argv)
+    if args.table is not None:
+        try:
+            print(gate_b_table(args.table / "metrics.jsonl"))
+        except (ConfigError, OSError, ValueError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.config is None:
+        ap.error("--config is required (or --table RUN_DIR)")
     try:
         overrides = {}
         for item in args.set:

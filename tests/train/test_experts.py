@@ -156,3 +156,22 @@ def test_frozen_imagenet_stages_stay_as_loaded_while_the_rest_of_the_expert_lear
     assert not torch.equal(trunk.blocks[5][0].conv_pw.weight, later)              # the rest learns
     with pytest.raises(ConfigError, match="freeze_blocks"):
         ExpertTrainer(ExpertRun(preset="sphinx-demo", freeze_blocks=7, output_dir=tmp_path / "bad"))
+
+
+def test_the_gate_b_table_reads_the_last_held_out_read_outs_against_the_targets(tmp_path, capsys):
+    from train.experts import GATE_B, gate_b_table
+
+    def row(step, split, value):
+        return json.dumps({"step": step, "split": split, **{f"{e}/acc/{k}": value for e in ("cnn", "vit")
+                                                           for k in GATE_B}})
+
+    (tmp_path / "metrics.jsonl").write_text("\n".join([row(10, "train", 1.0), row(10, "eval", 0.5),
+                                                      row(10, "eval_heldout", 0.5), row(20, "eval", 0.99),
+                                                      row(20, "eval_heldout", 0.97)]) + "\n")
+    table = gate_b_table(tmp_path / "metrics.jsonl")
+    assert table.startswith("Step 20")
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[3:]}
+    assert lines["shape"].endswith("| yes |") and lines["colour"].endswith("| no |")   # 0.97 < 0.98 on one set
+    assert experts_main(["--table", str(tmp_path)]) == 0 and "box_iou50" in capsys.readouterr().out
+    (tmp_path / "metrics.jsonl").write_text(row(5, "train", 1.0) + "\n")
+    assert experts_main(["--table", str(tmp_path)]) == 2 and "no held-out" in capsys.readouterr().err
