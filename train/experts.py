@@ -81,6 +81,7 @@ class ExpertRun:
                                            # held-out read-outs then use train.evaluate's HELDOUT_WORLDS
     imagenet_init: bool = False            # timm_cnn experts start from EfficientNet-Lite0's ImageNet weights
     spell_heads: bool = False              # the v5 heads: letters per place, case, has-mark (SPELL_HEADS)
+    tokenizer_scenes: int = 2000           # with world_seed: scenes whose dialogues train the init's tokenizer
     freeze_blocks: int = 0                 # timm_cnn experts: the stem and the first N stages stay as they start
                                            # (ImageNet): no backward through the high-resolution layers
 
@@ -447,6 +448,19 @@ def _unprefixed(prefix: str, sd: dict) -> dict:
 
 
 # --- the starting checkpoint of the one-stage run ----------------------------------------------
+def rendered_dialogue_texts(seed: int, scenes: int, anchor: str) -> list[str]:
+    """The questions and answers of the world's dialogues about its first `scenes` scenes, and its
+    text-only exchanges: the tokenizer's corpus when the run renders its world (no data.jsonl)."""
+    from .world.tasks import TEXT_ONLY, dialogue
+
+    texts = [t for q, a in TEXT_ONLY for t in (q, a)]
+    for i in tqdm(range(scenes), desc="tokenizer corpus", leave=False):
+        scene, _ = render_scene(seed, i)
+        turns, _ = dialogue(scene, random.Random(f"tokenizer-{seed}-{i}"), anchor)
+        texts += [t for q, a in turns for t in (q, a)]
+    return texts
+
+
 def write_init(trainer: ExpertTrainer, out: Path) -> Path:
     """Trained experts + a BPE tokenizer of the dialogues + random LLM/projector -> `out`."""
     from sphinx_model.loading import save_pretrained
@@ -457,7 +471,9 @@ def write_init(trainer: ExpertTrainer, out: Path) -> Path:
 
     run = trainer.run
     words = [w for word in WORDS for w in (word, word.upper(), word.capitalize())]
-    tok = train_tokenizer(corpus_texts([run.data / "data.jsonl"]), run.vocab_size, extra_texts=[" ".join(words)] * 2)
+    texts = (rendered_dialogue_texts(run.world_seed, run.tokenizer_scenes, trainer.config.anchor)
+             if run.world_seed is not None else corpus_texts([run.data / "data.jsonl"]))
+    tok = train_tokenizer(texts, run.vocab_size, extra_texts=[" ".join(words)] * 2)
     if single_token_numbers(tok) < 1.0:
         raise RuntimeError("the tokenizer did not make every box coordinate a single token")
     llm = dict(trainer.config.llm.config or {})

@@ -92,7 +92,7 @@ def test_v5_run_renders_its_world_spells_words_and_reads_boxes_in_their_cells(tm
     from train.world.scene import render_scene
 
     run = ExpertRun(preset="sphinx-test-tiny", world_seed=3, spell_heads=True, output_dir=tmp_path / "v5",
-                    eval_scenes=4, steps=3, batch_size=4, warmup_steps=1, log_every=1, eval_every=3, save_every=3,
+                    tokenizer_scenes=20, vocab_size=512, eval_scenes=4, steps=3, batch_size=4, warmup_steps=1, log_every=1, eval_every=3, save_every=3,
                     workers=0)
     trainer = ExpertTrainer(run)
     trainer.train()
@@ -102,6 +102,14 @@ def test_v5_run_renders_its_world_spells_words_and_reads_boxes_in_their_cells(tm
     for key in trainer.experts:
         for name in ("word_exact", "case", "has_mark_f1", "box_iou50"):
             assert 0.0 <= last[f"{key}/acc/{name}"] <= 1.0
+    init = write_init(trainer, tmp_path / "init")                          # the tokenizer from rendered dialogues
+    from sphinx_model.loading import from_pretrained
+
+    model, processor = from_pretrained(init)
+    from train.demo_tokenizer import single_token_numbers
+
+    assert single_token_numbers(processor.tokenizer) == 1.0 and not (run.data / "data.jsonl").exists()
+    assert len(processor.tokenizer) > 384                                    # merges learnt from the dialogues
     first = RenderedViews(3, 2, trainer.config, trainer.token_grid)[0]      # the same scene every time
     again = RenderedViews(3, 2, trainer.config, trainer.token_grid)[0]
     assert (first[0] == again[0]).all()
