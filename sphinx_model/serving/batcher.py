@@ -217,15 +217,11 @@ class ContinuousBatcher(JobMaker):
         cache = cache if cache is not None else DynamicCache(config=self.llm.config)
         logits = self._forward(cache, inputs_embeds=embeds,
                                attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
-                               position_ids=self._positions(ids)[:, reused:])
+                               position_ids=self.model.position_ids(ids)[:, reused:])
         if self._batchable is None:
             self._batchable = cacheable(cache)
         self.stats["prefilled"] += n - reused
         return cache, logits
-
-    def _positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """(1, n) rotary positions of a prompt, as the model counts them (`positions.py`)."""
-        return self.model.position_ids(ids)
 
     def _shift(self, job: Job) -> int:
         """How far the job's rotary positions fall behind its cache indices (0 unless the model

@@ -126,6 +126,11 @@ def _box_writes(labels: torch.Tensor, targets: list[list[BoxTarget]], coord_ids:
                 yield row, box, writes[4 * b:4 * b + 4]
 
 
+def _image_columns(input_ids: torch.Tensor, image_token_id: int) -> list[torch.Tensor]:
+    """Per row, the positions of its visual tokens."""
+    return [(row == image_token_id).nonzero()[:, 0] for row in input_ids]
+
+
 def _head_mass_loss(probe: HeadAttention, attention_mask: torch.Tensor,
                     wanted: list[tuple[int, list[int], torch.Tensor]]) -> torch.Tensor | None:
     """Mean -log(attention mass on the columns) over (row, query positions, columns) entries."""
@@ -145,11 +150,9 @@ def attention_loss(probe: HeadAttention, input_ids: torch.Tensor, labels: torch.
                    image_token_id: int) -> torch.Tensor | None:
     """Mean over the coordinate-writing positions of -log(attention mass on that box's object's
     visual tokens): the second hop. None where no row counts."""
-    wanted, image_at = [], {}
+    wanted, image_at = [], _image_columns(input_ids, image_token_id)
     for row, box, writes in _box_writes(labels, targets, coord_ids):
         if box.slots:
-            if row not in image_at:                                        # once per row, not per box
-                image_at[row] = (input_ids[row] == image_token_id).nonzero()[:, 0]
             wanted.append((row, writes, image_at[row][box.slots]))
     return _head_mass_loss(probe, attention_mask, wanted)
 
@@ -171,15 +174,13 @@ def naming_loss(probe: HeadAttention, input_ids: torch.Tensor, labels: torch.Ten
     of the objects that name is about). Choosing which object to list next is the step the
     coordinate losses leave unsupervised; this gives it a place to look. None where no name is
     written in an answer."""
-    wanted, image_at = [], {}
+    wanted, image_at = [], _image_columns(input_ids, image_token_id)
     for row, boxes in enumerate(targets):
         groups: dict[tuple[int, ...], list[int]] = {}
         for box in boxes:
             if box.phrase and box.slots and labels[row, box.phrase[0]] != -100:   # named in the answer
                 groups.setdefault(tuple(box.phrase), []).extend(box.slots)
         for phrase, slots in groups.items():
-            if row not in image_at:
-                image_at[row] = (input_ids[row] == image_token_id).nonzero()[:, 0]
             wanted.append((row, [p - 1 for p in phrase], image_at[row][sorted(set(slots))]))
     return _head_mass_loss(probe, attention_mask, wanted)
 
