@@ -91,7 +91,8 @@ def test_v5_run_renders_its_world_spells_words_and_reads_boxes_in_their_cells(tm
     from train.world.targets import view_targets
     from train.world.scene import render_scene
 
-    run = ExpertRun(preset="sphinx-test-tiny", world_seed=3, spell_heads=True, output_dir=tmp_path / "v5",
+    run = ExpertRun(preset="sphinx-test-tiny", world_seed=3, spell_heads=True, read_cells=True, text_rich_share=0.5,
+                    output_dir=tmp_path / "v5",
                     tokenizer_scenes=20, vocab_size=512, eval_scenes=4, steps=3, batch_size=4, warmup_steps=1, log_every=1, eval_every=3, save_every=3,
                     workers=0)
     trainer = ExpertTrainer(run)
@@ -100,7 +101,7 @@ def test_v5_run_renders_its_world_spells_words_and_reads_boxes_in_their_cells(tm
     assert {r["split"] for r in rows} == {"train", "eval", "eval_heldout"}
     last = rows[-1]
     for key in trainer.experts:
-        for name in ("word_exact", "case", "has_mark_f1", "box_iou50"):
+        for name in ("word_exact", "case", "has_mark_f1", "box_iou50", "letter", "word_read", "mark_sub"):
             assert 0.0 <= last[f"{key}/acc/{name}"] <= 1.0
     init = write_init(trainer, tmp_path / "init")                          # the tokenizer from rendered dialogues
     from sphinx_model.loading import from_pretrained
@@ -181,5 +182,9 @@ def test_the_gate_b_table_reads_the_last_held_out_read_outs_against_the_targets(
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[3:]}
     assert lines["shape"].endswith("| yes |") and lines["colour"].endswith("| no |")   # 0.97 < 0.98 on one set
     assert experts_main(["--table", str(tmp_path)]) == 0 and "box_iou50" in capsys.readouterr().out
+    earlier = json.dumps({"step": 30, "split": "eval", "cnn/acc/word_exact": 0.03, "cnn/acc/mark": 0.6})
+    (tmp_path / "metrics.jsonl").write_text(earlier + "\n")                 # a run from before the per-cell reading
+    lines = {line.split(" | ")[0].strip("| "): line for line in gate_b_table(tmp_path / "metrics.jsonl").splitlines()[3:]}
+    assert "0.03" in lines["word_exact"] and "0.60" in lines["mark"] and "word_read" not in lines
     (tmp_path / "metrics.jsonl").write_text(row(5, "train", 1.0) + "\n")
     assert experts_main(["--table", str(tmp_path)]) == 2 and "no held-out" in capsys.readouterr().err

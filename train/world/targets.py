@@ -6,7 +6,9 @@ token that holds its box centre (the largest wins a shared token); that token le
 it is (shape, colour, size / word / mark number) and where its box edges are, twice: relative
 to the token's own cell (easy for a convolution), and in the view's own frame, 0-1 from its
 top-left corner (what the LLM must write: in the global view that frame is the canvas the
-box coordinates are given in). Token 0 (global) learns how many objects of each shape and colour
+box coordinates are given in). Reading is taught per cell: each token learns the letters whose
+centres fall in its own cell on the word's row (`cell_chars`, left to right), so a word is read
+by walking the cells it spans, and no token has to hold letters far outside its cell. Token 0 (global) learns how many objects of each shape and colour
 the view holds. This is the stand-in for CLIP/DINOv2 pretraining: it teaches the experts to
 see this world before they are frozen.
 """
@@ -20,6 +22,7 @@ import torch
 from sphinx_model.boxes import pixels_to_canvas
 from sphinx_model.tiling import Anchor, canvas_geometry, view_boxes
 
+from .letters import letter_centres
 from .scene import Scene
 from .vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 
@@ -28,6 +31,7 @@ MAX_MARK = 8
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 MAX_CHARS = 10                  # longer than any word of the world (a test checks)
 CASES = ("lower", "upper", "capitalised")
+CELL_SLOTS = 4                  # letters a token cell holds; a cell with more is left out of the loss
 
 
 @dataclass
@@ -46,6 +50,8 @@ class ViewTargets:
     mark: torch.Tensor     # (N, G) mark number, 0 = none
     chars: torch.Tensor    # (N, G, MAX_CHARS) the word's letters (1..26, case-folded), 0 after its end, -100 no word
     case: torch.Tensor     # (N, G) index in CASES, -100 where no word
+    cell_chars: torch.Tensor  # (N, G, CELL_SLOTS) letters (1..26) whose centre is in the cell, on the word's row,
+                              # left to right, 0 after the last; -100 where the cell holds no letter (or too many)
     counts: torch.Tensor   # (N, len(SHAPES) + len(COLOURS)) objects per shape and colour whose centre is in view
 
 
@@ -99,7 +105,10 @@ def view_targets(scene: Scene, anchor: Anchor, grid_views: int, tokens_grid: int
     chars = np.full((n, g2, MAX_CHARS), -100, dtype=np.int64)
     case = np.full((n, g2), -100, dtype=np.int64)
     counts = np.zeros((n, len(SHAPES) + len(COLOUR_NAMES)), dtype=np.float32)
+    cell_chars = np.full((n, g2, CELL_SLOTS), -100, dtype=np.int64)
+    letters = [(_letters_in_canvas(w, cbox), cbox) for w, (cbox, _) in zip(scene.words, words)]
     for v, view in enumerate(views):
+        _fill_cells(cell_chars[v], letters, view, tokens_grid)
         for k, (_, rel, where, p) in _assign(objects, view, tokens_grid).items():
             obj[v, k] = 1.0
             for name in ("shape", "colour", "size"):
@@ -118,4 +127,31 @@ def view_targets(scene: Scene, anchor: Anchor, grid_views: int, tokens_grid: int
     as_t = torch.from_numpy
     return ViewTargets(as_t(obj), as_t(t["shape"]), as_t(t["colour"]), as_t(t["size"]), as_t(obj_box),
                        as_t(obj_where), as_t(word), as_t(word_box), as_t(word_where), as_t(mark), as_t(chars),
-                       as_t(case), as_t(counts))
+                       as_t(case), as_t(cell_chars), as_t(counts))
+
+
+def _letters_in_canvas(word, cbox: tuple[float, ...]) -> list[tuple[float, int]]:
+    """(x centre in canvas units, letter 1..26) for each a-z letter of the word (case folded)."""
+    x0, _, x1, _ = word.box
+    scale = (cbox[2] - cbox[0]) / max(1e-6, x1 - x0)
+    return [(cbox[0] + (x - x0) * scale, LETTERS.index(ch) + 1)
+            for x, ch in zip(letter_centres(word), word.text.lower()) if ch in LETTERS]
+
+
+def _fill_cells(out: np.ndarray, letters: list, view: tuple[float, ...], grid: int) -> None:
+    """Each letter -> the cell of `view` holding its centre (column) on its word's centre line (row)."""
+    vx0, vy0, vx1, vy1 = view
+    side = vx1 - vx0
+    cells: dict[int, list[tuple[float, int]]] = {}
+    for word_letters, cbox in letters:
+        cy = (cbox[1] + cbox[3]) / 2
+        if not vy0 <= cy < vy1:
+            continue
+        r = int((cy - vy0) / side * grid)
+        for x, letter in word_letters:
+            if vx0 <= x < vx1:
+                cells.setdefault(r * grid + int((x - vx0) / side * grid), []).append((x, letter))
+    for k, held in cells.items():
+        if len(held) <= CELL_SLOTS:
+            out[k] = 0
+            out[k, :len(held)] = [letter for _, letter in sorted(held)]
