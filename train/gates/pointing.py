@@ -33,6 +33,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -230,11 +231,14 @@ class Sample:
 
 
 def make_sample(scene: Scene, question: str, answer: str | None, proc: SphinxProcessor,
-                cells: torch.Tensor | None, system: str | None = None) -> Sample:
+                cells: torch.Tensor | None, system: str | None = None,
+                features: Callable[[Scene], torch.Tensor] | None = None) -> Sample:
+    """`features`: the scene's visual tokens (every view) from elsewhere than its truth, e.g. real experts."""
     cfg = proc.config
     canvas = canvas_geometry(scene.width, scene.height, cfg.anchor)
     skipped = skipped_views(canvas, cfg.grid, cfg.skip_tokens)
-    feats = scene_features(scene, cfg.anchor, cfg.grid, int(round((cfg.tokens_per_view - 1) ** 0.5)))
+    feats = features(scene) if features is not None else \
+        scene_features(scene, cfg.anchor, cfg.grid, int(round((cfg.tokens_per_view - 1) ** 0.5)))
     if cells is not None:
         feats = torch.cat([feats, cells.view(feats.shape[0], feats.shape[1], 4)], dim=-1)
     feats = feats[[not s for s in skipped]]
@@ -314,7 +318,7 @@ def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) ->
 def eval_questions(run: GateRun) -> dict[str, list[Question]]:
     out = {}
     for name, seed, renderer in HELDOUT_WORLDS:
-        pool = scene_pool(seed, max(400, run.eval_scenes * (40 if run.max_objects else 2)), renderer, run.pool)
+        pool = scene_pool(seed, run.eval_scenes * (40 if run.max_objects else 4), renderer, run.pool)
         scenes = [s for s in pool if in_curriculum(s, run.max_objects)][:run.eval_scenes]
         qs: list[Question] = []
         for scene in scenes:
@@ -355,7 +359,10 @@ def on_device(batch: dict, device: torch.device) -> dict:
 @torch.no_grad()
 def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | None,
              questions: dict[str, list[Question]], batch: int = 16, bf16: bool = True,
-             system: str | None = None, shared_image_position: bool = False) -> dict[str, dict[str, float]]:
+             system: str | None = None, shared_image_position: bool = False,
+             features: Callable[[Scene], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+    """Greedy answers to the held-out questions, scored; `features` as in `make_sample` (`model.embed`
+    must then take those features)."""
     model.eval()
     device = next(model.parameters()).device
     table = {}
@@ -364,7 +371,8 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
         examples = []
         for i in range(0, len(qs), batch):
             chunk = qs[i:i + batch]
-            b = collate([make_sample(q.scene, q.prompt, None, proc, cells, system) for q in chunk], proc, left=True)
+            b = collate([make_sample(q.scene, q.prompt, None, proc, cells, system, features) for q in chunk], proc,
+                        left=True)
             b = on_device(b, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 embeds = model.embed(b["input_ids"], b["feats"], b["view_skip"])
