@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+LOSS_PER = ("token", "answer")
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_SEED = 2**32 - 1          # numpy's and accelerate's set_seed take 32-bit seeds
 MAX_CONFIG_BYTES = 1 << 20    # a run or mixture YAML is a page of settings, not data
@@ -92,6 +93,8 @@ class TrainSection:
     max_steps: int | None = None           # optimiser steps; None = `epochs` over the mixture
     epochs: float = 1.0
     mixed_precision: str = "bf16"          # "no", "bf16" (fp32 master weights, bf16 autocast) or "fp16"
+    loss_per: str = "token"                # "token": the LLM's own mean over answer tokens; "answer": each
+                                           # assistant turn's mean, then their mean (train/losses.py)
     gradient_checkpointing: bool = True    # recompute decoder-layer activations in backward
     fsdp: bool = False                     # FSDP2 without an accelerate FSDP config (e.g. torchrun on CPU)
     ddp_find_unused_parameters: bool = False  # not needed: every glue parameter joins every loss (parallel.py)
@@ -134,6 +137,7 @@ class RunConfig:
         _check(d.eval_per_dataset >= 0, "data.eval_per_dataset must be >= 0")
         _check(d.num_workers <= 256 and d.megabatch_mult <= 100_000, "data.num_workers <= 256, data.megabatch_mult <= 100000")
         _check(t.mixed_precision in MIXED_PRECISION, f"train.mixed_precision must be one of {MIXED_PRECISION}")
+        _check(t.loss_per in LOSS_PER, f"train.loss_per must be one of {LOSS_PER}")
         _check(m.dtype in DTYPES, f"model.dtype must be one of {DTYPES}")
         _check(m.frozen_dtype in (None, *DTYPES), f"model.frozen_dtype must be null or one of {DTYPES}")
         _check(m.frozen_dtype in (None, m.dtype) or t.mixed_precision != "no",

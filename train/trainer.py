@@ -37,6 +37,7 @@ from .data import Batch, Collator, ConversationDataset, make_loader
 from .feature_files import FeatureCache
 from .final import export_final
 from .freeze import apply_freeze, apply_lora
+from .losses import answer_mean_loss
 from .mixture import DataError, EpochPlan, epoch_samples, load_mixture, plan_batches, rank_plan
 from .model import build_model, cast_frozen_experts, load_processor, model_config
 from .parallel import deepspeed_requested, prepare
@@ -91,6 +92,9 @@ class Trainer:
         set_seed(cfg.train.seed)
         saved = self._claim_output_dir()  # before anything heavy: a refused folder costs nothing
         config = model_config(cfg.model)
+        if cfg.train.loss_per == "answer" and config.llm.router_aux_loss_coef:
+            raise ConfigError("train.loss_per: answer leaves out the MoE load-balancing loss; "
+                              "use loss_per: token with llm.router_aux_loss_coef")
         self.processor = load_processor(config, cfg.model)
         self._setup_data()  # before any weights load: a hopeless mixture fails in seconds
         model = build_model(config, cfg.model, cast_frozen=False)
@@ -262,7 +266,7 @@ class Trainer:
                                 "check the data (see the skip counts)")
             with acc.accumulate(model):
                 with acc.autocast():
-                    loss = model(**batch.inputs).loss
+                    loss = self._loss(batch.inputs)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     grad_norm = self._optimizer_step()
@@ -274,6 +278,13 @@ class Trainer:
                 "skipped": {r: int(n) for r, n in zip(REASONS, totals[4:].tolist()) if n},
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "lr": self.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started}
+
+    def _loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of one micro-batch: per token (the LLM's own) or per answer (`train.loss_per`)."""
+        if self.cfg.train.loss_per == "token":
+            return self.model(**inputs).loss
+        out = self.model(**{k: v for k, v in inputs.items() if k != "labels"})
+        return answer_mean_loss(out.logits, inputs["labels"])
 
     def _optimizer_step(self) -> torch.Tensor | None:
         max_norm = self.cfg.optim.max_grad_norm

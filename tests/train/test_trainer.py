@@ -111,3 +111,14 @@ def test_unknown_freeze_pattern_is_a_config_error(tmp_path, data_dir):
     path = write_run(tmp_path, data_dir / "mixture.yaml", freeze={"train": ["llm", "projector"]})
     with pytest.raises(ConfigError, match="projector"):
         run(path)
+
+
+def test_a_run_can_weigh_every_answer_the_same_and_still_learns(tmp_path, data_dir):
+    from train.config import ConfigError
+
+    path = write_run(tmp_path, data_dir / "mixture.yaml", train={"max_steps": 20, "loss_per": "answer"})
+    result = run(path)
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.5, losses
+    with pytest.raises(ConfigError, match="loss_per"):
+        load_run_config(write_run(tmp_path / "bad", data_dir / "mixture.yaml", train={"loss_per": "sentence"}), {})

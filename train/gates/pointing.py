@@ -54,6 +54,7 @@ from sphinx_model.tokenizer import load_tokenizer
 
 from ..demo_tokenizer import NUMBER_PIECES
 from ..evaluate import HELDOUT_WORLDS, Question, scene_questions, score
+from ..losses import answer_mean_loss
 from ..world.scene import Scene, WorldObject
 from ..world.tasks import TaskWriter
 from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
@@ -396,16 +397,6 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
                        "examples": examples}
     model.train()
     return table
-
-
-def answer_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over each answer's tokens, then over answers: a 10-token grounding answer
-    weighs as much as a 70-token detection list (per token, detection is ~85% of the loss)."""
-    target = labels[:, 1:]
-    per_token = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100,
-                                reduction="none")                             # (B, L-1)
-    counted = (target != -100).float()
-    return ((per_token * counted).sum(1) / counted.sum(1).clamp(min=1)).mean()
 
 
 def coordinate_accuracy(logits: torch.Tensor, labels: torch.Tensor, coord_ids: torch.Tensor) -> dict[str, float]:
