@@ -92,7 +92,7 @@ def test_v5_run_renders_its_world_spells_words_and_reads_boxes_in_their_cells(tm
     from train.world.scene import render_scene
 
     run = ExpertRun(preset="sphinx-test-tiny", world_seed=3, spell_heads=True, read_cells=True, text_rich_share=0.5,
-                    output_dir=tmp_path / "v5",
+                    data=tmp_path / "no_world", output_dir=tmp_path / "v5",
                     tokenizer_scenes=20, vocab_size=512, eval_scenes=4, steps=3, batch_size=4, warmup_steps=1, log_every=1, eval_every=3, save_every=3,
                     workers=0)
     trainer = ExpertTrainer(run)
