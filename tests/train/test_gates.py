@@ -174,3 +174,17 @@ def test_the_gate_names_a_missing_starting_point_instead_of_failing_later(tmp_pa
     assert main(["--init-llm", str(tmp_path), "--out", str(tmp_path)]) == 1
     assert "--init-llm" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())                                   # no run folder was started
+
+
+def test_the_gate_table_lists_gate_a_runs_and_passes_over_other_gates_records(tmp_path, capsys):
+    from train.gates.pointing import GateRun, main, run_record
+
+    final = {name: {"grounding": 0.91, "detection": 0.82} for name in ("world_eval", "world_eval_heldout")}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "result.json").write_text(json.dumps({"run": run_record(GateRun(name="a")), "final": final,
+                                                            "steps": 5, "examples": 80, "train_minutes": 1.0}))
+    (tmp_path / "transfer").mkdir()                                    # Gate C's transfer record: another schema
+    (tmp_path / "transfer" / "result.json").write_text(json.dumps({"scores": {}, "quality": {}}))
+    assert main(["--table", "--out", str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| a:")]
+    assert len(rows) == 1 and "0.91 / 0.91" in rows[0] and "0.82 / 0.82" in rows[0]
