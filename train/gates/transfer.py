@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,12 +68,10 @@ def real_model(oracle: OracleSphinx, experts_state: Path) -> SphinxForCausalLM:
     """Gate A's model with the experts put back: its LLM and canvas tables, the expert run's experts,
     a fresh projector and box read-out (their input is now the experts' fused channels)."""
     model = SphinxForCausalLM(oracle.model.config)
-    carried = {k: v for k, v in oracle.model.state_dict().items()
-               if not k.startswith(("visual_proj.", "canvas_pos.readout."))
-               and not k.startswith(tuple(f"{e}." for e in model.expert_keys))}
+    not_carried = ("visual_proj.", "canvas_pos.readout.", *(f"{e}." for e in model.expert_keys))
+    carried = {k: v for k, v in oracle.model.state_dict().items() if not k.startswith(not_carried)}
     missing, unexpected = model.load_state_dict(carried, strict=False)
-    fresh = {k for k in missing if not k.startswith(("visual_proj.", "canvas_pos.readout."))
-             and not k.startswith(tuple(f"{e}." for e in model.expert_keys))}
+    fresh = {k for k in missing if not k.startswith(not_carried)}
     if unexpected or fresh:
         raise ValueError(f"Gate A's model does not fit: unexpected {unexpected[:3]}, missing {sorted(fresh)[:3]}")
     weights = load_file(Path(experts_state) / "weights.safetensors")
@@ -104,13 +103,13 @@ def real_features(model: SphinxForCausalLM, proc: SphinxProcessor, image) -> tup
 
 @torch.no_grad()
 def token_pairs(model: SphinxForCausalLM, oracle: OracleSphinx, proc: SphinxProcessor,
-                scenes: list[tuple[Scene, object]], desc: str) -> dict[str, torch.Tensor]:
+                scenes: Iterable[tuple[Scene, object]], desc: str, total: int | None = None) -> dict[str, torch.Tensor]:
     """Per kept token of the scenes: the experts' features X (bf16), where Gate A's projector puts the
     oracle token Y and what its box read-out reads R, and whether the token holds something."""
     cfg = proc.config
     g = int(round((cfg.tokens_per_view - 1) ** 0.5))
     xs, ys, rs, held = [], [], [], []
-    for scene, image in tqdm(scenes, desc=desc, leave=False):
+    for scene, image in tqdm(scenes, desc=desc, total=total, leave=False):
         feats, skipped = real_features(model, proc, image)
         keep = [not s for s in skipped]
         o = scene_features(scene, cfg.anchor, cfg.grid, g)[keep]                 # (K, T, F)
@@ -179,10 +178,11 @@ def transfer(run: TransferRun) -> dict:
     oracle.eval()
     model = real_model(oracle, run.experts)
     started = time.time()
-    train_scenes = [render_scene(0, i) for i in range(run.scenes)]
-    pairs = token_pairs(model, oracle, proc, train_scenes, "training tokens")
-    held_out = token_pairs(model, oracle, proc, [render_scene(1002, i, "heldout") for i in range(run.fit_eval_scenes)],
-                           "held-out tokens")
+    # scenes are drawn as they are encoded: only their tokens stay in memory, never their pictures
+    pairs = token_pairs(model, oracle, proc, (render_scene(0, i) for i in range(run.scenes)), "training tokens",
+                        run.scenes)
+    held_out = token_pairs(model, oracle, proc, (render_scene(1002, i, "heldout") for i in range(run.fit_eval_scenes)),
+                           "held-out tokens", run.fit_eval_scenes)
     features_min = (time.time() - started) / 60
     log = fit(model, pairs, run)
     quality = {"train": fit_quality(model, pairs), "heldout": fit_quality(model, held_out)}
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(TransferRun, name))
     a = ap.parse_args(argv)
     try:
-        result = transfer(TransferRun(**{k: v for k, v in vars(a).items()}))
+        result = transfer(TransferRun(**vars(a)))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

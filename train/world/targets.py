@@ -23,7 +23,7 @@ from sphinx_model.boxes import pixels_to_canvas
 from sphinx_model.tiling import Anchor, canvas_geometry, view_boxes
 
 from .letters import letter_centres
-from .scene import Scene
+from .scene import Scene, WorldWord
 from .vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 
 WORD_INDEX = {w: i + 1 for i, w in enumerate(WORDS)}  # 0 = no word
@@ -130,7 +130,7 @@ def view_targets(scene: Scene, anchor: Anchor, grid_views: int, tokens_grid: int
                        as_t(case), as_t(cell_chars), as_t(counts))
 
 
-def _letters_in_canvas(word, cbox: tuple[float, ...]) -> list[tuple[float, int]]:
+def _letters_in_canvas(word: WorldWord, cbox: tuple[float, ...]) -> list[tuple[float, int]]:
     """(x centre in canvas units, letter 1..26) for each a-z letter of the word (case folded)."""
     x0, _, x1, _ = word.box
     scale = (cbox[2] - cbox[0]) / max(1e-6, x1 - x0)
