@@ -53,7 +53,8 @@ class CanvasPositions(nn.Module):
     """One learned vector per visual-token slot: (views * tokens_per_view, d); with `readout_dim`, also
     the sin-cos code of the box a linear read-out of the token's features places in its cell."""
 
-    def __init__(self, grid: int, tokens_per_view: int, dim: int, readout_dim: int | None = None):
+    def __init__(self, grid: int, tokens_per_view: int, dim: int, readout_dim: int | None = None,
+                 readout_hidden: int = 0):
         super().__init__()
         cells = torch.tensor(token_cells(grid, tokens_per_view), dtype=torch.float64)  # (V*T, 4)
         self.tokens_per_view = tokens_per_view
@@ -62,13 +63,16 @@ class CanvasPositions(nn.Module):
         self.readout = None
         self.box_scale = None
         if readout_dim is not None:
-            self.readout = nn.Linear(readout_dim, 4)                          # cell-relative edges, cell units
+            # cell-relative edges, in cell units: linear, or through a GELU hidden layer (`readout_hidden`)
+            self.readout = nn.Linear(readout_dim, 4) if not readout_hidden else nn.Sequential(
+                nn.Linear(readout_dim, readout_hidden), nn.GELU(), nn.Linear(readout_hidden, 4))
             # the box code's size in the residual stream (sin-cos has norm ~sqrt(d/2)); learned, so a
             # recipe can start it at the text embeddings' scale
             self.box_scale = nn.Parameter(torch.ones(()))
-            nn.init.zeros_(self.readout.weight)
+            last = self.readout if readout_hidden == 0 else self.readout[-1]
+            nn.init.zeros_(last.weight)
             with torch.no_grad():
-                self.readout.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]))   # starts at the cell itself
+                last.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]))           # starts at the cell itself
 
     def forward(self, views: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """(K,) view index of each encoded view [, (K, T, c) their features] -> (K, T, d), in float32:

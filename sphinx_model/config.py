@@ -31,7 +31,7 @@ from .tiling import ANCHORS, Anchor, num_views
 PRESET_DIR = Path(__file__).parent / "presets"
 CONFIG_FILE = "sphinx_config.json"
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-PROJECTORS: tuple[str, ...] = ("linear_ln",)
+PROJECTORS: tuple[str, ...] = ("linear_ln", "mlp_ln")
 QUANTIZE_NAMES: tuple[str, ...] = ("8bit", "4bit")  # bitsandbytes modes (sphinx_model.loading.quantize)
 MAX_CANVAS = 16384                  # pixels per side; the released models use 512 and 1024
 RESERVED_KEYS = frozenset({"llm", "visual_proj", "start_img", "end_img", "skip_img", "canvas_pos", "config",
@@ -86,12 +86,17 @@ class LLMConfig:
 
 @dataclass
 class ProjectorConfig:
-    type: str = "linear_ln"  # Linear(sum of expert dims, d) -> LayerNorm(d), as released
+    type: str = "linear_ln"  # Linear(sum of expert dims, d) -> LayerNorm(d), as released;
+                             # "mlp_ln": Linear(.., hidden) -> GELU -> Linear(hidden, d) -> LayerNorm(d)
     norm_eps: float = 1e-5
+    hidden: int = 0          # mlp_ln's hidden width (> 0); linear_ln has none
 
     def __post_init__(self) -> None:
         _check_types(self, "projector")
         _one_of(self.type, PROJECTORS, "projector.type")
+        if (self.type == "mlp_ln") != (self.hidden > 0) or self.hidden < 0:
+            raise ConfigError(f"projector.hidden must be > 0 for mlp_ln and 0 for linear_ln, got {self.type} "
+                              f"with hidden {self.hidden!r}")
         if not self.norm_eps > 0:
             raise ConfigError(f"projector.norm_eps must be > 0, got {self.norm_eps!r}")
 
@@ -116,6 +121,8 @@ class SphinxConfig:
                                       # projector (canvas_positions.py); off in every released preset
     box_positions: bool = False       # with canvas_positions: each token's embedding also codes the box a linear
                                       # read-out of its expert features finds, placed in the token's cell
+    box_readout_hidden: int = 0       # with box_positions: 0 = a linear read-out; > 0 = Linear -> GELU -> Linear
+                                      # with this hidden width (whether a token holds something is not linear)
     shared_image_position: bool = False  # every visual token of an image at one rotary position (positions.py);
                                          # off in every released preset (trained with sequential positions)
 
@@ -141,6 +148,9 @@ class SphinxConfig:
         _one_of(self.template, tuple(sorted(TEMPLATES)), "template")
         if self.box_positions and not self.canvas_positions:
             raise ConfigError("box_positions needs canvas_positions")
+        if self.box_readout_hidden < 0 or (self.box_readout_hidden and not self.box_positions):
+            raise ConfigError(f"box_readout_hidden must be >= 0, and > 0 only with box_positions; "
+                              f"got {self.box_readout_hidden!r}")
         if self.canvas_positions:
             g = math.isqrt(self.tokens_per_view - 1)
             if g * g != self.tokens_per_view - 1:

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .canvas_positions import CanvasPositions
-from .config import LLMConfig, SphinxConfig
+from .config import LLMConfig, ProjectorConfig, SphinxConfig
 from .experts import build_expert
 from .positions import rotary_positions
 from .processor import IMAGE_TOKEN_ID
@@ -101,9 +101,13 @@ def extract_views(canvas: torch.Tensor, size: int, grid: int, keep: torch.Tensor
     return torch.stack(views)                                          # (K, 3, s, s)
 
 
-def _projector(in_dim: int, d: int, eps: float) -> nn.Sequential:
-    """Linear(in_dim, d) -> LayerNorm(d), the released projectors' shape."""
-    return nn.Sequential(nn.Linear(in_dim, d), nn.LayerNorm(d, eps=eps))
+def _projector(in_dim: int, d: int, cfg: ProjectorConfig) -> nn.Sequential:
+    """Linear(in_dim, d) -> LayerNorm(d), the released projectors' shape; or, for `mlp_ln`, a GELU
+    hidden layer before it (LLaVA-1.5's two-layer projector, with the released LayerNorm kept)."""
+    if cfg.type == "mlp_ln":
+        return nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, d),
+                             nn.LayerNorm(d, eps=cfg.norm_eps))
+    return nn.Sequential(nn.Linear(in_dim, d), nn.LayerNorm(d, eps=cfg.norm_eps))
 
 
 def _check_token_layout(config: SphinxConfig, experts: list[nn.Module]) -> None:
@@ -154,7 +158,7 @@ class SphinxForCausalLM(nn.Module):
             self.llm.router_aux_loss_coef = config.llm.router_aux_loss_coef
         d = self.llm.config.hidden_size
         dtype = resolve_dtype(config.llm.dtype)
-        if config.projector.type != "linear_ln":
+        if config.projector.type not in ("linear_ln", "mlp_ln"):
             raise ValueError(f"unknown projector {config.projector.type!r}")
         # Experts live under their released attribute names (e.g. `openclip_convnext_xxl`).
         self.expert_keys: list[str] = []
@@ -163,10 +167,10 @@ class SphinxForCausalLM(nn.Module):
             self.expert_keys.append(ecfg.key)
         _check_token_layout(config, self.experts)
         in_dim = sum(e.out_dim for e in self.experts if e.fused)
-        self.visual_proj = _projector(in_dim, d, config.projector.norm_eps)
+        self.visual_proj = _projector(in_dim, d, config.projector)
         for key, expert in zip(self.expert_keys, self.experts):
             if not expert.fused:  # e.g. `qformer_proj`, as released
-                self.add_module(f"{key}_proj", _projector(expert.out_dim, d, config.projector.norm_eps))
+                self.add_module(f"{key}_proj", _projector(expert.out_dim, d, config.projector))
         self.start_img = nn.Parameter(torch.zeros(1, 1, d))
         self.end_img = nn.Parameter(torch.zeros(1, 1, d))
         self.skip_img = nn.Parameter(torch.zeros(1, 1, d)) if config.skip_tokens else None
@@ -175,7 +179,8 @@ class SphinxForCausalLM(nn.Module):
             if any(not e.fused for e in self.experts):
                 raise ValueError("canvas_positions needs every expert fused on channels (no separate query tokens)")
             readout = sum(e.out_dim for e in self.experts) if config.box_positions else None
-            self.canvas_pos = CanvasPositions(config.grid, config.tokens_per_view, d, readout)
+            self.canvas_pos = CanvasPositions(config.grid, config.tokens_per_view, d, readout,
+                                              config.box_readout_hidden)
         for p in (self.start_img, self.end_img, self.skip_img):
             if p is not None:
                 nn.init.normal_(p, std=0.02)

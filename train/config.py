@@ -82,6 +82,9 @@ class OptimSection:
     warmup_ratio: float = 0.03             # share of the steps spent warming up (cosine afterwards)
     warmup_steps: int | None = None        # wins over warmup_ratio
     max_grad_norm: float = 8.0             # 0 = no clipping
+    lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name prefix -> multiplier of lr, e.g.
+                                           # {llm: 0.2}: a pretrained LLM moves slower than a fresh projector
+                                           # (the longest matching prefix wins; unlisted parameters get lr)
 
 
 @dataclass
@@ -146,6 +149,9 @@ class RunConfig:
         _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps must be >= 1")
         _check(t.max_steps is not None or t.epochs > 0, "train.epochs must be > 0")
         _check(o.lr > 0 and 0 <= o.warmup_ratio < 1, "optim.lr must be > 0 and optim.warmup_ratio in [0, 1)")
+        _check(all(isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and math.isfinite(v) and v > 0 for k, v in o.lr_scale.items()),
+               "optim.lr_scale must map parameter-name prefixes to numbers > 0")
         _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
         _check(d.max_text_tokens is None or d.max_text_tokens >= 1, "data.max_text_tokens must be >= 1")
         _check(d.megabatch_mult >= 1 and d.num_workers >= 0, "data.megabatch_mult >= 1, data.num_workers >= 0")

@@ -20,6 +20,21 @@ def matches(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p.rstrip(".") or name.startswith(p.rstrip(".") + ".") for p in prefixes)
 
 
+def lr_scale_of(name: str, scales: dict[str, float]) -> float:
+    """The multiplier of the learning rate for parameter `name`: the longest prefix of `scales` that
+    matches it (`matches`' rule), 1.0 where none does."""
+    hits = [p for p in scales if matches(name, [p])]
+    return float(scales[max(hits, key=lambda p: len(p.rstrip(".")))]) if hits else 1.0
+
+
+def check_lr_scale(model: nn.Module, scales: dict[str, float]) -> None:
+    """Every prefix of `optim.lr_scale` names a trainable parameter: a typo is refused, not ignored."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for prefix in scales:
+        if not any(matches(n, [prefix]) for n in names):
+            raise ConfigError(f"optim.lr_scale prefix {prefix!r} matches no trainable parameter")
+
+
 def apply_freeze(model: SphinxForCausalLM, spec: FreezeSection) -> dict[str, int]:
     """Set requires_grad from the spec; returns parameter counts (trainable / frozen)."""
     names = [n for n, _ in model.named_parameters()]

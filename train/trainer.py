@@ -36,7 +36,7 @@ from .config import ConfigError, RunConfig
 from .data import Batch, Collator, ConversationDataset, make_loader
 from .feature_files import FeatureCache
 from .final import export_final
-from .freeze import apply_freeze, apply_lora
+from .freeze import apply_freeze, apply_lora, check_lr_scale, lr_scale_of
 from .losses import answer_mean_loss
 from .mixture import DataError, EpochPlan, epoch_samples, load_mixture, plan_batches, rank_plan
 from .model import build_model, cast_frozen_experts, load_processor, model_config
@@ -203,14 +203,22 @@ class Trainer:
             self._plans = {epoch: rank_plan(batches, acc.process_index, acc.num_processes, t.grad_accum)}
         return self._plans[epoch]
 
+    def base_lr(self) -> float:
+        """optim.lr as the schedule has it now (groups scaled by optim.lr_scale move in proportion)."""
+        group = self.optimizer.param_groups[0]
+        return self.scheduler.get_last_lr()[0] * self.cfg.optim.lr / group.get("initial_lr", group["lr"])
+
     def _make_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        decay, no_decay = [], []
+        check_lr_scale(model, o.lr_scale)
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
         for name, p in model.named_parameters():
             if p.requires_grad:
-                (no_decay if p.ndim < 2 or name.endswith("_img") else decay).append(p)
-        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+                decay = 0.0 if p.ndim < 2 or name.endswith("_img") else o.weight_decay
+                groups.setdefault((lr_scale_of(name, o.lr_scale), decay), []).append(p)
+        return torch.optim.AdamW([{"params": ps, "lr": o.lr * scale, "weight_decay": decay}
+                                  for (scale, decay), ps in groups.items()],
+                                 lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
         from transformers import get_cosine_schedule_with_warmup
@@ -277,7 +285,7 @@ class Trainer:
         return {"loss": float(totals[0]) / n_micro, "tokens": tokens, "slots": slots, "samples": samples,
                 "skipped": {r: int(n) for r, n in zip(REASONS, totals[4:].tolist()) if n},
                 "grad_norm": None if grad_norm is None else float(grad_norm),
-                "lr": self.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - started}
+                "lr": self.base_lr(), "seconds": time.perf_counter() - started}
 
     def _loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss of one micro-batch: per token (the LLM's own) or per answer (`train.loss_per`)."""

@@ -126,3 +126,31 @@ def test_box_codes_keep_float32_precision_under_bf16_autocast():
         under = pos(views, feats)
     assert under.dtype == torch.float32
     assert torch.allclose(under, exact, atol=1e-5)   # a bf16 read-out would be ~0.5 off at the top frequency
+
+
+def test_an_mlp_projector_and_read_out_build_save_load_and_are_refused_half_set(make_image, tmp_path):
+    from sphinx_model.config import ProjectorConfig
+
+    with pytest.raises(ConfigError, match="projector.hidden"):
+        ProjectorConfig(type="mlp_ln")
+    with pytest.raises(ConfigError, match="projector.hidden"):
+        ProjectorConfig(type="linear_ln", hidden=64)
+    with pytest.raises(ConfigError, match="box_readout_hidden"):
+        get_preset("sphinx-test-tiny").replace(canvas_positions=True, box_readout_hidden=16)
+    torch.manual_seed(0)
+    cfg = get_preset("sphinx-test-tiny").replace(canvas_positions=True, box_positions=True, box_readout_hidden=16,
+                                                 projector=ProjectorConfig(type="mlp_ln", hidden=48))
+    model, proc = build_from_config(cfg)
+    assert [type(m).__name__ for m in model.visual_proj] == ["Linear", "GELU", "Linear", "LayerNorm"]
+    assert model.visual_proj[0].out_features == 48 and model.canvas_pos.readout[0].out_features == 16
+    feats = torch.randn(1, cfg.tokens_per_view, model.canvas_pos.readout[0].in_features)
+    cells = model.canvas_pos.boxes(torch.tensor([0]), feats)
+    assert torch.allclose(cells, model.canvas_pos.cells[[0]])        # an untrained read-out starts at each cell
+    with torch.no_grad():
+        model.canvas_pos.readout[-1].weight.normal_(std=0.01)
+    conv = Conversation([Message.user("Where is the box?", image=True)])
+    folder = save_pretrained(model.eval(), proc, tmp_path / "ckpt")
+    loaded, lproc = from_pretrained(folder)
+    assert loaded.config.projector.type == "mlp_ln" and loaded.config.box_readout_hidden == 16
+    with torch.no_grad():
+        assert torch.equal(model(**proc(conv, make_image(60, 90))).logits, loaded(**lproc(conv, make_image(60, 90))).logits)

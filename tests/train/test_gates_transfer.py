@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from train.gates.pointing import GateRun, build, run_record, save_weights
-from train.gates.transfer import ExpertFed, TransferRun, fit_quality, real_features, real_model, token_pairs, transfer
+from train.gates.transfer import (ExpertFed, TransferRun, cached, encoded, fit_quality, real_features, real_model,
+                                  token_pairs, transfer)
 from train.world.scene import render_scene
 
 
@@ -57,7 +58,7 @@ def test_fitting_the_projector_brings_real_tokens_to_the_oracle_tokens(gate_and_
     folder, experts, _ = gate_and_experts
     _, oracle, proc = load_run(folder)
     model = real_model(oracle, experts)
-    pairs = token_pairs(model, oracle, proc, [render_scene(0, i) for i in range(12)], "test")
+    pairs = token_pairs(oracle, proc, encoded(model, proc, [render_scene(0, i) for i in range(12)]), "test")
     assert pairs["x"].shape[0] == pairs["y"].shape[0] == pairs["held"].shape[0] and pairs["held"].any()
     before = fit_quality(model, pairs)
     from train.gates.transfer import fit
@@ -102,3 +103,38 @@ def test_a_transfer_run_writes_a_loadable_checkpoint_and_its_scores(gate_and_exp
     with torch.no_grad():
         _, fused = model.expert_features(processed.pixels[None], torch.tensor([processed.skipped]))
     assert fused.shape[-1] == model.fused_dim
+
+
+def test_the_feature_cache_of_the_training_world_stands_in_for_encoding_its_pictures(gate_and_experts, tmp_path):
+    from train.feature_cache import write_cache
+    from train.feature_files import CacheError, FeatureCache
+    from train.gates.pointing import load_run
+    from train.synthetic import write_world
+
+    folder, experts, _ = gate_and_experts
+    _, oracle, proc = load_run(folder)
+    model = real_model(oracle, experts)
+    world = write_world(tmp_path / "world", 3, seed=0, progress=False)
+    write_cache(model, proc, [world], tmp_path / "cache", "float32", progress=False)
+    cache = FeatureCache(tmp_path / "cache")
+    from_cache = list(cached(cache, 0, 5))              # the world has 3 scenes: the rest are passed over
+    computed = list(encoded(model, proc, [render_scene(0, i) for i in range(3)]))
+    assert [s.id for s, _, _ in from_cache] == [s.id for s, _, _ in computed]
+    for (_, a, skip_a), (_, b, skip_b) in zip(from_cache, computed):
+        assert skip_a == skip_b and torch.allclose(a, b, atol=1e-4)
+    with torch.no_grad():
+        next(getattr(model, model.expert_keys[0]).parameters()).add_(1.0)
+    with pytest.raises(CacheError, match="other experts"):
+        cache.check(model)
+    result = transfer(TransferRun(gate=folder, experts=experts, out=tmp_path / "out", scenes=3, fit_eval_scenes=1,
+                                  eval_scenes=1, epochs=1, feature_cache=tmp_path / "cache", projector_hidden=32,
+                                  readout_hidden=8))
+    assert result["tokens"] == pairs_tokens(from_cache)
+    from sphinx_model.loading import from_pretrained
+
+    loaded, _ = from_pretrained(tmp_path / "out" / "model")
+    assert loaded.config.projector.type == "mlp_ln" and loaded.config.box_readout_hidden == 8
+
+
+def pairs_tokens(entries) -> int:
+    return sum(feats.shape[0] * feats.shape[1] for _, feats, _ in entries)

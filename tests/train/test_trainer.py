@@ -122,3 +122,30 @@ def test_a_run_can_weigh_every_answer_the_same_and_still_learns(tmp_path, data_d
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.5, losses
     with pytest.raises(ConfigError, match="loss_per"):
         load_run_config(write_run(tmp_path / "bad", data_dir / "mixture.yaml", train={"loss_per": "sentence"}), {})
+
+
+def test_lr_scale_moves_the_llm_slower_than_the_projector(tmp_path, data_dir):
+    from train.config import ConfigError
+
+    path = write_run(tmp_path, data_dir / "mixture.yaml", train={"max_steps": 3},
+                     optim={"lr": 1e-3, "warmup_steps": 0, "lr_scale": {"llm": 0.01}})
+    before: dict[str, torch.Tensor] = {}
+
+    class Watched(Trainer):
+        def _make_optimizer(self, model):   # the weights as they are before the first step
+            before.update({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+            return super()._make_optimizer(model)
+
+    trainer = Watched(load_run_config(path))
+    trainer.run()
+    lrs = {round(g["initial_lr"] / 1e-3, 6) for g in trainer.optimizer.param_groups}
+    assert lrs == {1.0, 0.01}
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in trainer.model.named_parameters() if n in before}
+    llm = max(v for n, v in moved.items() if n.startswith("llm."))
+    proj = max(v for n, v in moved.items() if n.startswith("visual_proj."))
+    assert 0 < llm < proj / 5, (llm, proj)
+    with pytest.raises(ConfigError, match="lr_scale"):
+        Trainer(load_run_config(write_run(tmp_path / "typo", data_dir / "mixture.yaml",
+                                          optim={"lr_scale": {"projector": 0.5}}))).run()
+    with pytest.raises(ConfigError, match="lr_scale"):
+        load_run_config(write_run(tmp_path / "neg", data_dir / "mixture.yaml", optim={"lr_scale": {"llm": -1}}))

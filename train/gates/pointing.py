@@ -44,7 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sphinx_model.canvas_positions import init_coordinate_embeddings
-from sphinx_model.config import SphinxConfig, get_preset
+from sphinx_model.config import ProjectorConfig, SphinxConfig, get_preset
 from sphinx_model.conversation import Conversation, Message
 from sphinx_model.modeling import SphinxForCausalLM, _projector
 from sphinx_model.positions import rotary_positions
@@ -130,7 +130,8 @@ class OracleSphinx(nn.Module):
         super().__init__()
         self.model = SphinxForCausalLM(config)
         d = self.model.llm.config.hidden_size
-        self.model.visual_proj = _projector(FEATURES + extra, d, config.projector.norm_eps)
+        # linear on the oracle's channels (`align_projector` starts its rows at word embeddings)
+        self.model.visual_proj = _projector(FEATURES + extra, d, ProjectorConfig(norm_eps=config.projector.norm_eps))
         for key in self.model.expert_keys:  # never run: oracle features stand in for them
             getattr(self.model, key).requires_grad_(False)
 

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from sphinx_model.config import ProjectorConfig
 from sphinx_model.modeling import SphinxForCausalLM
 from sphinx_model.processor import SphinxProcessor
 
+from ..feature_files import FeatureCache
 from ..world.scene import Scene, render_scene
 from .oracle import HAS_WORD, OBJ, scene_features
 from .pointing import OracleSphinx, eval_questions, evaluate, load_run
@@ -50,6 +52,10 @@ class TransferRun:
     held_weight: float = 10.0        # an object's or word's token weighs this much more than an empty one
     threads: int = 1
     seed: int = 0
+    projector_hidden: int = 0        # > 0: an mlp_ln projector of this hidden width (0: linear_ln, as released)
+    readout_hidden: int = 0          # > 0: the box read-out through a GELU layer of this width (0: linear)
+    feature_cache: Path | None = None  # these experts' outputs for the training world's images
+                                       # (python -m train.feature_cache): read, not computed again
 
 
 class ExpertFed(torch.nn.Module):
@@ -64,10 +70,14 @@ class ExpertFed(torch.nn.Module):
                                                                                 view_skip, feats))
 
 
-def real_model(oracle: OracleSphinx, experts_state: Path) -> SphinxForCausalLM:
+def real_model(oracle: OracleSphinx, experts_state: Path, projector_hidden: int = 0,
+               readout_hidden: int = 0) -> SphinxForCausalLM:
     """Gate A's model with the experts put back: its LLM and canvas tables, the expert run's experts,
-    a fresh projector and box read-out (their input is now the experts' fused channels)."""
-    model = SphinxForCausalLM(oracle.model.config)
+    a fresh projector and box read-out (their input is now the experts' fused channels; with a hidden
+    width, each is a two-layer MLP: the oracle's one-hot channels are not a linear function of them)."""
+    projector = ProjectorConfig("mlp_ln", oracle.model.config.projector.norm_eps, projector_hidden) \
+        if projector_hidden else ProjectorConfig(norm_eps=oracle.model.config.projector.norm_eps)
+    model = SphinxForCausalLM(oracle.model.config.replace(projector=projector, box_readout_hidden=readout_hidden))
     not_carried = ("visual_proj.", "canvas_pos.readout.", *(f"{e}." for e in model.expert_keys))
     carried = {k: v for k, v in oracle.model.state_dict().items() if not k.startswith(not_carried)}
     missing, unexpected = model.load_state_dict(carried, strict=False)
@@ -101,19 +111,38 @@ def real_features(model: SphinxForCausalLM, proc: SphinxProcessor, image) -> tup
     return out, processed.skipped
 
 
+def encoded(model: SphinxForCausalLM, proc: SphinxProcessor,
+            scenes: Iterable[tuple[Scene, object]]) -> Iterator[tuple[Scene, torch.Tensor, list[bool]]]:
+    """(scene, picture) -> (scene, its kept views' expert tokens (K, T, C), which views are skipped),
+    computed now."""
+    for scene, image in scenes:
+        feats, skipped = real_features(model, proc, image)
+        yield scene, feats[[not s for s in skipped]], skipped
+
+
+def cached(cache: FeatureCache, seed: int, count: int) -> Iterator[tuple[Scene, torch.Tensor, list[bool]]]:
+    """The first `count` scenes of the training world `seed` whose pictures the cache holds (as
+    `python -m train.synthetic` names them), with their cached expert tokens (K, T, C)."""
+    for index in range(count):
+        entry = cache.load(cache.root / "images" / f"train-{seed}-{index:06d}.png")
+        if entry is not None:
+            yield render_scene(seed, index)[0], entry.features, entry.skipped
+
+
 @torch.no_grad()
-def token_pairs(model: SphinxForCausalLM, oracle: OracleSphinx, proc: SphinxProcessor,
-                scenes: Iterable[tuple[Scene, object]], desc: str, total: int | None = None) -> dict[str, torch.Tensor]:
+def token_pairs(oracle: OracleSphinx, proc: SphinxProcessor, scenes: Iterable[tuple[Scene, torch.Tensor, list[bool]]],
+                desc: str, total: int | None = None) -> dict[str, torch.Tensor]:
     """Per kept token of the scenes: the experts' features X (bf16), where Gate A's projector puts the
     oracle token Y and what its box read-out reads R, and whether the token holds something."""
     cfg = proc.config
     g = int(round((cfg.tokens_per_view - 1) ** 0.5))
     xs, ys, rs, held = [], [], [], []
-    for scene, image in tqdm(scenes, desc=desc, total=total, leave=False):
-        feats, skipped = real_features(model, proc, image)
-        keep = [not s for s in skipped]
-        o = scene_features(scene, cfg.anchor, cfg.grid, g)[keep]                 # (K, T, F)
-        xs.append(feats[keep].flatten(0, 1).bfloat16())
+    for scene, feats, skipped in tqdm(scenes, desc=desc, total=total, leave=False):
+        o = scene_features(scene, cfg.anchor, cfg.grid, g)[[not s for s in skipped]]   # (K, T, F)
+        if o.shape[:2] != feats.shape[:2]:
+            raise ValueError(f"{scene.id}: the features hold {tuple(feats.shape[:2])} views x tokens, "
+                             f"the scene's truth {tuple(o.shape[:2])}")
+        xs.append(feats.flatten(0, 1).bfloat16())
         ys.append(oracle.model.visual_proj(o).flatten(0, 1))
         rs.append(oracle.model.canvas_pos.readout(o).flatten(0, 1))
         held.append(((o[..., OBJ] > 0) | (o[..., HAS_WORD] > 0)).flatten())
@@ -176,12 +205,17 @@ def transfer(run: TransferRun) -> dict:
     run.out.mkdir(parents=True, exist_ok=True)
     gate_run, oracle, proc = load_run(run.gate)
     oracle.eval()
-    model = real_model(oracle, run.experts)
+    model = real_model(oracle, run.experts, run.projector_hidden, run.readout_hidden)
     started = time.time()
-    # scenes are drawn as they are encoded: only their tokens stay in memory, never their pictures
-    pairs = token_pairs(model, oracle, proc, (render_scene(0, i) for i in range(run.scenes)), "training tokens",
-                        run.scenes)
-    held_out = token_pairs(model, oracle, proc, (render_scene(1002, i, "heldout") for i in range(run.fit_eval_scenes)),
+    if run.feature_cache is not None:
+        cache = FeatureCache(run.feature_cache)
+        cache.check(model)               # the cache must hold what these experts make of the pictures
+        training = cached(cache, 0, run.scenes)
+    else:                                # scenes are drawn as they are encoded: no pictures held at once
+        training = encoded(model, proc, (render_scene(0, i) for i in range(run.scenes)))
+    pairs = token_pairs(oracle, proc, training, "training tokens", run.scenes)
+    held_out = token_pairs(oracle, proc, encoded(model, proc, (render_scene(1002, i, "heldout")
+                                                               for i in range(run.fit_eval_scenes))),
                            "held-out tokens", run.fit_eval_scenes)
     features_min = (time.time() - started) / 60
     log = fit(model, pairs, run)
@@ -211,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gate", type=Path, required=True, help="a Gate A run folder (run.json + weights)")
     ap.add_argument("--experts", type=Path, required=True, help="an expert run's state/ folder")
     ap.add_argument("--out", type=Path, default=TransferRun.out)
-    for name in ("scenes", "fit_eval_scenes", "eval_scenes", "epochs", "batch_tokens", "threads", "seed"):
+    ap.add_argument("--feature-cache", type=Path, default=None,
+                    help="these experts' cached outputs for the training world (python -m train.feature_cache)")
+    for name in ("scenes", "fit_eval_scenes", "eval_scenes", "epochs", "batch_tokens", "threads", "seed",
+                 "projector_hidden", "readout_hidden"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(TransferRun, name))
     for name in ("lr", "held_weight"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(TransferRun, name))
