@@ -112,6 +112,22 @@ class TrainSection:
 
 
 @dataclass
+class SupervisionSection:
+    """Attention supervision on the synthetic world (train/world_supervision.py): [layer, head, weight]
+    of the head that looks at a box's object while its coordinates are written (attend), at the words
+    naming it (gather), and at the objects a detection group's name is about (name). Weight 0 = off;
+    all off by default (a run on other data has no scene truth to supervise with)."""
+
+    attend: list[float] = field(default_factory=lambda: [2, 2, 0.0])
+    gather: list[float] = field(default_factory=lambda: [1, 1, 0.0])
+    name: list[float] = field(default_factory=lambda: [3, 1, 0.0])
+
+    @property
+    def enabled(self) -> bool:
+        return any(spec[2] > 0 for spec in (self.attend, self.gather, self.name))
+
+
+@dataclass
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -119,6 +135,7 @@ class RunConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    supervision: SupervisionSection = field(default_factory=SupervisionSection)
 
     def validate(self) -> "RunConfig":
         """Every value the loop relies on, in range: a mistake is one ConfigError here, never a
@@ -152,6 +169,14 @@ class RunConfig:
         _check(all(isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool)
                    and math.isfinite(v) and v > 0 for k, v in o.lr_scale.items()),
                "optim.lr_scale must map parameter-name prefixes to numbers > 0")
+        sv = self.supervision
+        _check(all(isinstance(spec, list) and len(spec) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                                      for x in spec)
+                   and spec[0] == int(spec[0]) >= 0 and spec[1] == int(spec[1]) >= 0 and 0 <= spec[2] < 100
+                   for spec in (sv.attend, sv.gather, sv.name)),
+               "supervision.attend / gather / name must each be [layer >= 0, head >= 0, weight in [0, 100)]")
+        _check(not sv.enabled or not (t.fsdp or self.lora.enabled),
+               "supervision reads the LLM's own attention heads: not with train.fsdp or LoRA")
         _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas must be two numbers in [0, 1)")
         _check(d.max_text_tokens is None or d.max_text_tokens >= 1, "data.max_text_tokens must be >= 1")
         _check(d.megabatch_mult >= 1 and d.num_workers >= 0, "data.megabatch_mult >= 1, data.num_workers >= 0")

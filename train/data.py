@@ -35,6 +35,10 @@ from .records import OK, REASONS, RecordStore, Skip, image_path, is_empty_dialog
 class Item:
     encoded: Encoded | None
     skipped: tuple[str, ...] = ()  # reasons of the records tried before (and instead of) this one
+    targets: list | None = None    # what `box_targets` made of it (training-only supervision), if anything
+
+
+BoxTargetsFn = Callable[[Conversation, Encoded], "list | None"]
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -42,9 +46,10 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __init__(self, store: RecordStore, processor: SphinxProcessor, max_text_tokens: int | None = None,
                  truncate: bool = False, pool: np.ndarray | None = None, max_fallbacks: int = 8,
-                 features: FeatureCache | None = None):
+                 features: FeatureCache | None = None, box_targets: BoxTargetsFn | None = None):
         self.store = store
         self.features = features
+        self.box_targets = box_targets
         self.processor = processor
         self.max_text_tokens = max_text_tokens
         self.truncate = truncate
@@ -58,7 +63,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         skipped: list[str] = []
         for candidate in self._candidates(int(gid)):
             try:
-                return Item(self.encode(candidate), tuple(skipped))
+                conv, enc = self._encode(candidate)
+                return Item(enc, tuple(skipped), self.box_targets(conv, enc) if self.box_targets else None)
             except Skip as s:
                 skipped.append(s.reason)
         return Item(None, tuple(skipped))
@@ -77,6 +83,9 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def encode(self, gid: int) -> Encoded:
         """Render one record exactly as the model sees it; raises Skip."""
+        return self._encode(gid)[1]
+
+    def _encode(self, gid: int) -> tuple[Conversation, Encoded]:
         status = int(self.store.status[gid])
         if status != OK:
             raise Skip(REASONS[status - 1])
@@ -88,7 +97,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             enc = self.processor.encode(conv, images, add_generation_prompt=False, max_length=1 << 40)
         except (SchemaError, ValueError) as e:
             raise Skip("schema", str(e)) from e
-        return self._fit(enc)
+        return conv, self._fit(enc)
 
     def _image(self, gid: int, ref: str | None):
         if not ref:
@@ -133,6 +142,7 @@ class Batch:
     samples: int = 0
     tokens: int = 0   # real (non-pad) tokens
     slots: int = 0    # rows x width: tokens + padding
+    targets: list | None = None  # per row, the items' `targets` ([] where one has none); None if no item has any
 
     @property
     def padding(self) -> float:
@@ -161,7 +171,9 @@ class Collator:
         else:
             inputs = self.processor.collate(encoded, padding_side="right")
         rows, width = inputs["input_ids"].shape
-        return Batch(inputs, skipped, len(encoded), int(inputs["attention_mask"].sum()), rows * width)
+        kept = [it for it in items if it.encoded is not None]
+        targets = [it.targets or [] for it in kept] if any(it.targets for it in kept) else None
+        return Batch(inputs, skipped, len(encoded), int(inputs["attention_mask"].sum()), rows * width, targets)
 
     def _collate_cached(self, encoded: list[Encoded], images: list) -> dict[str, torch.Tensor]:
         """The processor's text tensors; the images as the experts' outputs of their kept views

@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
+from sphinx_model.processor import IMAGE_TOKEN_ID
 from sphinx_model.templates import IGNORE_INDEX
 
 from .checkpointing import (CHECKPOINTS, Checkpoint, TrainerState, check_compatible, check_output_dir,
@@ -36,6 +37,7 @@ from .config import ConfigError, RunConfig
 from .data import Batch, Collator, ConversationDataset, make_loader
 from .feature_files import FeatureCache
 from .final import export_final
+from .demo_tokenizer import NUMBER_PIECES
 from .freeze import apply_freeze, apply_lora, check_lr_scale, lr_scale_of
 from .losses import answer_mean_loss
 from .mixture import DataError, EpochPlan, epoch_samples, load_mixture, plan_batches, rank_plan
@@ -44,6 +46,7 @@ from .parallel import deepspeed_requested, prepare
 from .progress import Progress
 from .records import REASONS, open_records, split
 from .resume_config import check_same_config, run_settings
+from .world_supervision import HeadSpec, WorldBoxTargets, build_supervision
 
 FINAL = "final"
 METRICS = "metrics.jsonl"
@@ -112,6 +115,16 @@ class Trainer:
         model.train()
         self.model, self.optimizer, self.mode = prepare(acc, model, cfg, self._make_optimizer)
         self.scheduler = self._make_scheduler()  # its state travels in trainer_state.json, not a pickle
+        self.supervision, self.last_supervision = None, {}
+        if cfg.supervision.enabled:              # hooks on the LLM's own attention layers (training only)
+            sv = cfg.supervision
+            try:
+                self.supervision = build_supervision(acc.unwrap_model(self.model).llm, *(
+                    HeadSpec(int(x[0]), int(x[1]), float(x[2])) for x in (sv.attend, sv.gather, sv.name)))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            self.coord_ids = torch.tensor([self.processor.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES],
+                                          device=acc.device)
         self.state = TrainerState(world_size=acc.num_processes, batch_size=cfg.train.batch_size,
                                   grad_accum=cfg.train.grad_accum, seed=cfg.train.seed,
                                   frozen_fingerprint=self.fingerprint)
@@ -175,8 +188,13 @@ class Trainer:
         self.samples_per_epoch = mixture.samples_per_epoch or int(sum(len(p) for p in self.pools))
         d = cfg.data
         features = FeatureCache(d.feature_cache) if d.feature_cache is not None else None
+        try:
+            targets = WorldBoxTargets(self.processor) if cfg.supervision.enabled else None
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.dataset = ConversationDataset(store, self.processor, d.max_text_tokens, d.truncate,
-                                           pool=parts.train_pool, max_fallbacks=d.max_fallbacks, features=features)
+                                           pool=parts.train_pool, max_fallbacks=d.max_fallbacks, features=features,
+                                           box_targets=targets)
         self.eval_dataset = ConversationDataset(store, self.processor, d.max_text_tokens, d.truncate,
                                                 pool=self.eval_ids, max_fallbacks=d.max_fallbacks, features=features)
         self.collate = Collator(self.processor)
@@ -274,7 +292,7 @@ class Trainer:
                                 "check the data (see the skip counts)")
             with acc.accumulate(model):
                 with acc.autocast():
-                    loss = self._loss(batch.inputs)
+                    loss = self._loss(batch)
                 acc.backward(loss)
                 if acc.sync_gradients:
                     grad_norm = self._optimizer_step()
@@ -287,12 +305,20 @@ class Trainer:
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "lr": self.base_lr(), "seconds": time.perf_counter() - started}
 
-    def _loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of one micro-batch: per token (the LLM's own) or per answer (`train.loss_per`)."""
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        """The training loss of one micro-batch: per token (the LLM's own) or per answer (`train.loss_per`),
+        plus the attention supervision's (`supervision`) where the batch has box targets."""
+        inputs = batch.inputs
         if self.cfg.train.loss_per == "token":
-            return self.model(**inputs).loss
-        out = self.model(**{k: v for k, v in inputs.items() if k != "labels"})
-        return answer_mean_loss(out.logits, inputs["labels"])
+            loss = self.model(**inputs).loss
+        else:
+            out = self.model(**{k: v for k, v in inputs.items() if k != "labels"})
+            loss = answer_mean_loss(out.logits, inputs["labels"])
+        if self.supervision is not None and batch.targets is not None:
+            aux = self.supervision.losses({**inputs, "targets": batch.targets}, self.coord_ids, IMAGE_TOKEN_ID)
+            self.last_supervision = {k: float(v.detach()) for k, v in aux.items() if v is not None}
+            loss = loss + self.supervision.total(aux)
+        return loss
 
     def _optimizer_step(self) -> torch.Tensor | None:
         max_norm = self.cfg.optim.max_grad_norm
@@ -315,7 +341,8 @@ class Trainer:
             self._log({"train/loss": stats["loss"], "train/lr": stats["lr"], "train/tokens_per_s": tok_s,
                        "train/tokens": stats["tokens"], "train/step_seconds": stats["seconds"],
                        "train/padding": padding, "train/grad_norm": stats["grad_norm"],
-                       **{f"data/skipped/{r}": n for r, n in st.skipped.items()}}, st.step)
+                       **{f"data/skipped/{r}": n for r, n in st.skipped.items()},
+                       **{f"train/supervision/{k}": v for k, v in self.last_supervision.items()}}, st.step)
         if cfg.eval_every and st.step % cfg.eval_every == 0 and self.eval_ids.size:
             self._evaluate()
         if cfg.save_every and st.step % cfg.save_every == 0:

@@ -93,8 +93,9 @@ class HeadAttention:
                                  None if a.q_proj.bias is None else a.q_proj.bias[rows]).float()
         k = nn.functional.linear(x, a.k_proj.weight[kv_rows],
                                  None if a.k_proj.bias is None else a.k_proj.bias[kv_rows]).float()
-        q = _rotate(q, cos[row, queries].float(), sin[row, queries].float())
-        k = _rotate(k, cos[row].float(), sin[row].float())
+        at = row if cos.shape[0] > 1 else 0            # one set of rotary positions for every row, or one a row
+        q = _rotate(q, cos[at, queries].float(), sin[at, queries].float())
+        k = _rotate(k, cos[at].float(), sin[at].float())
         scores = (q @ k.T) * a.scaling                                     # (Q, L)
         positions = torch.arange(x.shape[0], device=x.device)
         allowed = (positions[None, :] <= queries[:, None]) & keep[None, :]
