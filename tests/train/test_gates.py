@@ -188,3 +188,23 @@ def test_the_gate_table_lists_gate_a_runs_and_passes_over_other_gates_records(tm
     assert main(["--table", "--out", str(tmp_path)]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| a:")]
     assert len(rows) == 1 and "0.91 / 0.91" in rows[0] and "0.82 / 0.82" in rows[0]
+
+
+def test_with_an_other_share_the_gate_also_asks_the_worlds_other_tasks_with_their_own_answers(tmp_path):
+    import random
+
+    from train.gates.pointing import GateRun, OTHER_TASKS, build, training_sample, training_scenes
+
+    run = GateRun(mechanism="box+coords", token_grid=2, pool=tmp_path / "pool", pool_scenes=40, other_share=0.5,
+                  attend_weight=0.3, system="")
+    _, proc, cells = build(run)
+    rng = random.Random(0)
+    scenes = training_scenes(run)
+    samples = [training_sample(rng, scenes, run, proc, cells) for _ in range(40)]
+    answers = [proc.tokenizer.decode([t for t in s.labels if t != -100]) for s in samples]
+    boxed = [a for a in answers if a.lstrip().startswith(("[", "<p>"))]
+    assert 8 <= len(boxed) <= 32                                   # about half point, half answer otherwise
+    other = [s for s, a in zip(samples, answers) if a not in boxed]
+    assert other and all(s.targets == [] for s in other)           # nothing to supervise in them
+    assert all(s.targets for s, a in zip(samples, answers) if a in boxed)
+    assert {"count_shape", "colour_of", "som"} <= set(OTHER_TASKS) and "ocr" not in OTHER_TASKS

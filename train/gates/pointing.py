@@ -78,6 +78,9 @@ from .oracle import (
 from .scene_pool import scene_pool
 
 MECHANISMS = ("none", "embedding", "embedding+coords", "features", "box", "box+coords")
+# the world's tasks whose answers an oracle token can give and a real expert's token can too (reading is left
+# out: the oracle names a word, a real expert reads its letters per cell)
+OTHER_TASKS = ("count_shape", "count_colour", "colour_of", "shape_of", "som", "region", "caption")
 
 
 @dataclass
@@ -94,6 +97,9 @@ class GateRun:
     lr: float = 1.5e-3
     warmup_steps: int = 30
     detection_share: float = 0.5       # the rest is grounding
+    other_share: float = 0.0           # > 0: this share of the samples asks one of the world's other tasks
+                                       # (OTHER_TASKS: counts, attributes, marks, regions, captions), so the LLM
+                                       # keeps every answer format while it learns to point
     max_objects: int = 0               # > 0: only scenes with at most this many objects (a curriculum's first step)
     eval_scenes: int = 100             # per held-out set
     eval_every_minutes: float = 0.0    # 0: evaluate only at the end
@@ -259,6 +265,11 @@ def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc:
     while True:
         scene = rng.choice(scenes)
         writer = TaskWriter(scene, proc.config.anchor)
+        if run.other_share and rng.random() < run.other_share:
+            qa = writer.task_table()[rng.choice(OTHER_TASKS)](rng)
+            if qa is not None:                                      # no box in its answer: nothing to supervise
+                return make_sample(scene, qa[0], qa[1], proc, cells, run.system)
+            continue
         if rng.random() < run.detection_share:
             qa = writer.detection(rng)
             # each box is named by its group's "<p>name</p>" in the answer (the name's first word follows ">")
@@ -535,6 +546,8 @@ def run_label(run: dict) -> str:
     parts.append(f"<= {run['max_objects']} object(s)" if run.get("max_objects") else "all scenes")
     share = run.get("detection_share", 0.5)
     parts.append("grounding only" if share == 0 else f"detection {share:g}")
+    if run.get("other_share"):
+        parts.append(f"other tasks {run['other_share']:g}")
     if run.get("shared_image_position"):
         parts.append("shared image position")
     if run.get("loss_per_answer"):
@@ -585,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-scenes", type=int, default=GateRun.eval_scenes)
     ap.add_argument("--eval-every-minutes", type=float, default=0.0)
     ap.add_argument("--detection-share", type=float, default=GateRun.detection_share)
+    ap.add_argument("--other-share", type=float, default=GateRun.other_share,
+                    help="share of samples asking the world's other tasks (counts, attributes, marks, ...)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--token-grid", type=int, default=GateRun.token_grid, help="tokens per view side")
     ap.add_argument("--max-objects", type=int, default=0, help="only scenes with at most this many objects")
@@ -626,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run = GateRun(mechanism=a.mechanism, out=a.out, minutes=a.minutes, max_steps=a.max_steps,
                   batch_size=a.batch_size, lr=a.lr, eval_scenes=a.eval_scenes,
-                  eval_every_minutes=a.eval_every_minutes, detection_share=a.detection_share, seed=a.seed, max_objects=a.max_objects,
+                  eval_every_minutes=a.eval_every_minutes, detection_share=a.detection_share, other_share=a.other_share, seed=a.seed, max_objects=a.max_objects,
                   token_grid=a.token_grid,
                   name=a.name,
                   bf16=not a.fp32, system=a.system, init_llm=a.init_llm,
