@@ -37,7 +37,6 @@ from .config import ConfigError, RunConfig
 from .data import Batch, Collator, ConversationDataset, make_loader
 from .feature_files import FeatureCache
 from .final import export_final
-from .demo_tokenizer import NUMBER_PIECES
 from .freeze import apply_freeze, apply_lora, check_lr_scale, lr_scale_of
 from .losses import answer_mean_loss
 from .mixture import DataError, EpochPlan, epoch_samples, load_mixture, plan_batches, rank_plan
@@ -123,8 +122,7 @@ class Trainer:
                     HeadSpec(int(x[0]), int(x[1]), float(x[2])) for x in (sv.attend, sv.gather, sv.name)))
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-            self.coord_ids = torch.tensor([self.processor.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES],
-                                          device=acc.device)
+            self.coord_ids = torch.tensor(sorted(self.dataset.box_targets.values), device=acc.device)
         self.state = TrainerState(world_size=acc.num_processes, batch_size=cfg.train.batch_size,
                                   grad_accum=cfg.train.grad_accum, seed=cfg.train.seed,
                                   frozen_fingerprint=self.fingerprint)

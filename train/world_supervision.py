@@ -83,7 +83,7 @@ class WorldBoxTargets:
         self.tokenizer = processor.tokenizer
         self.anchor, self.grid = cfg.anchor, cfg.grid
         self.token_grid = int(round((cfg.tokens_per_view - 1) ** 0.5))
-        self.values = {self.tokenizer.convert_tokens_to_ids(p): float(p) for p in NUMBER_PIECES}
+        self.values = {self.tokenizer.convert_tokens_to_ids(p): float(p) for p in NUMBER_PIECES}  # token id -> value
         if len(self.values) != len(NUMBER_PIECES) or self.tokenizer.unk_token_id in self.values:
             raise ValueError("supervision needs a tokenizer with one token per box coordinate 0.00-1.00 "
                              "(the demo tokenizer's); this one has none")
