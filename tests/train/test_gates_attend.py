@@ -33,6 +33,7 @@ def two_object_scene() -> Scene:
 
 
 def gate(token_grid: int = 2):
+    torch.manual_seed(0)                       # the losses' falls are checked from one fixed start
     run = GateRun(mechanism="box+coords", token_grid=token_grid, system="", shared_image_position=True)
     model, proc, cells = build(run)
     return run, model.eval(), proc, cells
@@ -297,3 +298,94 @@ def test_a_short_supervised_gate_run_trains_logs_and_saves(tmp_path):
     weights = load_file(tmp_path / "runs" / "sup" / "weights.safetensors")
     assert any(k.startswith("model.llm.") for k in weights)
     assert not any("readout" in k and "canvas_pos" not in k for k in weights)   # the named-words read-out is not kept
+
+
+def marked_scene() -> Scene:
+    return Scene(id="m", width=400, height=400, background="plain",
+                 objects=[WorldObject("circle", "red", "medium", (240, 50, 320, 130), mark=2),
+                          WorldObject("triangle", "blue", "large", (40, 220, 160, 340), mark=5)])
+
+
+def test_short_answers_look_at_what_they_are_read_from():
+    from train.gates.pointing import GLOBAL_POOLED_SLOT, answer_looks
+
+    run, model, proc, cells = gate()
+    scene = marked_scene()
+    slots_of = {}
+    for task, question, answer, want in (
+            ("colour_of", "What color is the triangle?", "blue", scene.objects[1]),
+            ("shape_of", "What shape is the red object?", "circle", scene.objects[0]),
+            ("som", "What is the object marked with the number 5? Answer with its color and shape.", "blue triangle",
+             scene.objects[1]),
+            ("count_colour", "How many blue objects are there in the image?", "1", None)):
+        sample = make_sample(scene, question, answer, proc, cells, "")
+        looks = answer_looks(task, question, scene, sample)
+        assert len(looks) == 1, task
+        queries, slots = looks[0]
+        answer_at = [i for i, label in enumerate(sample.labels) if label != -100]
+        # every answer word is written by the position before it; the end token is not looked for
+        assert queries == [i - 1 for i in answer_at[:-1]] and len(queries) == len(answer.split())
+        visual = visual_slots(sample.feats, sample.skipped)
+        if want is None:
+            assert slots == [GLOBAL_POOLED_SLOT]
+            assert visual[GLOBAL_POOLED_SLOT] is not None and visual[GLOBAL_POOLED_SLOT][:1].item() == 0  # pooled: no object
+        else:
+            assert slots == object_slots(visual, want) and slots
+        slots_of[task] = slots
+    assert slots_of["colour_of"] == slots_of["som"] != slots_of["shape_of"]
+    # a caption or region answer reads no one place
+    caption = make_sample(scene, "Describe the image briefly.", "There are two objects.", proc, cells, "")
+    assert answer_looks("caption", "Describe the image briefly.", scene, caption) == []
+
+
+def test_the_look_loss_falls_as_the_head_looks_at_the_asked_object():
+    from train.gates.attend import look_loss
+    from train.gates.pointing import answer_looks
+
+    run, model, proc, cells = gate()
+    scene = marked_scene()
+    question = "What is the object marked with the number 2? Answer with its color and shape."
+    sample = make_sample(scene, question, "red circle", proc, cells, "")
+    sample.looks = answer_looks("som", question, scene, sample)
+    b = collate([sample], proc)
+    attn = model.model.llm.model.layers[3].self_attn
+    probe = HeadAttention(attn, head=1)
+    opt = torch.optim.Adam([attn.q_proj.weight, attn.k_proj.weight], lr=0.02)
+    losses = []
+    for _ in range(15):
+        model.model.llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
+                        attention_mask=b["attention_mask"])
+        loss = look_loss(probe, b["input_ids"], b["attention_mask"], b["looks"], IMAGE_TOKEN_ID)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0]
+    empty = collate([make_sample(scene, question, "red circle", proc, cells, "")], proc)
+    assert look_loss(probe, empty["input_ids"], empty["attention_mask"], empty["looks"], IMAGE_TOKEN_ID) is None
+
+
+def test_a_gate_run_asks_only_the_other_tasks_it_is_given_and_logs_the_look_loss(tmp_path):
+    import json
+
+    from train.gates.pointing import evaluate_run, main, train, training_sample, training_scenes
+
+    run = GateRun(mechanism="box+coords", token_grid=2, system="", shared_image_position=True, max_objects=2,
+                  other_share=1.0, other_tasks=("count_shape", "som"), max_steps=2, batch_size=4, eval_scenes=1,
+                  eval_metrics=("counting", "som"), out=tmp_path / "runs", name="look", pool=tmp_path / "pool",
+                  pool_scenes=300, look_weight=0.5, name_weight=0.0)
+    rng = random.Random(0)
+    model, proc, cells = build(run)
+    questions = [proc.tokenizer.decode([i for i in training_sample(rng, training_scenes(run), run, proc, cells).input_ids
+                                        if i >= 0]) for _ in range(12)]
+    assert all(("How many" in q or "Count the" in q or "mark" in q) for q in questions)
+    result = train(run)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "look" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["look"] is not None and r["look"] >= 0 for r in rows)
+    # scored on the metrics asked for, and only those
+    for table in result["final"].values():
+        assert {"counting"} <= set(table) and "grounding" not in table and "detection" not in table
+    record = evaluate_run(tmp_path / "runs" / "look", ("attribute",), eval_scenes=1, threads=1)
+    assert (tmp_path / "runs" / "look" / "eval.json").exists()
+    assert all("grounding" not in t for t in record["final"].values())
+    assert main(["--evaluate", str(tmp_path / "nowhere")]) == 1

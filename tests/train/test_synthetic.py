@@ -105,3 +105,18 @@ def test_cli_writes_images_scenes_and_schema_valid_dialogues(tmp_path):
 def test_cli_refuses_absurd_counts(tmp_path, capsys):
     assert synthetic_main(["--out", str(tmp_path), "--n", "0"]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+def test_counting_questions_and_captions_spell_every_shapes_plural():
+    import random
+
+    from train.world.scene import Scene, WorldObject
+
+    scene = Scene(id="p", width=300, height=300, background="plain",
+                  objects=[WorldObject("cross", "red", "small", (10, 10, 40, 40)),
+                           WorldObject("cross", "red", "small", (100, 100, 130, 130)),
+                           WorldObject("circle", "blue", "large", (160, 160, 260, 260))])
+    writer = TaskWriter(scene)
+    asked = {writer.count_shape(random.Random(seed))[0] for seed in range(40)}
+    assert any("crosses" in q for q in asked) and not any("crosss" in q for q in asked)
+    assert "two small red crosses" in writer.caption(random.Random(0))[1]

@@ -186,6 +186,20 @@ def naming_loss(probe: HeadAttention, input_ids: torch.Tensor, labels: torch.Ten
     return _head_mass_loss(probe, attention_mask, wanted)
 
 
+def look_loss(probe: HeadAttention, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              looks: list[list[tuple[list[int], list[int]]]], image_token_id: int) -> torch.Tensor | None:
+    """Mean over the positions that write a short answer (an attribute, a count, a marked object's name)
+    of -log(attention mass on the visual slots that answer is read from): the object asked about, or,
+    for a count, the global view's pooled token, which holds the scene's counts. `looks` per row:
+    (answer-writing positions, visual slots). None where no row has one."""
+    wanted, image_at = [], _image_columns(input_ids, image_token_id)
+    for row, entries in enumerate(looks):
+        for queries, slots in entries:
+            if queries and slots:
+                wanted.append((row, queries, image_at[row][slots]))
+    return _head_mass_loss(probe, attention_mask, wanted)
+
+
 def phrase_positions(input_ids: list[int], words: list[int], start: int = 0) -> list[int]:
     """Where the token ids `words` first occur, contiguously, in `input_ids` at or after `start`
     (empty if they do not)."""
@@ -227,18 +241,19 @@ class Supervision:
     """The auxiliary losses of a gate run, with their weights: the selecting head onto each box's object
     (`attention_loss`), the first-hop head onto its name (`phrase_loss`), the named-words read-out at
     the selecting layer's input (`named_loss`; its linear layer trains with the run and is not kept),
-    and a head onto the objects a detection answer names next (`naming_loss`).
+    a head onto the objects a detection answer names next (`naming_loss`), and the same head onto
+    what a short answer is read from (`look_loss`, weight `look_weight`).
     A weight of 0 leaves that loss out."""
 
     def __init__(self, llm: nn.Module, attend: tuple[int, int, float], gather: tuple[int, int, float],
-                 query_weight: float, name: tuple[int, int, float] = (3, 1, 0.0)):
+                 query_weight: float, name: tuple[int, int, float] = (3, 1, 0.0), look_weight: float = 0.0):
         layers = llm.model.layers
         self.attend_weight, self.gather_weight, self.query_weight = attend[2], gather[2], query_weight
-        self.name_weight = name[2]
+        self.name_weight, self.look_weight = name[2], look_weight
         self.select = HeadAttention(layers[attend[0]].self_attn, attend[1]) if attend[2] > 0 or query_weight > 0 else None
         self.first_hop = HeadAttention(layers[gather[0]].self_attn, gather[1]) if gather[2] > 0 else None
         self.chooser = None
-        if name[2] > 0:     # the same head as `select` shares its hook
+        if name[2] > 0 or look_weight > 0:     # the same head as `select` shares its hook
             same = self.select is not None and (name[0], name[1]) == (attend[0], attend[1])
             self.chooser = self.select if same else HeadAttention(layers[name[0]].self_attn, name[1])
         self.readout = None
@@ -251,7 +266,8 @@ class Supervision:
 
     def losses(self, batch: dict, coord_ids: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor | None]:
         """After the LLM's forward on `batch`: each auxiliary loss (None where off or where no row counts)."""
-        out: dict[str, torch.Tensor | None] = {"attend": None, "gather": None, "named": None, "name": None}
+        out: dict[str, torch.Tensor | None] = {"attend": None, "gather": None, "named": None, "name": None,
+                                               "look": None}
         if self.select is not None and self.attend_weight > 0:
             out["attend"] = attention_loss(self.select, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                            batch["targets"], coord_ids, image_token_id)
@@ -260,12 +276,15 @@ class Supervision:
         if self.first_hop is not None:
             out["gather"] = phrase_loss(self.first_hop, batch["labels"], batch["attention_mask"], batch["targets"],
                                         coord_ids)
-        if self.chooser is not None:
+        if self.chooser is not None and self.look_weight > 0 and batch.get("looks"):
+            out["look"] = look_loss(self.chooser, batch["input_ids"], batch["attention_mask"], batch["looks"],
+                                    image_token_id)
+        if self.chooser is not None and self.name_weight > 0:
             out["name"] = naming_loss(self.chooser, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                       batch["targets"], image_token_id)
         return out
 
     def total(self, losses: dict[str, torch.Tensor | None]) -> torch.Tensor | float:
         weights = {"attend": self.attend_weight, "gather": self.gather_weight, "named": self.query_weight,
-                   "name": self.name_weight}
+                   "name": self.name_weight, "look": self.look_weight}
         return sum(weights[k] * v for k, v in losses.items() if v is not None)

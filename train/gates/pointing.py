@@ -31,6 +31,7 @@ import argparse
 import inspect
 import json
 import random
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -53,7 +54,7 @@ from sphinx_model.tiling import canvas_geometry, skipped_views, token_cells
 from sphinx_model.tokenizer import load_tokenizer
 
 from ..demo_tokenizer import NUMBER_PIECES
-from ..evaluate import HELDOUT_WORLDS, Question, scene_questions, score
+from ..evaluate import HELDOUT_WORLDS, METRICS, Question, scene_questions, score, summarise
 from ..losses import answer_mean_loss
 from ..world.scene import Scene, WorldObject
 from ..world.tasks import TaskWriter
@@ -102,6 +103,7 @@ class GateRun:
                                        # keeps every answer format while it learns to point
     max_objects: int = 0               # > 0: only scenes with at most this many objects (a curriculum's first step)
     eval_scenes: int = 100             # per held-out set
+    eval_metrics: tuple[str, ...] = ("grounding", "detection")  # `train.evaluate`'s metrics the run is scored on
     eval_every_minutes: float = 0.0    # 0: evaluate only at the end
     save_every_minutes: float = 0.0    # > 0: weights.safetensors rewritten this often (a killed run continues with --init-weights)
     seed: int = 0
@@ -127,6 +129,8 @@ class GateRun:
     name_weight: float = 0.0           # > 0: a head looks at the objects a detection answer names next (`attend.naming_loss`)
     name_layer: int = 3
     name_head: int = 1
+    look_weight: float = 0.0           # > 0: the name head looks, while a short answer is written, at what it is read from
+    other_tasks: tuple[str, ...] = OTHER_TASKS  # which of them `other_share` asks (uniformly)
 
 
 class OracleSphinx(nn.Module):
@@ -236,6 +240,7 @@ class Sample:
     feats: torch.Tensor      # (kept views, T, F)
     skipped: list[bool]
     targets: list[BoxTarget] = field(default_factory=list)  # per box of the answer: its object, where it is named
+    looks: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (answer-writing positions, slots read)
 
 
 def make_sample(scene: Scene, question: str, answer: str | None, proc: SphinxProcessor,
@@ -266,9 +271,13 @@ def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc:
         scene = rng.choice(scenes)
         writer = TaskWriter(scene, proc.config.anchor)
         if run.other_share and rng.random() < run.other_share:
-            qa = writer.task_table()[rng.choice(OTHER_TASKS)](rng)
-            if qa is not None:                                      # no box in its answer: nothing to supervise
-                return make_sample(scene, qa[0], qa[1], proc, cells, run.system)
+            task = rng.choice(run.other_tasks)
+            qa = writer.task_table()[task](rng)
+            if qa is not None:
+                sample = make_sample(scene, qa[0], qa[1], proc, cells, run.system)
+                if run.look_weight:
+                    sample.looks = answer_looks(task, qa[0], scene, sample)
+                return sample
             continue
         if rng.random() < run.detection_share:
             qa = writer.detection(rng)
@@ -300,6 +309,33 @@ def box_targets(sample: Sample, named: list[tuple[str, WorldObject]], proc: Sphi
     return targets
 
 
+GLOBAL_POOLED_SLOT = 1     # layout: the global view first (never skipped), its start token, then its pooled token
+
+
+def answer_looks(task: str, question: str, scene: Scene, sample: Sample) -> list[tuple[list[int], list[int]]]:
+    """Where a short answer is read from, for `attend.look_loss`: a count from the global view's pooled
+    token (it holds the scene's counts), an attribute from the one object the question names (by its
+    shape or colour), a marked object's name from the object with that mark. Every position that writes
+    the answer (not its end token) looks there. Empty for the tasks that read no one place."""
+    words = set(re.findall(r"[a-z]+|\d+", question.lower()))
+    if task in ("count_shape", "count_colour"):
+        slots = [GLOBAL_POOLED_SLOT]
+    else:
+        if task == "colour_of":
+            objs = [o for o in scene.objects if o.shape in words]
+        elif task == "shape_of":
+            objs = [o for o in scene.objects if o.colour in words]
+        elif task == "som":
+            objs = [o for o in scene.objects if o.mark is not None and str(o.mark) in words]
+        else:
+            return []
+        if len(objs) != 1:
+            return []
+        slots = object_slots(visual_slots(sample.feats, sample.skipped), objs[0])
+    answer = [i for i, label in enumerate(sample.labels) if label != -100]
+    return [([i - 1 for i in answer[:-1]], slots)] if len(answer) > 1 and slots else []
+
+
 def in_curriculum(scene: Scene, max_objects: int) -> bool:
     """A scene the gate asks about: at least one object, and at most `max_objects` (0: any number)."""
     return bool(scene.objects) and (not max_objects or len(scene.objects) <= max_objects)
@@ -325,17 +361,18 @@ def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) ->
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "feats": torch.cat([s.feats for s in samples]),
             "view_skip": torch.tensor([s.skipped for s in samples], dtype=torch.bool),
-            "targets": [s.targets for s in samples]}
+            "targets": [s.targets for s in samples], "looks": [s.looks for s in samples]}
 
 
-def eval_questions(run: GateRun) -> dict[str, list[Question]]:
+def eval_questions(run: GateRun, metrics: tuple[str, ...] = ("grounding", "detection")) -> dict[str, list[Question]]:
+    """The held-out sets' questions of `metrics` (`train.evaluate`'s own), on the run's curriculum's scenes."""
     out = {}
     for name, seed, renderer in HELDOUT_WORLDS:
         pool = scene_pool(seed, run.eval_scenes * (40 if run.max_objects else 4), renderer, run.pool)
         scenes = [s for s in pool if in_curriculum(s, run.max_objects)][:run.eval_scenes]
         qs: list[Question] = []
         for scene in scenes:
-            qs += [q for q in scene_questions(scene, None, seed) if q.metric in ("grounding", "detection")]
+            qs += [q for q in scene_questions(scene, None, seed) if q.metric in metrics]
         out[name] = qs
     return out
 
@@ -380,7 +417,7 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
     device = next(model.parameters()).device
     table = {}
     for name, qs in questions.items():
-        correct, tp, n_pred, n_truth, n_ground = 0.0, 0, 0, 0, 0
+        scored: list[tuple[Question, dict]] = []
         examples = []
         for i in range(0, len(qs), batch):
             chunk = qs[i:i + batch]
@@ -389,24 +426,18 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
             b = on_device(b, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 embeds = model.embed(b["input_ids"], b["feats"], b["view_skip"])
-            longest = max(200 if q.metric == "detection" else 16 for q in chunk)
+            longest = max(200 if q.metric in ("detection", "spotting") else 24 for q in chunk)
             pos = rotary_positions(b["input_ids"], b["attention_mask"], shared_image_position)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = greedy(model.model.llm, embeds.float(), b["attention_mask"], pos, longest,
                              proc.tokenizer.eos_token_id)
             for q, ids in zip(chunk, out):
                 text = proc.tokenizer.decode(ids, skip_special_tokens=True)
-                s = score(q, text, proc.config.anchor)
+                scored.append((q, score(q, text, proc.config.anchor)))
                 if len(examples) < 4:
                     examples.append({"prompt": q.prompt, "answer": text, "truth": q.truth})
-                if q.metric == "grounding":
-                    correct += s["correct"]
-                    n_ground += 1
-                else:
-                    tp, n_pred, n_truth = tp + s["tp"], n_pred + s["n_pred"], n_truth + s["n_truth"]
-        f1 = 2 * tp / (n_pred + n_truth) if n_pred + n_truth else 0.0
-        table[name] = {"grounding": correct / max(n_ground, 1), "detection": f1, "questions": len(qs),
-                       "examples": examples}
+        metrics = summarise(scored)
+        table[name] = {**{m: row["value"] for m, row in metrics.items()}, "questions": len(qs), "examples": examples}
     model.train()
     return table
 
@@ -433,7 +464,9 @@ def run_record(run: GateRun) -> dict:
 def run_from_record(record: dict) -> GateRun:
     """A run's GateRun back from its run.json (paths as Paths, unknown keys refused)."""
     paths = {"out", "tokenizer", "init_llm", "init_weights", "pool"}
-    return GateRun(**{k: Path(v) if k in paths and v is not None else v for k, v in record.items()})
+    run = GateRun(**{k: Path(v) if k in paths and v is not None else v for k, v in record.items()})
+    run.eval_metrics, run.other_tasks = tuple(run.eval_metrics), tuple(run.other_tasks)
+    return run
 
 
 def load_run(folder: Path) -> tuple[GateRun, OracleSphinx, SphinxProcessor]:
@@ -469,10 +502,10 @@ def train(run: GateRun) -> dict:
     model.to(device)
     supervision = Supervision(model.model.llm, (run.attend_layer, run.attend_head, run.attend_weight),
                               (run.gather_layer, run.gather_head, run.gather_weight), run.query_weight,
-                              (run.name_layer, run.name_head, run.name_weight))
+                              (run.name_layer, run.name_head, run.name_weight), run.look_weight)
     params = [p for p in model.parameters() if p.requires_grad] + supervision.parameters()
     opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    questions = eval_questions(run)
+    questions = eval_questions(run, run.eval_metrics)
     scenes = training_scenes(run)
     coord_ids = torch.tensor([proc.tokenizer.convert_tokens_to_ids(p) for p in NUMBER_PIECES], device=device)
     rng = random.Random(run.seed)
@@ -547,7 +580,10 @@ def run_label(run: dict) -> str:
     share = run.get("detection_share", 0.5)
     parts.append("grounding only" if share == 0 else f"detection {share:g}")
     if run.get("other_share"):
-        parts.append(f"other tasks {run['other_share']:g}")
+        tasks = run.get("other_tasks") or OTHER_TASKS
+        parts.append(f"other tasks {run['other_share']:g}" + ("" if tuple(tasks) == OTHER_TASKS else f" ({', '.join(tasks)})"))
+    if run.get("look_weight"):
+        parts.append(f"short answers look where they read (weight {run['look_weight']:g})")
     if run.get("shared_image_position"):
         parts.append("shared image position")
     if run.get("loss_per_answer"):
@@ -580,11 +616,53 @@ def format_table(results: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in results:
         f = r["final"]
-        g = " / ".join(f"{f[n]['grounding']:.2f}" for n, _, _ in HELDOUT_WORLDS)
-        d = " / ".join(f"{f[n]['detection']:.2f}" for n, _, _ in HELDOUT_WORLDS)
+        g = " / ".join(f"{f[n].get('grounding', float('nan')):.2f}" for n, _, _ in HELDOUT_WORLDS)
+        d = " / ".join(f"{f[n].get('detection', float('nan')):.2f}" for n, _, _ in HELDOUT_WORLDS)
         label = run_label(r["run"])
         lines.append(f"| {label} | {r['steps']} | {r['examples']} | {r['train_minutes']:.1f} | {g} | {d} |")
     return "\n".join(lines)
+
+
+def evaluate_run(folder: Path, metrics: tuple[str, ...], eval_scenes: int, threads: int = 2) -> dict:
+    """A saved gate run scored on `metrics` (e.g. the world's other tasks, to see what the LLM answers
+    from oracle tokens before any expert is in the way); written to FOLDER/eval.json."""
+    torch.set_num_threads(threads)
+    run, model, proc = load_run(folder)
+    run.eval_scenes = eval_scenes
+    cells = torch.tensor(token_cells(proc.config.grid, proc.config.tokens_per_view), dtype=torch.float32) \
+        if run.mechanism == "features" else None
+    table = evaluate(model, proc, cells, eval_questions(run, metrics), bf16=run.bf16, system=run.system,
+                     shared_image_position=run.shared_image_position)
+    record = {"run": run_record(run), "metrics": list(metrics), "eval_scenes": eval_scenes, "final": table}
+    (folder / "eval.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+def format_metrics(table: dict[str, dict]) -> str:
+    """Per metric, each held-out set's score (the `evaluate` table of a run)."""
+    names = [m for m in METRICS if any(m in table[n] for n, _, _ in HELDOUT_WORLDS)]
+    lines = ["| metric | " + " | ".join(n for n, _, _ in HELDOUT_WORLDS) + " |", "|---" * (len(HELDOUT_WORLDS) + 1) + "|"]
+    for m in names:
+        lines.append(f"| {m} | " + " | ".join(f"{table[n].get(m, float('nan')):.2f}" for n, _, _ in HELDOUT_WORLDS) + " |")
+    return "\n".join(lines)
+
+
+def parse_other_tasks(text: str) -> tuple[str, ...]:
+    """'count_shape,som' -> those of OTHER_TASKS."""
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in OTHER_TASKS]
+    if unknown or not tasks:
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(OTHER_TASKS)}")
+    return tasks
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    """'grounding,counting' -> the metrics, each one `train.evaluate` knows."""
+    metrics = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METRICS)}")
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -628,9 +706,26 @@ def main(argv: list[str] | None = None) -> int:
                     help="> 0: a head must look at the objects a detection answer names next, this weight")
     ap.add_argument("--name-layer", type=int, default=GateRun.name_layer)
     ap.add_argument("--name-head", type=int, default=GateRun.name_head)
+    ap.add_argument("--look-weight", type=float, default=0.0,
+                    help="> 0: the name head must look, while a count / attribute / mark answer is written, at what it is read from")
+    ap.add_argument("--other-tasks", type=parse_other_tasks, default=GateRun.other_tasks,
+                    help=f"comma-separated tasks --other-share asks (default all: {','.join(OTHER_TASKS)})")
     ap.add_argument("--init-llm", type=Path, default=None, help="start the LLM from this demo checkpoint folder")
+    ap.add_argument("--eval-metrics", type=parse_metrics, default=GateRun.eval_metrics,
+                    help="comma-separated train.evaluate metrics the held-out sets are scored on "
+                         f"(default grounding,detection; any of {','.join(METRICS)})")
+    ap.add_argument("--evaluate", type=Path, default=None, metavar="RUN",
+                    help="score a saved run's folder on --eval-metrics (--eval-scenes a set) and exit")
     ap.add_argument("--table", action="store_true", help="print the table of the runs found in --out and exit")
     a = ap.parse_args(argv)
+    if a.evaluate is not None:
+        try:
+            record = evaluate_run(a.evaluate, a.eval_metrics, a.eval_scenes, a.threads)
+        except FileNotFoundError as e:
+            print(e, file=sys.stderr)
+            return 1
+        print(format_metrics(record["final"]))
+        return 0
     if a.table:
         results = [json.loads(p.read_text()) for p in sorted(a.out.glob("*/result.json"))]
         results = [r for r in results if "final" in r]   # other gates' records share the results folder
@@ -641,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run = GateRun(mechanism=a.mechanism, out=a.out, minutes=a.minutes, max_steps=a.max_steps,
                   batch_size=a.batch_size, lr=a.lr, eval_scenes=a.eval_scenes,
-                  eval_every_minutes=a.eval_every_minutes, detection_share=a.detection_share, other_share=a.other_share, seed=a.seed, max_objects=a.max_objects,
+                  eval_every_minutes=a.eval_every_minutes, eval_metrics=a.eval_metrics, detection_share=a.detection_share, other_share=a.other_share, seed=a.seed, max_objects=a.max_objects,
                   token_grid=a.token_grid,
                   name=a.name,
                   bf16=not a.fp32, system=a.system, init_llm=a.init_llm,
@@ -651,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
                   attend_layer=a.attend_layer, attend_head=a.attend_head, gather_weight=a.gather_weight,
                   gather_layer=a.gather_layer, gather_head=a.gather_head, query_weight=a.query_weight,
                   name_weight=a.name_weight, name_layer=a.name_layer, name_head=a.name_head,
+                  look_weight=a.look_weight, other_tasks=a.other_tasks,
                   device=a.device, threads=a.threads)
     if run.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device on this machine", file=sys.stderr)

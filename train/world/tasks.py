@@ -15,7 +15,7 @@ from sphinx_model.boxes import box_to_text, format_regions, pixels_to_canvas
 from sphinx_model.tiling import Anchor, Canvas, canvas_geometry
 
 from .scene import Scene, WorldObject
-from .vocab import COLOUR_NAMES, NUMBER_WORDS, PLURALS, SHAPES, object_name
+from .vocab import COLOUR_NAMES, NUMBER_WORDS, PLURALS, SHAPES, object_name, plural
 
 SHORT = " Answer the question using a single word or phrase."
 PROMPTS: dict[str, tuple[str, ...]] = {
@@ -166,7 +166,7 @@ class TaskWriter:
         if not objs:
             return None
         counts = Counter(object_name(o.size, o.colour, o.shape) for o in objs)
-        parts = [(f"{NUMBER_WORDS[n]} {name[:-1] + 'es' if name.endswith('x') else name + 's'}" if n > 1
+        parts = [(f"{NUMBER_WORDS[n]} {plural(name)}" if n > 1
                   else f"a {name}") for name, n in counts.items()]
         text = "There " + ("is " if len(objs) == 1 else "are ") + _join(parts) + "."
         if self.scene.words:

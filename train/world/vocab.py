@@ -8,7 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 SHAPES: tuple[str, ...] = ("circle", "square", "rectangle", "triangle", "star", "hexagon", "ellipse", "cross")
-PLURALS: dict[str, str] = {s: s + ("es" if s.endswith("x") else "s") for s in SHAPES}
+
+
+def plural(noun: str) -> str:
+    """English plural of a name ending in one of the world's shapes ("small red cross" -> "... crosses")."""
+    return noun + ("es" if noun.endswith(("x", "s", "sh", "ch")) else "s")
+
+
+PLURALS: dict[str, str] = {s: plural(s) for s in SHAPES}
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (240, 220, 30),
