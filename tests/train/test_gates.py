@@ -3,6 +3,7 @@ the teacher-forced coordinate score counts what it says."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -208,3 +209,66 @@ def test_with_an_other_share_the_gate_also_asks_the_worlds_other_tasks_with_thei
     assert other and all(s.targets == [] for s in other)           # nothing to supervise in them
     assert all(s.targets for s, a in zip(samples, answers) if a in boxed)
     assert {"count_shape", "colour_of", "som"} <= set(OTHER_TASKS) and "ocr" not in OTHER_TASKS
+
+
+def test_as_cells_the_oracle_gives_each_tokens_letters_and_no_word_identity():
+    from train.gates.oracle import CASE, CELL_LETTERS, LETTER_CLASSES, WORD, WORD_BOX
+    from train.world.scene import WorldWord
+    from train.world.vocab import TRAIN_FONTS, WORDS
+
+    word = next(w for w in WORDS if len(w) >= 5 and w.isalpha())
+    scene = Scene(id="w", width=400, height=400, background="plain",
+                  words=[WorldWord(word.upper(), (60, 180, 340, 220), Path(TRAIN_FONTS[0]).stem)])
+    as_word = scene_features(scene, "top-left", grid=2, token_grid=4)
+    as_cells = scene_features(scene, "top-left", grid=2, token_grid=4, text="cells")
+    assert as_word.shape == as_cells.shape == (5, 17, FEATURES)
+    assert as_word[..., WORD:WORD_BOX].sum() > 0 and as_cells[..., WORD:WORD_BOX].sum() == 0
+    assert as_word[..., CELL_LETTERS:].sum() == 0
+    # the global view (4 cells across the word's row) reads the word, cell by cell, left to right
+    slots = as_cells[0, 1:, CELL_LETTERS:CASE].view(16, -1, LETTER_CLASSES).argmax(-1)     # (tokens, slots)
+    held = as_cells[0, 1:, CELL_LETTERS:CASE].sum(-1) > 0
+    read = "".join("abcdefghijklmnopqrstuvwxyz"[c - 1] for t in held.nonzero()[:, 0].tolist()
+                   for c in slots[t].tolist() if c > 0)
+    assert read == word.lower()
+    # its case (upper) at the token over its centre, and nowhere else
+    assert as_cells[0, :, CASE:].sum() == 1 and as_cells[0, :, CASE + 1].sum() == 1
+
+
+def test_a_run_from_before_the_letter_channels_loads_with_them_silent(tmp_path):
+    from safetensors.torch import save_file
+    from train.gates.oracle import CELL_LETTERS
+    from train.gates.pointing import GateRun, build, load_gate_weights
+
+    old, _, _ = build(GateRun(mechanism="box", token_grid=2))
+    state = {k: v.contiguous() for k, v in old.state_dict().items()}
+    for key in ("model.visual_proj.0.weight", "model.canvas_pos.readout.weight"):
+        state[key] = state[key][:, :CELL_LETTERS].contiguous() + 0.5      # as saved before the channels existed
+    save_file(state, tmp_path / "old.safetensors")
+    new, _, _ = build(GateRun(mechanism="box", token_grid=2))
+    load_gate_weights(new, tmp_path / "old.safetensors")
+    proj = new.model.visual_proj[0].weight
+    assert torch.equal(proj[:, :CELL_LETTERS], state["model.visual_proj.0.weight"])
+    assert proj[:, CELL_LETTERS:].abs().sum() == 0
+    assert new.model.canvas_pos.readout.weight[:, CELL_LETTERS:].abs().sum() == 0
+
+
+def test_reading_tasks_are_asked_only_when_named_and_unknown_tasks_are_refused(tmp_path, capsys):
+    import argparse
+    import random
+
+    import pytest
+
+    from train.gates.pointing import GateRun, build, main, parse_other_tasks, training_sample, training_scenes
+
+    assert parse_other_tasks("ocr, spotting") == ("ocr", "spotting")
+    with pytest.raises(argparse.ArgumentTypeError, match="reading"):
+        parse_other_tasks("ocr,reading")
+    with pytest.raises(SystemExit):
+        main(["--other-tasks", "nonsense", "--minutes", "0"])
+    assert "unknown task" in capsys.readouterr().err
+    run = GateRun(mechanism="box+coords", token_grid=2, other_share=1.0, other_tasks=("ocr",), text_features="cells",
+                  system="", pool_scenes=300, pool=tmp_path / "pool")
+    model, proc, cells = build(run)
+    sample = training_sample(random.Random(0), training_scenes(run), run, proc, cells)
+    text = proc.tokenizer.decode([i for i in sample.input_ids if i >= 0])
+    assert "text in the image" in text or "Read the text" in text

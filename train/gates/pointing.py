@@ -70,6 +70,7 @@ from .attend import (
 from .oracle import (
     COLOUR,
     FEATURES,
+    TEXT_FORMS,
     SHAPE,
     SIZE,
     WORD,
@@ -82,6 +83,8 @@ MECHANISMS = ("none", "embedding", "embedding+coords", "features", "box", "box+c
 # the world's tasks whose answers an oracle token can give and a real expert's token can too (reading is left
 # out: the oracle names a word, a real expert reads its letters per cell)
 OTHER_TASKS = ("count_shape", "count_colour", "colour_of", "shape_of", "som", "region", "caption")
+READING_TASKS = ("ocr", "spotting")   # asked only when named (--other-tasks); with --text-features cells they are
+                                      # read from per-cell letters, as a real expert's tokens give them
 
 
 @dataclass
@@ -129,6 +132,7 @@ class GateRun:
     name_weight: float = 0.0           # > 0: a head looks at the objects a detection answer names next (`attend.naming_loss`)
     name_layer: int = 3
     name_head: int = 1
+    text_features: str = "word"        # the oracle's text (`oracle.TEXT_FORMS`): "cells" = per-cell letters, as experts read
     look_weight: float = 0.0           # > 0: the name head looks, while a short answer is written, at what it is read from
     other_tasks: tuple[str, ...] = OTHER_TASKS  # which of them `other_share` asks (uniformly)
 
@@ -227,6 +231,10 @@ def load_gate_weights(model: OracleSphinx, path: Path) -> None:
     its own freshly initialised per-slot table; the LLM, projector and box read-out carry over)."""
     state = load_file(Path(path))
     own = model.state_dict()
+    for k, v in list(state.items()):      # a run from before the oracle's "cells" channels: their columns start at 0
+        if k in own and v.dim() == 2 and own[k].shape[0] == v.shape[0] and own[k].shape[1] > v.shape[1] \
+                and k.endswith(("visual_proj.0.weight", "canvas_pos.readout.weight")):
+            state[k] = torch.cat([v, v.new_zeros(v.shape[0], own[k].shape[1] - v.shape[1])], dim=1)
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if not any(k.startswith("model.llm.") for k in fits):
         raise ValueError(f"{path}: no LLM weights of this gate's shape in it")
@@ -245,13 +253,14 @@ class Sample:
 
 def make_sample(scene: Scene, question: str, answer: str | None, proc: SphinxProcessor,
                 cells: torch.Tensor | None, system: str | None = None,
-                features: Callable[[Scene], torch.Tensor] | None = None) -> Sample:
-    """`features`: the scene's visual tokens (every view) from elsewhere than its truth, e.g. real experts."""
+                features: Callable[[Scene], torch.Tensor] | None = None, text: str = "word") -> Sample:
+    """`features`: the scene's visual tokens (every view) from elsewhere than its truth, e.g. real experts;
+    `text`: the oracle's text form (`oracle.TEXT_FORMS`)."""
     cfg = proc.config
     canvas = canvas_geometry(scene.width, scene.height, cfg.anchor)
     skipped = skipped_views(canvas, cfg.grid, cfg.skip_tokens)
     feats = features(scene) if features is not None else \
-        scene_features(scene, cfg.anchor, cfg.grid, int(round((cfg.tokens_per_view - 1) ** 0.5)))
+        scene_features(scene, cfg.anchor, cfg.grid, int(round((cfg.tokens_per_view - 1) ** 0.5)), text)
     if cells is not None:
         feats = torch.cat([feats, cells.view(feats.shape[0], feats.shape[1], 4)], dim=-1)
     feats = feats[[not s for s in skipped]]
@@ -274,7 +283,7 @@ def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc:
             task = rng.choice(run.other_tasks)
             qa = writer.task_table()[task](rng)
             if qa is not None:
-                sample = make_sample(scene, qa[0], qa[1], proc, cells, run.system)
+                sample = make_sample(scene, qa[0], qa[1], proc, cells, run.system, text=run.text_features)
                 if run.look_weight:
                     sample.looks = answer_looks(task, qa[0], scene, sample)
                 return sample
@@ -287,7 +296,7 @@ def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc:
             qa = writer.grounding_object(rng)                       # "the brown triangle" -> " brown triangle"
             named = [(" " + qa[3].removeprefix("the ").strip(), qa[2])] if qa is not None else []
         if qa is not None:
-            sample = make_sample(scene, qa[0], qa[1], proc, cells, run.system)
+            sample = make_sample(scene, qa[0], qa[1], proc, cells, run.system, text=run.text_features)
             if run.attend_weight or run.gather_weight or run.query_weight or run.name_weight:  # only supervision reads them
                 sample.targets = box_targets(sample, named, proc)
             return sample
@@ -410,7 +419,7 @@ def on_device(batch: dict, device: torch.device) -> dict:
 def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | None,
              questions: dict[str, list[Question]], batch: int = 16, bf16: bool = True,
              system: str | None = None, shared_image_position: bool = False,
-             features: Callable[[Scene], torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
+             features: Callable[[Scene], torch.Tensor] | None = None, text: str = "word") -> dict[str, dict[str, float]]:
     """Greedy answers to the held-out questions, scored; `features` as in `make_sample` (`model.embed`
     must then take those features)."""
     model.eval()
@@ -421,12 +430,12 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
         examples = []
         for i in range(0, len(qs), batch):
             chunk = qs[i:i + batch]
-            b = collate([make_sample(q.scene, q.prompt, None, proc, cells, system, features) for q in chunk], proc,
+            b = collate([make_sample(q.scene, q.prompt, None, proc, cells, system, features, text) for q in chunk], proc,
                         left=True)
             b = on_device(b, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 embeds = model.embed(b["input_ids"], b["feats"], b["view_skip"])
-            longest = max(200 if q.metric in ("detection", "spotting") else 24 for q in chunk)
+            longest = max(200 if q.metric in ("detection", "spotting") else 64 if q.metric == "ocr" else 24 for q in chunk)
             pos = rotary_positions(b["input_ids"], b["attention_mask"], shared_image_position)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = greedy(model.model.llm, embeds.float(), b["attention_mask"], pos, longest,
@@ -551,7 +560,7 @@ def train(run: GateRun) -> dict:
             next_save += run.save_every_minutes * 60
         if next_eval is not None and elapsed >= next_eval:
             table = evaluate(model, proc, cells, questions, bf16=run.bf16, system=run.system,
-                             shared_image_position=run.shared_image_position)
+                             shared_image_position=run.shared_image_position, text=run.text_features)
             evals.append({"step": step, "minutes": round(elapsed / 60, 2), **table})
             log.write(json.dumps({"step": step, "eval": table}) + "\n")
             next_eval += run.eval_every_minutes * 60
@@ -559,7 +568,7 @@ def train(run: GateRun) -> dict:
     bar.close()
     train_minutes = (time.time() - start) / 60
     table = evaluate(model, proc, cells, questions, bf16=run.bf16, system=run.system,
-                             shared_image_position=run.shared_image_position)
+                     shared_image_position=run.shared_image_position, text=run.text_features)
     result = {"run": run_record(run),
               "steps": step, "examples": seen, "train_minutes": round(train_minutes, 2), "final": table,
               "evals": evals}
@@ -582,6 +591,8 @@ def run_label(run: dict) -> str:
     if run.get("other_share"):
         tasks = run.get("other_tasks") or OTHER_TASKS
         parts.append(f"other tasks {run['other_share']:g}" + ("" if tuple(tasks) == OTHER_TASKS else f" ({', '.join(tasks)})"))
+    if run.get("text_features", "word") != "word":
+        parts.append(f"text as {run['text_features']}")
     if run.get("look_weight"):
         parts.append(f"short answers look where they read (weight {run['look_weight']:g})")
     if run.get("shared_image_position"):
@@ -632,7 +643,7 @@ def evaluate_run(folder: Path, metrics: tuple[str, ...], eval_scenes: int, threa
     cells = torch.tensor(token_cells(proc.config.grid, proc.config.tokens_per_view), dtype=torch.float32) \
         if run.mechanism == "features" else None
     table = evaluate(model, proc, cells, eval_questions(run, metrics), bf16=run.bf16, system=run.system,
-                     shared_image_position=run.shared_image_position)
+                     shared_image_position=run.shared_image_position, text=run.text_features)
     record = {"run": run_record(run), "metrics": list(metrics), "eval_scenes": eval_scenes, "final": table}
     (folder / "eval.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
@@ -650,9 +661,10 @@ def format_metrics(table: dict[str, dict]) -> str:
 def parse_other_tasks(text: str) -> tuple[str, ...]:
     """'count_shape,som' -> those of OTHER_TASKS."""
     tasks = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in tasks if t not in OTHER_TASKS]
+    unknown = [t for t in tasks if t not in OTHER_TASKS + READING_TASKS]
     if unknown or not tasks:
-        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(OTHER_TASKS)}")
+        raise argparse.ArgumentTypeError(f"unknown task(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(OTHER_TASKS + READING_TASKS)}")
     return tasks
 
 
@@ -710,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="> 0: the name head must look, while a count / attribute / mark answer is written, at what it is read from")
     ap.add_argument("--other-tasks", type=parse_other_tasks, default=GateRun.other_tasks,
                     help=f"comma-separated tasks --other-share asks (default all: {','.join(OTHER_TASKS)})")
+    ap.add_argument("--text-features", choices=TEXT_FORMS, default=GateRun.text_features,
+                    help="the oracle's text: 'word' (the word's identity) or 'cells' (per-cell letters, as experts read)")
     ap.add_argument("--init-llm", type=Path, default=None, help="start the LLM from this demo checkpoint folder")
     ap.add_argument("--eval-metrics", type=parse_metrics, default=GateRun.eval_metrics,
                     help="comma-separated train.evaluate metrics the held-out sets are scored on "
@@ -746,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
                   attend_layer=a.attend_layer, attend_head=a.attend_head, gather_weight=a.gather_weight,
                   gather_layer=a.gather_layer, gather_head=a.gather_head, query_weight=a.query_weight,
                   name_weight=a.name_weight, name_layer=a.name_layer, name_head=a.name_head,
-                  look_weight=a.look_weight, other_tasks=a.other_tasks,
+                  look_weight=a.look_weight, other_tasks=a.other_tasks, text_features=a.text_features,
                   device=a.device, threads=a.threads)
     if run.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device on this machine", file=sys.stderr)

@@ -34,7 +34,7 @@ from sphinx_model.processor import SphinxProcessor
 
 from ..feature_files import FeatureCache
 from ..world.scene import Scene, render_scene
-from .oracle import HAS_WORD, OBJ, scene_features
+from .oracle import CASE, CELL_LETTERS, HAS_WORD, OBJ, scene_features
 from .pointing import OracleSphinx, eval_questions, evaluate, load_run
 
 
@@ -131,21 +131,22 @@ def cached(cache: FeatureCache, seed: int, count: int) -> Iterator[tuple[Scene, 
 
 @torch.no_grad()
 def token_pairs(oracle: OracleSphinx, proc: SphinxProcessor, scenes: Iterable[tuple[Scene, torch.Tensor, list[bool]]],
-                desc: str, total: int | None = None) -> dict[str, torch.Tensor]:
+                desc: str, total: int | None = None, text: str = "word") -> dict[str, torch.Tensor]:
     """Per kept token of the scenes: the experts' features X (bf16), where Gate A's projector puts the
-    oracle token Y and what its box read-out reads R, and whether the token holds something."""
+    oracle token Y (text in the gate's form, `oracle.TEXT_FORMS`) and what its box read-out reads R,
+    and whether the token holds something (an object, a word, a letter)."""
     cfg = proc.config
     g = int(round((cfg.tokens_per_view - 1) ** 0.5))
     xs, ys, rs, held = [], [], [], []
     for scene, feats, skipped in tqdm(scenes, desc=desc, total=total, leave=False):
-        o = scene_features(scene, cfg.anchor, cfg.grid, g)[[not s for s in skipped]]   # (K, T, F)
+        o = scene_features(scene, cfg.anchor, cfg.grid, g, text)[[not s for s in skipped]]   # (K, T, F)
         if o.shape[:2] != feats.shape[:2]:
             raise ValueError(f"{scene.id}: the features hold {tuple(feats.shape[:2])} views x tokens, "
                              f"the scene's truth {tuple(o.shape[:2])}")
         xs.append(feats.flatten(0, 1).bfloat16())
         ys.append(oracle.model.visual_proj(o).flatten(0, 1))
         rs.append(oracle.model.canvas_pos.readout(o).flatten(0, 1))
-        held.append(((o[..., OBJ] > 0) | (o[..., HAS_WORD] > 0)).flatten())
+        held.append(((o[..., OBJ] > 0) | (o[..., HAS_WORD] > 0) | (o[..., CELL_LETTERS:CASE].sum(-1) > 0)).flatten())
     return {"x": torch.cat(xs), "y": torch.cat(ys), "r": torch.cat(rs), "held": torch.cat(held)}
 
 
@@ -213,10 +214,11 @@ def transfer(run: TransferRun) -> dict:
         training = cached(cache, 0, run.scenes)
     else:                                # scenes are drawn as they are encoded: no pictures held at once
         training = encoded(model, proc, (render_scene(0, i) for i in range(run.scenes)))
-    pairs = token_pairs(oracle, proc, training, "training tokens", run.scenes)
+    text = gate_run.text_features
+    pairs = token_pairs(oracle, proc, training, "training tokens", run.scenes, text)
     held_out = token_pairs(oracle, proc, encoded(model, proc, (render_scene(1002, i, "heldout")
                                                                for i in range(run.fit_eval_scenes))),
-                           "held-out tokens", run.fit_eval_scenes)
+                           "held-out tokens", run.fit_eval_scenes, text)
     features_min = (time.time() - started) / 60
     log = fit(model, pairs, run)
     quality = {"train": fit_quality(model, pairs), "heldout": fit_quality(model, held_out)}
