@@ -39,6 +39,22 @@ def gate(token_grid: int = 2):
     return run, model.eval(), proc, cells
 
 
+def fit_head(model, b: dict, probe: HeadAttention, loss_of) -> list[float]:
+    """15 Adam steps on the probed head's query and key, on `loss_of(probe)` -> the losses."""
+    attn = probe.attention
+    opt = torch.optim.Adam([attn.q_proj.weight, attn.k_proj.weight], lr=0.02)
+    losses = []
+    for _ in range(15):
+        model.model.llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
+                        attention_mask=b["attention_mask"])
+        loss = loss_of(probe)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses
+
+
 def test_an_objects_slots_are_the_visual_positions_that_hold_it():
     run, model, proc, cells = gate()
     scene = two_object_scene()
@@ -162,18 +178,8 @@ def test_the_first_hop_targets_the_naming_words_at_every_coordinate():
                          TaskWriter(scene).box(scene.objects[1].box), proc, cells, "")
     sample.targets = box_targets(sample, [(" large triangle", scene.objects[1])], proc)
     b = collate([sample], proc)
-    attn = model.model.llm.model.layers[1].self_attn
-    probe = HeadAttention(attn, head=1)
-    opt = torch.optim.Adam([attn.q_proj.weight, attn.k_proj.weight], lr=0.02)
-    losses = []
-    for _ in range(15):
-        model.model.llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
-                        attention_mask=b["attention_mask"])
-        loss = phrase_loss(probe, b["labels"], b["attention_mask"], b["targets"], coord_ids)
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    probe = HeadAttention(model.model.llm.model.layers[1].self_attn, head=1)
+    losses = fit_head(model, b, probe, lambda p: phrase_loss(p, b["labels"], b["attention_mask"], b["targets"], coord_ids))
     assert losses[-1] < 0.5 * losses[0]
     unnamed = [[BoxTarget(box.slots) for box in row] for row in b["targets"]]
     assert phrase_loss(probe, b["labels"], b["attention_mask"], unnamed, coord_ids) is None
@@ -190,8 +196,7 @@ def test_naming_targets_the_objects_a_detection_answer_names_at_the_positions_th
     named = [(name, o) for name, group in writer.detection_groups().items() for o in group]
     sample.targets = box_targets(sample, named, proc)
     b = collate([sample], proc)
-    attn = model.model.llm.model.layers[3].self_attn
-    probe = HeadAttention(attn, head=1)
+    probe = HeadAttention(model.model.llm.model.layers[3].self_attn, head=1)
     seen = []
     real = probe.log_probs
 
@@ -200,16 +205,8 @@ def test_naming_targets_the_objects_a_detection_answer_names_at_the_positions_th
         return real(row, queries, keep)
 
     probe.log_probs = spy
-    opt = torch.optim.Adam([attn.q_proj.weight, attn.k_proj.weight], lr=0.02)
-    losses = []
-    for _ in range(15):
-        model.model.llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
-                        attention_mask=b["attention_mask"])
-        loss = naming_loss(probe, b["input_ids"], b["labels"], b["attention_mask"], b["targets"], IMAGE_TOKEN_ID)
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = fit_head(model, b, probe, lambda p: naming_loss(p, b["input_ids"], b["labels"], b["attention_mask"],
+                                                             b["targets"], IMAGE_TOKEN_ID))
     assert losses[-1] < 0.5 * losses[0]
     # each name's words are written by the position before each: "<p>" then the words but the last
     names = {tuple(t.phrase) for t in sample.targets}
@@ -348,18 +345,9 @@ def test_the_look_loss_falls_as_the_head_looks_at_the_asked_object():
     sample = make_sample(scene, question, "red circle", proc, cells, "")
     sample.looks = answer_looks("som", question, scene, sample)
     b = collate([sample], proc)
-    attn = model.model.llm.model.layers[3].self_attn
-    probe = HeadAttention(attn, head=1)
-    opt = torch.optim.Adam([attn.q_proj.weight, attn.k_proj.weight], lr=0.02)
-    losses = []
-    for _ in range(15):
-        model.model.llm(inputs_embeds=model.embed(b["input_ids"], b["feats"], b["view_skip"]),
-                        attention_mask=b["attention_mask"])
-        loss = look_loss(probe, b["input_ids"], b["attention_mask"], b["looks"], IMAGE_TOKEN_ID)
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    probe = HeadAttention(model.model.llm.model.layers[3].self_attn, head=1)
+    losses = fit_head(model, b, probe,
+                      lambda p: look_loss(p, b["input_ids"], b["attention_mask"], b["looks"], IMAGE_TOKEN_ID))
     assert losses[-1] < 0.5 * losses[0]
     empty = collate([make_sample(scene, question, "red circle", proc, cells, "")], proc)
     assert look_loss(probe, empty["input_ids"], empty["attention_mask"], empty["looks"], IMAGE_TOKEN_ID) is None

@@ -441,10 +441,10 @@ def evaluate(model: OracleSphinx, proc: SphinxProcessor, cells: torch.Tensor | N
                 out = greedy(model.model.llm, embeds.float(), b["attention_mask"], pos, longest,
                              proc.tokenizer.eos_token_id)
             for q, ids in zip(chunk, out):
-                text = proc.tokenizer.decode(ids, skip_special_tokens=True)
-                scored.append((q, score(q, text, proc.config.anchor)))
+                answer = proc.tokenizer.decode(ids, skip_special_tokens=True)
+                scored.append((q, score(q, answer, proc.config.anchor)))
                 if len(examples) < 4:
-                    examples.append({"prompt": q.prompt, "answer": text, "truth": q.truth})
+                    examples.append({"prompt": q.prompt, "answer": answer, "truth": q.truth})
         metrics = summarise(scored)
         table[name] = {**{m: row["value"] for m, row in metrics.items()}, "questions": len(qs), "examples": examples}
     model.train()
