@@ -272,3 +272,27 @@ def test_reading_tasks_are_asked_only_when_named_and_unknown_tasks_are_refused(t
     sample = training_sample(random.Random(0), training_scenes(run), run, proc, cells)
     text = proc.tokenizer.decode([i for i in sample.input_ids if i >= 0])
     assert "text in the image" in text or "Read the text" in text
+
+
+def test_text_only_exchanges_train_beside_images_and_alone(tmp_path):
+    import random
+
+    from train.gates.pointing import GateRun, build, collate, text_sample, training_sample, training_scenes
+    from train.world.tasks import TEXT_ONLY
+
+    run = GateRun(mechanism="box+coords", token_grid=2, system="", pool_scenes=300, pool=tmp_path / "pool",
+                  text_only_share=0.5, other_share=0.5)
+    model, proc, cells = build(run)
+    rng = random.Random(0)
+    samples = [training_sample(rng, training_scenes(run), run, proc, cells) for _ in range(8)]
+    chats = [s for s in samples if not s.skipped]
+    assert chats and len(chats) < len(samples)
+    words = {proc.tokenizer.decode([i for i in s.input_ids if i >= 0]) for s in chats}
+    assert all(any(q in w for q, _ in TEXT_ONLY) for w in words)
+    for batch in (samples, chats):                                   # mixed, and text alone
+        b = collate(batch, proc)
+        embeds = model.embed(b["input_ids"], b["feats"], b["view_skip"])
+        out = model.model.llm(inputs_embeds=embeds, attention_mask=b["attention_mask"], labels=b["labels"])
+        assert torch.isfinite(out.loss)
+    alone = text_sample("What is 2 plus 3?", "5", proc, "")
+    assert alone.feats.shape[0] == 0 and alone.skipped == []

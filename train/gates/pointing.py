@@ -57,7 +57,7 @@ from ..demo_tokenizer import NUMBER_PIECES
 from ..evaluate import HELDOUT_WORLDS, METRICS, Question, scene_questions, score, summarise
 from ..losses import answer_mean_loss
 from ..world.scene import Scene, WorldObject
-from ..world.tasks import TaskWriter
+from ..world.tasks import TEXT_ONLY, TaskWriter
 from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
 from .attend import (
     BoxTarget,
@@ -133,6 +133,8 @@ class GateRun:
     name_layer: int = 3
     name_head: int = 1
     text_features: str = "word"        # the oracle's text (`oracle.TEXT_FORMS`): "cells" = per-cell letters, as experts read
+    text_only_share: float = 0.0       # > 0: this share of the samples is a text-only exchange (`world.tasks.TEXT_ONLY`),
+                                       # so the LLM still chats without an image
     look_weight: float = 0.0           # > 0: the name head looks, while a short answer is written, at what it is read from
     other_tasks: tuple[str, ...] = OTHER_TASKS  # which of them `other_share` asks (uniformly)
 
@@ -272,10 +274,21 @@ def make_sample(scene: Scene, question: str, answer: str | None, proc: SphinxPro
     return Sample(enc.input_ids, enc.labels, feats, skipped)
 
 
+def text_sample(question: str, answer: str, proc: SphinxProcessor, system: str | None = None) -> Sample:
+    """An exchange without an image (no visual tokens, no views)."""
+    msgs = [Message.user(question), Message.assistant(answer)]
+    if system is not None:
+        msgs.insert(0, Message.system(system))
+    enc = proc.encode(Conversation(msgs), [], add_generation_prompt=False)
+    return Sample(enc.input_ids, enc.labels, torch.zeros(0, proc.config.tokens_per_view, FEATURES), [])
+
+
 def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc: SphinxProcessor,
                     cells: torch.Tensor | None) -> Sample:
     """A grounding or detection dialogue about a scene drawn from the (already filtered) pool, with
-    the objects its boxes are about (for `attend`)."""
+    the objects its boxes are about (for `attend`); or one of the other tasks, or a text-only exchange."""
+    if run.text_only_share and rng.random() < run.text_only_share:
+        return text_sample(*rng.choice(TEXT_ONLY), proc, run.system)
     while True:
         scene = rng.choice(scenes)
         writer = TaskWriter(scene, proc.config.anchor)
@@ -367,9 +380,11 @@ def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) ->
         n = len(s.input_ids)
         cols = slice(width - n, width) if left else slice(0, n)
         ids[row, cols], labels[row, cols], mask[row, cols] = torch.tensor(s.input_ids), torch.tensor(s.labels), 1
+    images = [s for s in samples if s.skipped]                         # text-only rows have no image
+    views = len(images[0].skipped) if images else 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "feats": torch.cat([s.feats for s in samples]),
-            "view_skip": torch.tensor([s.skipped for s in samples], dtype=torch.bool),
+            "feats": torch.cat([s.feats for s in images]) if images else samples[0].feats,
+            "view_skip": torch.tensor([s.skipped for s in images], dtype=torch.bool).view(len(images), views),
             "targets": [s.targets for s in samples], "looks": [s.looks for s in samples]}
 
 
@@ -593,6 +608,8 @@ def run_label(run: dict) -> str:
         parts.append(f"other tasks {run['other_share']:g}" + ("" if tuple(tasks) == OTHER_TASKS else f" ({', '.join(tasks)})"))
     if run.get("text_features", "word") != "word":
         parts.append(f"text as {run['text_features']}")
+    if run.get("text_only_share"):
+        parts.append(f"text-only {run['text_only_share']:g}")
     if run.get("look_weight"):
         parts.append(f"short answers look where they read (weight {run['look_weight']:g})")
     if run.get("shared_image_position"):
@@ -718,10 +735,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="> 0: a head must look at the objects a detection answer names next, this weight")
     ap.add_argument("--name-layer", type=int, default=GateRun.name_layer)
     ap.add_argument("--name-head", type=int, default=GateRun.name_head)
+    ap.add_argument("--text-only-share", type=float, default=0.0,
+                    help="share of samples that are text-only exchanges (chat without an image)")
     ap.add_argument("--look-weight", type=float, default=0.0,
                     help="> 0: the name head must look, while a count / attribute / mark answer is written, at what it is read from")
     ap.add_argument("--other-tasks", type=parse_other_tasks, default=GateRun.other_tasks,
-                    help=f"comma-separated tasks --other-share asks (default all: {','.join(OTHER_TASKS)})")
+                    help=f"comma-separated tasks --other-share asks, uniformly (a task named twice is asked twice as "
+                         f"often; default: {','.join(OTHER_TASKS)})")
     ap.add_argument("--text-features", choices=TEXT_FORMS, default=GateRun.text_features,
                     help="the oracle's text: 'word' (the word's identity) or 'cells' (per-cell letters, as experts read)")
     ap.add_argument("--init-llm", type=Path, default=None, help="start the LLM from this demo checkpoint folder")
@@ -760,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
                   attend_layer=a.attend_layer, attend_head=a.attend_head, gather_weight=a.gather_weight,
                   gather_layer=a.gather_layer, gather_head=a.gather_head, query_weight=a.query_weight,
                   name_weight=a.name_weight, name_layer=a.name_layer, name_head=a.name_head,
-                  look_weight=a.look_weight, other_tasks=a.other_tasks, text_features=a.text_features,
+                  look_weight=a.look_weight, text_only_share=a.text_only_share, other_tasks=a.other_tasks, text_features=a.text_features,
                   device=a.device, threads=a.threads)
     if run.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device on this machine", file=sys.stderr)
