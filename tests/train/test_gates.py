@@ -296,3 +296,20 @@ def test_text_only_exchanges_train_beside_images_and_alone(tmp_path):
         assert torch.isfinite(out.loss)
     alone = text_sample("What is 2 plus 3?", "5", proc, "")
     assert alone.feats.shape[0] == 0 and alone.skipped == []
+
+
+def test_the_pooled_token_codes_each_count_as_a_thermometer():
+    from train.gates.oracle import COUNT_CODE, COUNT_LEVELS
+    from train.world.vocab import COLOUR_NAMES, SHAPES
+
+    scene = Scene(id="c", width=400, height=400, background="plain",
+                  objects=[WorldObject("circle", "red", "small", (20 + 60 * i, 20, 60 + 60 * i, 60)) for i in range(3)]
+                  + [WorldObject("star", "blue", "small", (20, 300, 60, 340))])
+    code = scene_features(scene, "top-left", grid=2, token_grid=2)[0, 0, COUNT_CODE:].view(-1, COUNT_LEVELS)
+    assert code.shape[0] == len(SHAPES) + len(COLOUR_NAMES)
+    assert code.sum(-1)[SHAPES.index("circle")] == 3 and code.sum(-1)[SHAPES.index("star")] == 1
+    assert code.sum(-1)[len(SHAPES) + COLOUR_NAMES.index("red")] == 3
+    assert code[SHAPES.index("circle")].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]    # on up to the count, then off
+    assert code.sum() == 8                                                       # 4 objects, each a shape and a colour
+    grid = scene_features(scene, "top-left", grid=2, token_grid=2)[:, 1:, COUNT_CODE:]
+    assert grid.sum() == 0                                                       # only pooled tokens carry counts

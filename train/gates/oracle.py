@@ -11,8 +11,11 @@ holds its centre, which no real expert gives; or "cells", what Gate B's experts 
 (`read_cells`): in every token, the letters whose centres fall in its cell on a word's row (up to
 CELL_SLOTS, left to right), and the word's case at its centre token; the word one-hot is then
 left empty, so the LLM has to spell a word by walking the cells under it, as it will on real tokens.
-The "cells" channels sit after the counts, so a run trained before they existed loads with them
-silent (`pointing.load_gate_weights` pads the projector's new columns with zeros).
+The pooled token also gives each count as a thermometer code (channel k of a shape or colour is on when
+at least k such objects are in view): the projector's LayerNorm keeps a pattern of channels, where the
+plain counts (scaled, in their own channels) come out of it mostly as a direction with little size.
+The "cells" and thermometer channels sit after the counts, so a run trained before they existed loads
+with them silent (`pointing.load_gate_weights` pads the projector's new columns with zeros).
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ WORD_BOX = HAS_WORD + 1 + len(WORDS) + 1
 COUNTS_AT = WORD_BOX + 4                                   # the pooled token's counts per shape and colour
 CELL_LETTERS = COUNTS_AT + COUNTS                          # "cells": CELL_SLOTS one-hots of LETTER_CLASSES
 CASE = CELL_LETTERS + CELL_SLOTS * LETTER_CLASSES          # "cells": the word's case (CASES) at its centre token
-FEATURES = CASE + len(CASES)
+COUNT_LEVELS = 8                                           # a world scene holds at most 8 objects
+COUNT_CODE = CASE + len(CASES)                             # the pooled token's counts as thermometer codes
+FEATURES = COUNT_CODE + COUNTS * COUNT_LEVELS
 
 
 def _one_hot(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -63,10 +68,12 @@ def oracle_features(t: ViewTargets, text: str = "word") -> torch.Tensor:
         obj, _one_hot(t.shape, len(SHAPES)), _one_hot(t.colour, len(COLOUR_NAMES)), _one_hot(t.size, len(SIZES)),
         t.obj_box * obj, _one_hot(t.mark, MAX_MARK + 1) * obj,
         has_word, word, t.word_box * has_word,
-        torch.zeros(*t.obj.shape, COUNTS), letters, case,
+        torch.zeros(*t.obj.shape, COUNTS), letters, case, torch.zeros(*t.obj.shape, COUNTS * COUNT_LEVELS),
     ], dim=-1)                                                           # (N, G, F)
     pooled = torch.zeros(t.obj.shape[0], 1, FEATURES)
     pooled[:, 0, COUNTS_AT:COUNTS_AT + COUNTS] = t.counts / 4.0          # counts, roughly unit scale
+    levels = torch.arange(1, COUNT_LEVELS + 1, dtype=t.counts.dtype)
+    pooled[:, 0, COUNT_CODE:] = (t.counts[..., None] >= levels).float().flatten(1)
     return torch.cat([pooled, grid], dim=1)                              # (N, 1 + G, F)
 
 
