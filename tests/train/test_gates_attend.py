@@ -377,3 +377,22 @@ def test_a_gate_run_asks_only_the_other_tasks_it_is_given_and_logs_the_look_loss
     assert (tmp_path / "runs" / "look" / "eval.json").exists()
     assert all("grounding" not in t for t in record["final"].values())
     assert main(["--evaluate", str(tmp_path / "nowhere")]) == 1
+
+
+def test_a_short_answer_asks_for_the_questions_own_naming_word():
+    from train.gates.pointing import asking_words
+
+    run, model, proc, cells = gate()
+    scene = marked_scene()
+    for question, answer, word in (("How many blue objects are there in the image?", "1", " blue"),
+                                   ("Count the circles in the image.", "1", " circles"),
+                                   ("What is the object marked with the number 5? Answer with its color and shape.",
+                                    "blue triangle", " 5")):
+        sample = make_sample(scene, question, answer, proc, cells, "The red and blue shapes.")   # words in the prompt too
+        asks = asking_words(sample, proc)
+        assert len(asks) == 1
+        queries, words = asks[0]
+        answer_at = [i for i, label in enumerate(sample.labels) if label != -100]
+        assert queries == [i - 1 for i in answer_at[:-1]]
+        assert proc.tokenizer.decode([sample.input_ids[i] for i in words]) == word
+        assert words[0] > sample.input_ids.index(IMAGE_TOKEN_ID)            # the question's word, after the image

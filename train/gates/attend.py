@@ -200,6 +200,17 @@ def look_loss(probe: HeadAttention, input_ids: torch.Tensor, attention_mask: tor
     return _head_mass_loss(probe, attention_mask, wanted)
 
 
+def ask_loss(probe: HeadAttention, attention_mask: torch.Tensor,
+             asks: list[list[tuple[list[int], list[int]]]]) -> torch.Tensor | None:
+    """Mean over the positions that write a short answer of -log(attention mass on the question's words
+    that say what is asked: the shape or colour counted or asked about, the mark's number): the first hop
+    of a short answer, as `phrase_loss` is of a box. `asks` per row: (answer-writing positions, word
+    positions). None where no row has one."""
+    wanted = [(row, queries, torch.tensor(words, device=attention_mask.device))
+              for row, entries in enumerate(asks) for queries, words in entries if queries and words]
+    return _head_mass_loss(probe, attention_mask, wanted)
+
+
 def phrase_positions(input_ids: list[int], words: list[int], start: int = 0) -> list[int]:
     """Where the token ids `words` first occur, contiguously, in `input_ids` at or after `start`
     (empty if they do not)."""
@@ -242,7 +253,8 @@ class Supervision:
     (`attention_loss`), the first-hop head onto its name (`phrase_loss`), the named-words read-out at
     the selecting layer's input (`named_loss`; its linear layer trains with the run and is not kept),
     a head onto the objects a detection answer names next (`naming_loss`), and the same head onto
-    what a short answer is read from (`look_loss`, weight `look_weight`).
+    what a short answer is read from (`look_loss`, weight `look_weight`; with the first-hop head on, that
+    head onto the question's words that say what is asked, `ask_loss`, the same weight).
     A weight of 0 leaves that loss out."""
 
     def __init__(self, llm: nn.Module, attend: tuple[int, int, float], gather: tuple[int, int, float],
@@ -267,12 +279,14 @@ class Supervision:
     def losses(self, batch: dict, coord_ids: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor | None]:
         """After the LLM's forward on `batch`: each auxiliary loss (None where off or where no row counts)."""
         out: dict[str, torch.Tensor | None] = {"attend": None, "gather": None, "named": None, "name": None,
-                                               "look": None}
+                                               "look": None, "ask": None}
         if self.select is not None and self.attend_weight > 0:
             out["attend"] = attention_loss(self.select, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                            batch["targets"], coord_ids, image_token_id)
         if self.readout is not None:
             out["named"] = named_loss(self.readout, self.select.inputs[0], batch["labels"], batch["targets"], coord_ids)
+        if self.first_hop is not None and self.look_weight > 0 and batch.get("asks"):
+            out["ask"] = ask_loss(self.first_hop, batch["attention_mask"], batch["asks"])
         if self.first_hop is not None:
             out["gather"] = phrase_loss(self.first_hop, batch["labels"], batch["attention_mask"], batch["targets"],
                                         coord_ids)
@@ -286,5 +300,5 @@ class Supervision:
 
     def total(self, losses: dict[str, torch.Tensor | None]) -> torch.Tensor | float:
         weights = {"attend": self.attend_weight, "gather": self.gather_weight, "named": self.query_weight,
-                   "name": self.name_weight, "look": self.look_weight}
+                   "name": self.name_weight, "look": self.look_weight, "ask": self.look_weight}
         return sum(weights[k] * v for k, v in losses.items() if v is not None)

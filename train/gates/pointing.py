@@ -58,7 +58,7 @@ from ..evaluate import HELDOUT_WORLDS, METRICS, Question, scene_questions, score
 from ..losses import answer_mean_loss
 from ..world.scene import Scene, WorldObject
 from ..world.tasks import TEXT_ONLY, TaskWriter
-from ..world.vocab import COLOUR_NAMES, SHAPES, SIZES, WORDS
+from ..world.vocab import COLOUR_NAMES, PLURALS, SHAPES, SIZES, WORDS
 from .attend import (
     BoxTarget,
     Supervision,
@@ -251,6 +251,7 @@ class Sample:
     skipped: list[bool]
     targets: list[BoxTarget] = field(default_factory=list)  # per box of the answer: its object, where it is named
     looks: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (answer-writing positions, slots read)
+    asks: list[tuple[list[int], list[int]]] = field(default_factory=list)   # (answer-writing positions, asking words)
 
 
 def make_sample(scene: Scene, question: str, answer: str | None, proc: SphinxProcessor,
@@ -299,6 +300,7 @@ def training_sample(rng: random.Random, scenes: list[Scene], run: GateRun, proc:
                 sample = make_sample(scene, qa[0], qa[1], proc, cells, run.system, text=run.text_features)
                 if run.look_weight:
                     sample.looks = answer_looks(task, qa[0], scene, sample)
+                    sample.asks = asking_words(sample, proc)
                 return sample
             continue
         if rng.random() < run.detection_share:
@@ -358,6 +360,23 @@ def answer_looks(task: str, question: str, scene: Scene, sample: Sample) -> list
     return [([i - 1 for i in answer[:-1]], slots)] if len(answer) > 1 and slots else []
 
 
+def asking_words(sample: Sample, proc: SphinxProcessor) -> list[tuple[list[int], list[int]]]:
+    """Where a short answer's question says what is asked (the shape or colour, plural or not, or the
+    mark's number): the positions of the last such word in the question, for `attend.ask_loss`."""
+    answer = [i for i, label in enumerate(sample.labels) if label != -100]
+    if len(answer) < 2:
+        return []
+    names = {*SHAPES, *(PLURALS[s] for s in SHAPES), *COLOUR_NAMES, *(str(k) for k in range(1, 10))}
+    question = sample.input_ids[:answer[0]]
+    found: list[int] = []
+    for name in names:
+        ids = proc.tokenizer.encode(" " + name, add_special_tokens=False)
+        starts = [i for i in range(len(question) - len(ids) + 1) if question[i:i + len(ids)] == ids]
+        if starts and (not found or starts[-1] > found[0]):      # the question's, not an earlier turn's or prompt's
+            found = list(range(starts[-1], starts[-1] + len(ids)))
+    return [([i - 1 for i in answer[:-1]], found)] if found else []
+
+
 def in_curriculum(scene: Scene, max_objects: int) -> bool:
     """A scene the gate asks about: at least one object, and at most `max_objects` (0: any number)."""
     return bool(scene.objects) and (not max_objects or len(scene.objects) <= max_objects)
@@ -385,7 +404,8 @@ def collate(samples: list[Sample], proc: SphinxProcessor, left: bool = False) ->
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "feats": torch.cat([s.feats for s in images]) if images else samples[0].feats,
             "view_skip": torch.tensor([s.skipped for s in images], dtype=torch.bool).view(len(images), views),
-            "targets": [s.targets for s in samples], "looks": [s.looks for s in samples]}
+            "targets": [s.targets for s in samples], "looks": [s.looks for s in samples],
+            "asks": [s.asks for s in samples]}
 
 
 def eval_questions(run: GateRun, metrics: tuple[str, ...] = ("grounding", "detection")) -> dict[str, list[Question]]:
