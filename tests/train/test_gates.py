@@ -313,3 +313,18 @@ def test_the_pooled_token_codes_each_count_as_a_thermometer():
     assert code.sum() == 8                                                       # 4 objects, each a shape and a colour
     grid = scene_features(scene, "top-left", grid=2, token_grid=2)[:, 1:, COUNT_CODE:]
     assert grid.sum() == 0                                                       # only pooled tokens carry counts
+
+
+def test_token_noise_touches_only_the_visual_tokens_at_the_size_asked():
+    from sphinx_model.processor import IMAGE_TOKEN_ID
+    from train.gates.pointing import noisy_tokens
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[5, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 7] + [IMAGE_TOKEN_ID] * 200])
+    embeds = torch.randn(1, ids.shape[1], 256) * 3.0
+    noisy = noisy_tokens(embeds, ids, 0.33)
+    text = ids[0] != IMAGE_TOKEN_ID
+    assert torch.equal(noisy[0, text], embeds[0, text])
+    image = ~text
+    cosine = torch.nn.functional.cosine_similarity(noisy[0, image], embeds[0, image], dim=-1).mean()
+    assert abs(cosine.item() - 1 / (1 + 0.33 ** 2) ** 0.5) < 0.01

@@ -135,6 +135,8 @@ class GateRun:
     text_features: str = "word"        # the oracle's text (`oracle.TEXT_FORMS`): "cells" = per-cell letters, as experts read
     text_only_share: float = 0.0       # > 0: this share of the samples is a text-only exchange (`world.tasks.TEXT_ONLY`),
                                        # so the LLM still chats without an image
+    token_noise: float = 0.0           # > 0: training adds Gaussian noise of this size relative to each visual token's norm
+                                       # (0.33 ~ cosine 0.95, the transfer's fit), so decisions hold on imperfect tokens
     look_weight: float = 0.0           # > 0: the name head looks, while a short answer is written, at what it is read from
     other_tasks: tuple[str, ...] = OTHER_TASKS  # which of them `other_share` asks (uniformly)
 
@@ -445,6 +447,15 @@ def greedy(llm: nn.Module, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.
     return rows
 
 
+def noisy_tokens(embeds: torch.Tensor, input_ids: torch.Tensor, level: float) -> torch.Tensor:
+    """`embeds` (B, L, d) with Gaussian noise added at the visual tokens only, its norm `level` times
+    each token's own (on average): what an imperfect projector of real experts gives (cosine
+    1 / sqrt(1 + level^2) to the perfect token)."""
+    image = (input_ids == IMAGE_TOKEN_ID)[..., None]
+    scale = embeds.detach().norm(dim=-1, keepdim=True) / embeds.shape[-1] ** 0.5
+    return embeds + torch.randn_like(embeds) * scale * level * image
+
+
 def on_device(batch: dict, device: torch.device) -> dict:
     """A collated batch with its tensors on `device` (the per-box targets stay as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -569,6 +580,8 @@ def train(run: GateRun) -> dict:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
             embeds = model.embed(batch["input_ids"], batch["feats"], batch["view_skip"])
+            if run.token_noise:
+                embeds = noisy_tokens(embeds, batch["input_ids"], run.token_noise)
             out = model.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                   position_ids=rotary_positions(batch["input_ids"], batch["attention_mask"],
                                                             run.shared_image_position),
@@ -628,6 +641,8 @@ def run_label(run: dict) -> str:
         parts.append(f"other tasks {run['other_share']:g}" + ("" if tuple(tasks) == OTHER_TASKS else f" ({', '.join(tasks)})"))
     if run.get("text_features", "word") != "word":
         parts.append(f"text as {run['text_features']}")
+    if run.get("token_noise"):
+        parts.append(f"token noise {run['token_noise']:g}")
     if run.get("text_only_share"):
         parts.append(f"text-only {run['text_only_share']:g}")
     if run.get("look_weight"):
@@ -757,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name-head", type=int, default=GateRun.name_head)
     ap.add_argument("--text-only-share", type=float, default=0.0,
                     help="share of samples that are text-only exchanges (chat without an image)")
+    ap.add_argument("--token-noise", type=float, default=0.0,
+                    help="> 0: Gaussian noise on the visual tokens in training, relative to their norm (0.33 ~ cosine 0.95)")
     ap.add_argument("--look-weight", type=float, default=0.0,
                     help="> 0: the name head must look, while a count / attribute / mark answer is written, at what it is read from")
     ap.add_argument("--other-tasks", type=parse_other_tasks, default=GateRun.other_tasks,
@@ -800,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
                   attend_layer=a.attend_layer, attend_head=a.attend_head, gather_weight=a.gather_weight,
                   gather_layer=a.gather_layer, gather_head=a.gather_head, query_weight=a.query_weight,
                   name_weight=a.name_weight, name_layer=a.name_layer, name_head=a.name_head,
-                  look_weight=a.look_weight, text_only_share=a.text_only_share, other_tasks=a.other_tasks, text_features=a.text_features,
+                  look_weight=a.look_weight, token_noise=a.token_noise, text_only_share=a.text_only_share, other_tasks=a.other_tasks, text_features=a.text_features,
                   device=a.device, threads=a.threads)
     if run.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device on this machine", file=sys.stderr)
