@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -338,6 +339,21 @@ def box_targets(sample: Sample, named: list[tuple[str, WorldObject]], proc: Sphi
 GLOBAL_POOLED_SLOT = 1     # layout: the global view first (never skipped), its start token, then its pooled token
 
 
+def answer_writes(sample: Sample) -> list[int]:
+    """The positions that write a short answer: each answer token's predecessor, the end token left out
+    (empty for an answer of one token, i.e. the end token alone)."""
+    answer = [i for i, label in enumerate(sample.labels) if label != -100]
+    return [i - 1 for i in answer[:-1]]
+
+
+@lru_cache(maxsize=4)
+def asking_ids(tok) -> tuple[list[int], ...]:
+    """The token ids of every word that can say what a short answer is about (shapes, plurals, colours,
+    mark numbers), encoded once per tokenizer rather than once per sample."""
+    names = {*SHAPES, *(PLURALS[s] for s in SHAPES), *COLOUR_NAMES, *(str(k) for k in range(1, 10))}
+    return tuple(tok.encode(" " + name, add_special_tokens=False) for name in sorted(names))
+
+
 def answer_looks(task: str, question: str, scene: Scene, sample: Sample) -> list[tuple[list[int], list[int]]]:
     """Where a short answer is read from, for `attend.look_loss`: a count from the global view's pooled
     token (it holds the scene's counts), an attribute from the one object the question names (by its
@@ -358,25 +374,23 @@ def answer_looks(task: str, question: str, scene: Scene, sample: Sample) -> list
         if len(objs) != 1:
             return []
         slots = object_slots(visual_slots(sample.feats, sample.skipped), objs[0])
-    answer = [i for i, label in enumerate(sample.labels) if label != -100]
-    return [([i - 1 for i in answer[:-1]], slots)] if len(answer) > 1 and slots else []
+    writes = answer_writes(sample)
+    return [(writes, slots)] if writes and slots else []
 
 
 def asking_words(sample: Sample, proc: SphinxProcessor) -> list[tuple[list[int], list[int]]]:
     """Where a short answer's question says what is asked (the shape or colour, plural or not, or the
     mark's number): the positions of the last such word in the question, for `attend.ask_loss`."""
-    answer = [i for i, label in enumerate(sample.labels) if label != -100]
-    if len(answer) < 2:
+    writes = answer_writes(sample)
+    if not writes:
         return []
-    names = {*SHAPES, *(PLURALS[s] for s in SHAPES), *COLOUR_NAMES, *(str(k) for k in range(1, 10))}
-    question = sample.input_ids[:answer[0]]
+    question = sample.input_ids[:writes[0] + 1]
     found: list[int] = []
-    for name in names:
-        ids = proc.tokenizer.encode(" " + name, add_special_tokens=False)
+    for ids in asking_ids(proc.tokenizer):
         starts = [i for i in range(len(question) - len(ids) + 1) if question[i:i + len(ids)] == ids]
         if starts and (not found or starts[-1] > found[0]):      # the question's, not an earlier turn's or prompt's
             found = list(range(starts[-1], starts[-1] + len(ids)))
-    return [([i - 1 for i in answer[:-1]], found)] if found else []
+    return [(writes, found)] if found else []
 
 
 def in_curriculum(scene: Scene, max_objects: int) -> bool:
